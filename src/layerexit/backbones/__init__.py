@@ -1,0 +1,6 @@
+"""Backbone adapters: one small class per architecture family, chosen by ``config.model_type``."""
+
+from .base import EncoderAdapter, EncoderState
+from .encoders import ADAPTERS, adapter_for
+
+__all__ = ["ADAPTERS", "EncoderAdapter", "EncoderState", "adapter_for"]

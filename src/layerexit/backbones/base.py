@@ -1,0 +1,96 @@
+"""The per-architecture adapter: where an unmodified Hugging Face encoder keeps its parts.
+
+An adapter knows how to embed the input, how to prepare whatever a layer needs besides the hidden states
+(the attention mask in the layout the attention implementation expects, MPNet's relative position bias),
+how to run layer ``i``, and where the pooler is. The model wrapper never touches the backbone otherwise, so
+adding an architecture is one small class (peft's ``model_type`` mapping pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+
+@dataclass
+class EncoderState:
+    """Hidden states of the rows still running, plus what their layers need.
+
+    hidden: (n, T, H); attention_mask: (n, T) with 1 for real tokens (right padding);
+    layer_kwargs: extra arguments of every layer call, rebuilt by ``prepare`` whenever rows leave.
+    """
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    prepare: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, rows: torch.Tensor) -> "EncoderState":
+        """Keep only ``rows`` (bool (n,) or long (k,)) and drop padding columns no kept row needs."""
+        mask = self.attention_mask[rows]  # (k, T)
+        length = int(mask.sum(dim=1).max()) if mask.shape[0] else 0
+        if length < mask.shape[1] and bool((mask[:, length:] == 0).all()):
+            mask = mask[:, :length]  # right padding past every kept row's end is dead weight
+        hidden = self.hidden[rows][:, : mask.shape[1]]  # (k, T', H)
+        return EncoderState(hidden, mask, self.prepare, self.prepare(hidden, mask))
+
+
+class EncoderAdapter:
+    """Base adapter for BERT-like encoders whose layers take ``(hidden, attention_mask)``."""
+
+    model_types: tuple[str, ...] = ()
+    #: exit feature used when neither the user nor the checkpoint chooses one
+    default_feature: str = "pooler"
+    uses_token_type_ids: bool = True
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
+        self.config = backbone.config
+
+    # --- structure -----------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.backbone.encoder.layer)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def has_pooler(self) -> bool:
+        return getattr(self.backbone, "pooler", None) is not None
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone's own pooler on the first token: (n, T, H) -> (n, H)."""
+        return self.backbone.pooler(hidden)
+
+    # --- computation ---------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """(n, T) token ids -> (n, T, H) input of layer 0."""
+        if self.uses_token_type_ids:
+            return self.backbone.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return self.backbone.embeddings(input_ids=input_ids)
+
+    def prepare(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Arguments of every layer call for these rows, in the attention implementation's own layout."""
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        return {"attention_mask": mask}
+
+    def run_layer(self, index: int, hidden: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+        """Layer ``index`` (0-based): (n, T, H) -> (n, T, H)."""
+        return self.layers[index](hidden, layer_kwargs["attention_mask"])
+
+    def start(self, input_ids, attention_mask, token_type_ids=None) -> EncoderState:
+        hidden = self.embed(input_ids, token_type_ids)  # (B, T, H)
+        return EncoderState(hidden, attention_mask, self.prepare, self.prepare(hidden, attention_mask))
+
+    def layer_module(self, index: int) -> nn.Module:
+        """The module that runs layer ``index`` (shared between layers in ALBERT); used to count calls."""
+        return self.layers[index]

@@ -1,0 +1,30 @@
+"""Exit heads: the exit feature of a layer and one small classifier per layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FEATURES = {
+    "pooler": "the backbone's pooler (tanh(W h[CLS] + b)) shared by all layers, as in ConsistentEE",
+    "cls": "the layer's first-token hidden state",
+    "mean": "the mean of the layer's hidden states over real (non-padding) tokens",
+}
+
+
+def mean_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, T) 0/1 mask -> (n, T) weights that average over real tokens, computed once per row set."""
+    mask = attention_mask.to(dtype)
+    return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+class ExitClassifier(nn.Module):
+    """``z_l = Linear(hidden, num_labels)(dropout(h_l))`` (the ConsistentEE / PABEE exit classifier)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(feature))  # (n, H) -> (n, C)

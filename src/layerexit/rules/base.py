@@ -1,0 +1,74 @@
+"""The exit-rule interface shared by the simulator (cached logits) and the engine (real skipping).
+
+A rule sees, at each layer, the logits of the rows still running and a per-row state (a dict of tensors with
+leading dimension n that the engine shrinks with the batch) and answers "exit now" per row, like
+transformers' ``StoppingCriteria``. Rules never modify the logits they are given. Rules that learn from
+validation data follow scikit-learn's contract (``fit`` returns self and sets attributes ending in ``_``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import NotFittedError
+from ..registry import Registry
+
+RULES: Registry[type["ExitRule"]] = Registry("rule")
+RuleState = dict[str, torch.Tensor]
+
+
+class ExitRule:
+    """Base class. Subclasses set ``name`` and implement ``should_exit`` (and ``grid`` for sweeps)."""
+
+    name: ClassVar[str] = ""
+    #: whether the rule needs per-row targets (the oracles)
+    needs_targets: ClassVar[bool] = False
+
+    def bind(self, num_layers: int, num_classes: int) -> "ExitRule":
+        """Check the parameters against the model's depth and classes (raise if exiting is impossible)."""
+        return self
+
+    def init_state(self, n: int, targets: torch.Tensor | None = None, device=None) -> RuleState:
+        return {}
+
+    def should_exit(self, logits: torch.Tensor, layer: int, state: RuleState) -> torch.Tensor:
+        """logits (n, C) of exit ``layer`` (0-based) -> (n,) bool; may update ``state`` in place."""
+        raise NotImplementedError
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def grid(cls, num_layers: int, num_classes: int) -> list[dict[str, Any]]:
+        """Parameter settings that trace this rule's accuracy-versus-cost curve."""
+        return [{}]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+class FittedRule(ExitRule):
+    """A rule whose parameters come from validation data: ``fit(...)`` first, then use."""
+
+    def check_fitted(self) -> None:
+        fitted = [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]
+        if not fitted:
+            raise NotFittedError(
+                f"rule={self.name!r} is not fitted: call .fit(...) on validation data first "
+                "(or `layerexit calibrate`)"
+            )
+
+
+def make_rule(name: str, **params: Any) -> ExitRule:
+    """Build a registered rule by name, e.g. ``make_rule("maxprob", threshold=0.9)``."""
+    cls = RULES.get(name, "rule")
+    try:
+        return cls(**params)
+    except TypeError as err:
+        from ..errors import bad_value
+
+        raise bad_value(f"{name} parameters", params, f"{cls.__name__} takes {cls.__init__.__doc__ or err}") from None

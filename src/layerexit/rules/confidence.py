@@ -1,0 +1,96 @@
+"""Rules over one exit's softmax: max-prob confidence, margin and entropy.
+
+- max-prob: BranchyNet (Teerapittayanon et al., 2016); EE-LLM (Chen et al., 2024).
+- margin: CALM (Schuster et al., NeurIPS 2022), FREE (Bae et al., EMNLP 2023).
+- entropy: DeeBERT (Xin et al., ACL 2020).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import bad_value
+from .base import RULES, ExitRule
+
+_CONFIDENCE_GRID = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99,
+                    0.995, 0.998, 0.999, 0.9995, 0.9999]
+
+
+def _check_threshold(name: str, value: float, low: float, high: float, why: str) -> float:
+    value = float(value)
+    if not (low <= value <= high) or math.isnan(value):
+        raise bad_value(f"{name}.threshold", value, f"use a value in [{low}, {high}]; {why}")
+    return value
+
+
+@RULES.register("maxprob", "exit when the top softmax probability >= threshold (BranchyNet)")
+class MaxProb(ExitRule):
+    name = "maxprob"
+
+    def __init__(self, threshold: float = 0.9):
+        """threshold in [0, 1]"""
+        self.threshold = _check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
+
+    def should_exit(self, logits, layer, state):
+        return logits.softmax(dim=-1).amax(dim=-1) >= self.threshold
+
+    @property
+    def params(self):
+        return {"threshold": self.threshold}
+
+    @classmethod
+    def grid(cls, num_layers, num_classes):
+        return [{"threshold": t} for t in _CONFIDENCE_GRID if t >= 1.0 / num_classes]
+
+
+@RULES.register("margin", "exit when top-1 minus top-2 probability >= threshold (CALM, FREE)")
+class Margin(ExitRule):
+    name = "margin"
+
+    def __init__(self, threshold: float = 0.8):
+        """threshold in [0, 1]"""
+        self.threshold = _check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
+
+    def should_exit(self, logits, layer, state):
+        top2 = logits.softmax(dim=-1).topk(2, dim=-1).values  # (n, 2)
+        return (top2[:, 0] - top2[:, 1]) >= self.threshold
+
+    @property
+    def params(self):
+        return {"threshold": self.threshold}
+
+    @classmethod
+    def grid(cls, num_layers, num_classes):
+        return [{"threshold": t} for t in [0.0, 0.1, 0.2, 0.3, 0.4] + [2 * t - 1 for t in _CONFIDENCE_GRID[3:]]]
+
+
+@RULES.register("entropy", "exit when the softmax entropy (nats) < threshold (DeeBERT)")
+class Entropy(ExitRule):
+    name = "entropy"
+
+    def __init__(self, threshold: float = 0.3):
+        """threshold > 0, in nats (log(num_labels) lets every input exit at layer 1)"""
+        threshold = float(threshold)
+        if not threshold > 0:
+            raise bad_value(
+                "entropy.threshold", threshold, "use a value > 0: entropy is never below 0, so no input could exit"
+            )
+        self.threshold = threshold
+
+    def should_exit(self, logits, layer, state):
+        logp = logits.log_softmax(dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)  # (n,)
+        return entropy < self.threshold
+
+    @property
+    def params(self):
+        return {"threshold": self.threshold}
+
+    @classmethod
+    def grid(cls, num_layers, num_classes):
+        top = math.log(num_classes)
+        fractions = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.15, 0.1, 0.07, 0.05, 0.03, 0.02, 0.01, 0.005,
+                     0.002, 0.001]
+        return [{"threshold": round(f * top, 6)} for f in fractions]
