@@ -23,6 +23,7 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig
 from .errors import LayerExitError, bad_value
 from .heads import FEATURES, ExitClassifier, mean_weights
 from .io import atomic_directory
+from .resources import resolve_model
 
 BACKBONE_DIR = "backbone"
 
@@ -115,8 +116,8 @@ class MultiExitModel(nn.Module):
         adapter = adapter_for(backbone)
         name = name or getattr(backbone.config, "_name_or_path", "") or backbone.config.model_type
         feature = exit_feature or declared_pooling(name) or adapter.default_feature
-        if feature == "pooler" and not adapter.has_pooler():
-            feature = "cls"
+        if exit_feature is None and feature == "pooler" and not adapter.has_pooler():
+            feature = "cls"  # only the default falls back; an explicit "pooler" fails loudly in __init__
         config = MultiExitConfig(
             backbone=str(name),
             model_type=backbone.config.model_type,
@@ -261,7 +262,7 @@ class MultiExitModel(nn.Module):
 
 
 def _load_matching_backbone(backbone: str | nn.Module, config: MultiExitConfig, directory: Path) -> nn.Module:
-    module = backbone if isinstance(backbone, nn.Module) else AutoModel.from_pretrained(backbone)
+    module = backbone if isinstance(backbone, nn.Module) else AutoModel.from_pretrained(resolve_model(backbone))
     adapter = adapter_for(module)
     found = fingerprint(module.config, adapter.num_layers, adapter.hidden_size)
     if found != config.backbone_fingerprint:

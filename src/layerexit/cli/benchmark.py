@@ -1,0 +1,80 @@
+"""`layerexit benchmark`: wall clock of the full model and early exit in one process, at batch 1 and 32.
+
+Reports the measured speed-up, the ideal speed-up L / avg_layers, their ratio, and the exit heads'
+overhead on the full path. Without --param, the rule's operating point (most layers saved within
+--tolerance of the full model's accuracy) is found by simulation on the same data first.
+"""
+
+from __future__ import annotations
+
+import json
+
+from transformers import AutoTokenizer
+
+from ..data import Encoded, check_labels
+from ..errors import LayerExitError
+from ..evaluation.benchmark import speed_report
+from ..evaluation.cache import collect_logits
+from ..evaluation.evaluate import sweep
+from ..evaluation.report import operating_point
+from ..evaluation.simulate import per_layer_accuracy
+from ..io import write_json_atomic
+from ..model import MultiExitModel
+from ..rules import RULES, make_rule
+from .common import Formatter, add_config_option, add_data_options, data_from, int_list, parse_rule_params
+
+EXAMPLES = """examples:
+  layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
+  layerexit benchmark --model runs/sst2/best --data ../shared/data/sst2 --split test --rule patience
+"""
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("benchmark", help="time the full model against early exit",
+                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
+    add_config_option(p)
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    add_data_options(p, split="test")
+    p.add_argument("--rule", default="maxprob", choices=RULES.names())
+    p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
+    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--examples", type=int, default=500, help="examples timed per batch size")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--output", help="write the JSON here")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    model = MultiExitModel.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = data_from(args)
+    check_labels(data, model.config.num_labels, model.config.label_names)
+    encoded = Encoded(data, tokenizer, model.config.max_length)
+    params = parse_rule_params(args.param)
+    if not params and args.rule not in ("full",):
+        cache = collect_logits(model, encoded)
+        full = per_layer_accuracy(cache.logits, cache.labels)[-1]
+        point = operating_point(sweep(cache, [args.rule])[args.rule], full, args.tolerance)
+        if point is None:
+            raise LayerExitError(f"--rule={args.rule!r}: no setting stays within --tolerance={args.tolerance} of "
+                                 "the full model; raise --tolerance or give --param")
+        params = point["params"]
+    rule = make_rule(args.rule, **params)
+    entries = []
+    for batch_size in int_list(args.batch_sizes):
+        for entry in speed_report(model, encoded, {args.rule: rule}, batch_size, args.examples, args.rounds):
+            entry.pop("exit_layers")
+            entries.append(entry)
+            print(f"batch {batch_size:>3}: {entry['rule']} {entry['params']} accuracy {100 * entry['accuracy']:.1f}% "
+                  f"avg layers {entry['avg_layers']:.2f}/{model.config.num_layers}  speed-up measured "
+                  f"{entry['speedup_measured']:.2f}x ideal {entry['speedup_ideal']:.2f}x "
+                  f"(ratio {entry['ratio_to_ideal']:.2f}); exit heads add {100 * entry['overhead_heads']:.1f}% "
+                  "to the full path")
+    payload = {"model": args.model, "data": args.data, "split": args.split, "measured": entries}
+    if args.output:
+        write_json_atomic(args.output, payload)
+    else:
+        print(json.dumps(payload, indent=2))
+    return 0

@@ -1,0 +1,38 @@
+"""`layerexit list`: the registered backbones, exit rules, objectives, exit features and packaged sources."""
+
+from __future__ import annotations
+
+from ..backbones import ADAPTERS
+from ..data import PACKAGED
+from ..heads import FEATURES
+from ..resources import PACKAGED_MODELS
+from ..rules import RULES
+from ..training import OBJECTIVES
+from .common import Formatter
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("list", help="show registered backbones, rules, objectives and packaged data",
+                              description=__doc__, epilog="example:\n  layerexit list", formatter_class=Formatter)
+    p.set_defaults(run=run)
+    return p
+
+
+def _section(title: str, rows) -> None:
+    rows = list(rows)
+    width = max(len(name) for name, _ in rows)
+    print(title)
+    for name, text in rows:
+        print(f"  {name:<{width}}  {text}")
+    print()
+
+
+def run(args) -> int:
+    _section("backbones (by config.model_type)", [
+        (f"{name} ({', '.join(ADAPTERS.get(name).model_types)})", text) for name, text in ADAPTERS.describe()])
+    _section("exit rules", RULES.describe())
+    _section("objectives", OBJECTIVES.describe())
+    _section("exit features", FEATURES.items())
+    _section("packaged models", [(name, spec[3]) for name, spec in PACKAGED_MODELS.items()])
+    _section("packaged data", PACKAGED.items())
+    return 0

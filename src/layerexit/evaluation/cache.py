@@ -1,0 +1,59 @@
+"""Run every exit once over a data set and cache the logits (the Zero-Time-Waste pattern).
+
+All rules and thresholds are then simulated over this cache; chosen points are confirmed by the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import Encoded
+
+
+@dataclass
+class LogitCache:
+    """logits (L, N, C) float32 of every exit for every example, labels (N,)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def final_predictions(self) -> torch.Tensor:
+        return self.logits[-1].argmax(dim=-1)
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"logits": self.logits, "labels": self.labels}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LogitCache":
+        data = torch.load(path)
+        return cls(data["logits"], data["labels"])
+
+
+@torch.no_grad()
+def collect_logits(model, encoded: Encoded, batch_size: int = 64, progress: bool = True) -> LogitCache:
+    """Every exit's logits over ``encoded``, batching rows of similar length to waste little padding."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(ids) for ids in encoded.features["input_ids"]])
+    order = torch.argsort(lengths, descending=True)
+    chunks = []
+    for start in tqdm(range(0, len(order), batch_size), desc="exit logits", disable=not progress, leave=False):
+        idx = order[start : start + batch_size].tolist()
+        batch = encoded.collate([encoded[i] for i in idx])
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        chunks.append(model(**inputs).float().cpu())  # (L, b, C)
+    logits = torch.cat(chunks, dim=1)  # (L, N, C) in length order
+    restored = torch.empty_like(logits)
+    restored[:, order] = logits
+    model.train(was_training)
+    return LogitCache(restored, torch.tensor(encoded.labels, dtype=torch.long))

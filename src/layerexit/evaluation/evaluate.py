@@ -1,0 +1,107 @@
+"""`layerexit evaluate`: cache every exit's logits once, sweep every rule over its thresholds (simulated),
+confirm each rule's operating point with the real engine and a wall clock (measured), write results.json,
+plots and a Markdown report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import Encoded, TextClassificationData, check_labels
+from ..io import write_json_atomic
+from ..model import MultiExitModel
+from ..rules import DEFAULT_SWEEP, RULES, AgreementOracle, GoldOracle, make_rule
+from .benchmark import speed_report
+from .cache import LogitCache, collect_logits
+from .report import operating_point, write_report
+from .simulate import per_layer_accuracy, simulate
+
+
+def sweep(cache: LogitCache, rule_names: list[str]) -> dict[str, list[dict]]:
+    """Simulated curve of every rule: one POINT per parameter setting of its grid."""
+    num_layers, _, num_classes = cache.logits.shape
+    curves = {}
+    for name in rule_names:
+        cls = RULES.get(name, "rules")
+        points = []
+        for params in cls.grid(num_layers, num_classes):
+            rule = cls(**params)
+            points.append(simulate(rule, cache.logits).point(cache.labels, num_layers, rule.params))
+        curves[name] = points
+    return curves
+
+
+def simulated_results(cache: LogitCache, model_name: str, data: TextClassificationData,
+                      rule_names: list[str] = DEFAULT_SWEEP, tolerance: float = 0.01) -> dict:
+    """Everything in results.json that comes from the cache alone."""
+    num_layers = cache.num_layers
+    accs = per_layer_accuracy(cache.logits, cache.labels)
+    oracles = {
+        "gold": simulate(GoldOracle(), cache.logits, cache.labels).point(cache.labels, num_layers, {}),
+        "agreement": simulate(AgreementOracle(), cache.logits, cache.final_predictions).point(
+            cache.labels, num_layers, {}),
+    }
+    curves = sweep(cache, rule_names)
+    return {
+        "model": model_name, "dataset": data.name, "split": data.split, "num_layers": num_layers,
+        "num_examples": int(cache.labels.numel()), "full": {"accuracy": accs[-1]},
+        "per_layer_accuracy": accs, "oracles": oracles, "curves": curves, "tolerance": tolerance,
+        "operating_points": {name: operating_point(points, accs[-1], tolerance) for name, points in curves.items()},
+        "measured": [],
+    }
+
+
+def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache, results: dict,
+                     rule_names: list[str], batch_sizes: list[int], limit: int | None, rounds: int) -> list[dict]:
+    """Run the operating point of each rule in ``rule_names`` through the engine, timed against the full model.
+
+    Each entry also records how many rows the engine exited exactly where the simulation did.
+    """
+    rules = {}
+    for name in rule_names:
+        point = results["operating_points"].get(name)
+        if point is not None:
+            rules[name] = make_rule(name, **point["params"])
+    if not rules:
+        return []
+    entries = []
+    for batch_size in batch_sizes:
+        for entry in speed_report(model, encoded, rules, batch_size, limit=limit, rounds=rounds):
+            exit_layers = torch.tensor(entry.pop("exit_layers"))
+            simulated = simulate(make_rule(entry["rule"], **entry["params"]), cache.logits[:, : len(exit_layers)])
+            entry["matches_simulation"] = float((simulated.exit_layer == exit_layers).double().mean())
+            entries.append(entry)
+    return entries
+
+
+def evaluate(
+    model: MultiExitModel,
+    tokenizer,
+    data: TextClassificationData,
+    output_dir: str | Path,
+    rule_names: list[str] = DEFAULT_SWEEP,
+    tolerance: float = 0.01,
+    measure_rules: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    measure_examples: int | None = 500,
+    rounds: int = 3,
+    batch_size: int = 128,
+) -> dict:
+    """The whole evaluation; writes results.json, logits.pt, report.md and plots into ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_labels(data, model.config.num_labels, model.config.label_names)
+    encoded = Encoded(data, tokenizer, model.config.max_length)
+    cache = collect_logits(model, encoded, batch_size)
+    cache.save(output_dir / "logits.pt")
+    results = simulated_results(cache, model.config.backbone, data, rule_names, tolerance)
+    if measure_rules is None:
+        measure_rules = rule_names
+    if measure_rules and batch_sizes:
+        results["measured"] = measured_results(model, encoded, cache, results, measure_rules, list(batch_sizes),
+                                               measure_examples, rounds)
+    write_json_atomic(output_dir / "results.json", results)
+    write_report(results, output_dir, tolerance=tolerance)
+    return results
