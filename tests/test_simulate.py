@@ -106,3 +106,20 @@ def test_per_layer_accuracy():
 def test_simulate_binds_the_rule():
     with pytest.raises(Exception, match="static.layer"):
         simulate(make_rule("static", layer=5), torch.zeros(4, 2, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_and_simulator_agree_on_cuda(models):
+    """The simulator keeps its results on the cache's device; the engine runs there too."""
+    from tiny import make_model
+
+    model = make_model("bert", "mean").cuda()
+    batch = {k: (v.cuda() if v is not None else None) for k, v in make_batch("bert", batch=N, seed=7).items()}
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    with torch.no_grad():
+        reference = model(*inputs)  # (L, N, C) on the GPU
+    rule = make_rule("patience", patience=1)
+    sim = simulate(rule, reference)
+    out = model.early_exit(*inputs, rule=rule)
+    assert sim.exit_layer.device == reference.device
+    assert torch.equal(out.exit_layer, sim.exit_layer) and torch.equal(out.predictions, sim.predictions)

@@ -75,6 +75,8 @@ def load_data(
         text_column, label_column, label_names = "text", "label", ["negative", "positive"]
     elif Path(source).exists():
         rows = _read_rows(_file_for(Path(source), split))
+    elif source.startswith((".", "/", "~")) or Path(source).suffix in (".csv", ".tsv", ".jsonl", ".json"):
+        raise bad_value("data", source, "no such file or folder; check the path")
     elif "/" in source or source.replace("_", "").replace("-", "").isalnum():
         rows = _hub_rows(source, split)
     else:
@@ -83,7 +85,9 @@ def load_data(
     if not rows:
         raise bad_value("data", f"{source} ({split})", "the data set is empty; check the path and the split")
     columns = list(rows[0])
-    text_column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+    if text_column is None:  # a pair layout first: QNLI's (question, sentence) must not read as "sentence" alone
+        text_column = next((c for c, p in PAIR_COLUMNS.items() if c in columns and p in columns), None)
+        text_column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
     if text_column is None or text_column not in columns:
         raise bad_value("text_column", text_column, f"the data has columns {columns}; name the text column")
     if text_pair_column is None and text_column in PAIR_COLUMNS and PAIR_COLUMNS[text_column] in columns:

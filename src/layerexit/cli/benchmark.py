@@ -21,7 +21,7 @@ from ..evaluation.simulate import per_layer_accuracy
 from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules import RULES, make_rule
-from .common import Formatter, add_config_option, add_data_options, data_from, int_list, parse_rule_params
+from .common import Formatter, require, add_config_option, add_data_options, data_from, int_list, parse_rule_params
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -33,7 +33,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("benchmark", help="time the full model against early exit",
                               description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
     add_config_option(p)
-    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--model", help="checkpoint folder (required)")
     add_data_options(p, split="test")
     p.add_argument("--rule", default="maxprob", choices=RULES.names())
     p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
@@ -47,6 +47,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    require(args, "model", "--model runs/rt/best")
     model = MultiExitModel.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = data_from(args)

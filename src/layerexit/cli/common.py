@@ -58,6 +58,13 @@ def data_from(args, split: str | None = None, limit: int | None = None, label_na
                      label_names=label_names, limit=limit if limit is not None else args.limit)
 
 
+def require(args, name: str, example: str) -> None:
+    """A required option that may come from the command line or the --config file."""
+    if getattr(args, name) in (None, ""):
+        raise bad_value(f"--{name.replace('_', '-')}", None, f"it is required, on the command line or in --config; "
+                        f"e.g. {example}")
+
+
 def parse_rule_params(pairs: list[str] | None) -> dict:
     """``["threshold=0.9", "patience=2"]`` -> ``{"threshold": 0.9, "patience": 2}``."""
     params = {}
@@ -83,4 +90,4 @@ def name_list(text: str | list) -> list[str]:
 
 
 __all__ = ["Formatter", "LayerExitError", "add_config_option", "apply_config", "add_data_options", "data_from",
-           "parse_rule_params", "int_list", "name_list"]
+           "parse_rule_params", "require", "int_list", "name_list"]

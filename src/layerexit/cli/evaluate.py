@@ -8,7 +8,7 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.report import format_table
 from ..model import MultiExitModel
 from ..rules import DEFAULT_SWEEP
-from .common import Formatter, add_config_option, add_data_options, data_from, int_list, name_list
+from .common import Formatter, require, add_config_option, add_data_options, data_from, int_list, name_list
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
@@ -21,7 +21,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("evaluate", help="sweep every exit rule, time operating points, write a report",
                               description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
     add_config_option(p)
-    p.add_argument("--model", required=True, help="checkpoint folder written by `layerexit train`")
+    p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="test")
     p.add_argument("--output", default="runs/eval", help="report folder")
     p.add_argument("--rules", default=",".join(DEFAULT_SWEEP), help="rules to sweep, comma separated")
@@ -36,6 +36,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    require(args, "model", "--model runs/rt/best")
     model = MultiExitModel.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = data_from(args, label_names=None)

@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    command = args.command
     try:
-        sub = parser.subparsers[args.command]
+        sub = parser.subparsers[command]
         args = apply_config(sub, argv[1:], sub.parse_args(argv[1:]))
         return args.run(args)
     except LayerExitError as err:
-        print(f"layerexit {args.command}: error: {err}", file=sys.stderr)
+        print(f"layerexit {command}: error: {err}", file=sys.stderr)
         return 2
 
 

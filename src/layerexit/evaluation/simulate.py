@@ -37,8 +37,8 @@ def simulate(rule: ExitRule, logits: torch.Tensor, targets: torch.Tensor | None 
     num_layers, n, num_classes = logits.shape
     rule.bind(num_layers, num_classes)
     state = rule.init_state(n, targets=targets, device=logits.device)
-    exit_layer = torch.full((n,), num_layers, dtype=torch.long)
-    running = torch.ones(n, dtype=torch.bool)
+    exit_layer = torch.full((n,), num_layers, dtype=torch.long, device=logits.device)  # same device as the cache
+    running = torch.ones(n, dtype=torch.bool, device=logits.device)
     for index in range(num_layers - 1):
         done = rule.should_exit(logits[index], index, state) & running
         exit_layer[done] = index + 1

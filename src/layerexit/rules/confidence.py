@@ -63,7 +63,9 @@ class Margin(ExitRule):
 
     @classmethod
     def grid(cls, num_layers, num_classes):
-        return [{"threshold": t} for t in [0.0, 0.1, 0.2, 0.3, 0.4] + [2 * t - 1 for t in _CONFIDENCE_GRID[3:]]]
+        # rounded and de-duplicated: 2 * 0.65 - 1 is 0.30000000000000004, a second "0.3" in the sweep
+        values = [0.0, 0.1, 0.2, 0.3, 0.4] + [2 * t - 1 for t in _CONFIDENCE_GRID[3:]]
+        return [{"threshold": t} for t in sorted({round(v, 6) for v in values})]
 
 
 @RULES.register("entropy", "exit when the softmax entropy (nats) < threshold (DeeBERT)")

@@ -30,12 +30,19 @@ class Patience(ExitRule):
         self.patience = _check_patience(self.name, patience)
 
     def bind(self, num_layers, num_classes):
+        if num_layers < 3:
+            raise bad_value(
+                "patience.patience",
+                self.patience,
+                f"with {num_layers} layers no patient exit can come before the last layer; patience needs a model "
+                "with at least 3 layers (use maxprob or static instead)",
+            )
         if self.patience > num_layers - 2:
             raise bad_value(
                 "patience.patience",
                 self.patience,
                 f"with {num_layers} layers the earliest patient exit is layer patience+1, so use at most "
-                f"{max(num_layers - 2, 1)}; larger values can never exit early",
+                f"{num_layers - 2}; larger values can never exit early",
             )
         return self
 

@@ -103,7 +103,6 @@ def train(
             continue
         _run_stage(model, tokenizer, train_set, eval_set, stage, stage_index, config, output_dir, progress,
                    accelerator, is_last_stage=stage_index == len(stages) - 1)
-        progress.stage, progress.epoch, progress.step_in_epoch = stage_index + 1, 0, 0
     if accelerator.is_main_process:
         model.save_pretrained(output_dir / "final", tokenizer=tokenizer)
         write_json_atomic(output_dir / "history.json", progress.history)
@@ -134,7 +133,7 @@ def _run_stage(model, tokenizer, train_set, eval_set, stage, stage_index, config
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state_dir = output_dir / "state"
-    if progress.global_step and (state_dir / "optimizer.pt").is_file() and progress.stage == stage_index:
+    if progress.epoch or progress.step_in_epoch:  # resuming inside this stage: optimizer and schedule too
         optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=False))
         scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
     weights = torch.tensor(stage.layer_weights, device=accelerator.device)
@@ -142,8 +141,9 @@ def _run_stage(model, tokenizer, train_set, eval_set, stage, stage_index, config
     for epoch in range(progress.epoch, config.epochs):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(
             config.seed * 1000 + stage_index * 100 + epoch)).tolist()
+        # the loader's own generator keeps it from drawing on the global RNG that dropout uses
         loader = accelerator.prepare(DataLoader(Subset(train_set, order), batch_size=config.batch_size,
-                                                collate_fn=train_set.collate))
+                                                collate_fn=train_set.collate, generator=torch.Generator()))
         skip = progress.step_in_epoch
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         prepared.train()
@@ -180,6 +180,8 @@ def _run_stage(model, tokenizer, train_set, eval_set, stage, stage_index, config
                 model.save_pretrained(output_dir / "best", tokenizer=tokenizer)
         progress.history.append(record)
         progress.epoch, progress.step_in_epoch = epoch + 1, 0
+        if progress.epoch == config.epochs:  # stage done: the resume point moves to the next stage's start
+            progress.stage, progress.epoch = stage_index + 1, 0
         _save_state(accelerator, model, tokenizer, optimizer, scheduler, progress, state_dir)
 
 
@@ -198,7 +200,7 @@ def _save_state(accelerator, model, tokenizer, optimizer, scheduler, progress, s
 
 
 def _load_progress(state_dir: Path, model: MultiExitModel) -> Progress:
-    """Restore weights, RNG and progress from a resume point, if there is one."""
+    """Restore weights, RNG states (dropout) and progress from a resume point, if there is one."""
     if not (state_dir / "progress.json").is_file():
         return Progress()
     saved = MultiExitModel.from_pretrained(state_dir / "model")
