@@ -1,0 +1,84 @@
+"""Self-speculative decoding (LayerSkip, Elhoushi et al., ACL 2024).
+
+Draft tokens with the first E layers and the shared exit head, then verify them with the remaining layers
+in one pass. The verification reuses the draft's work: the drafted tokens' hidden states after layer E and
+the K/V caches of layers 1..E are exactly what the full model would compute for them, so only layers
+E+1..L run on the drafts. The longest prefix on which the drafts agree with the full model is kept, plus the
+full model's correction, so the output equals greedy decoding of the full model (up to floating-point
+summation order). Batch size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from ..errors import bad_value
+from .cache import LayerKVCache
+from .decode import Generation, _argmax, check_request, prefill
+
+
+def check_draft_layers(model, draft_layers: int) -> int:
+    L = model.num_layers
+    if not 1 <= int(draft_layers) < L:
+        raise bad_value("draft_layers", draft_layers, f"draft with between 1 and {L - 1} of the model's {L} layers")
+    return int(draft_layers)
+
+
+@torch.inference_mode()
+def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_draft: int = 4,
+                         max_new_tokens: int = 32, eos_token_id: int | None = None,
+                         on_token: Callable[[int], None] | None = None) -> Generation:
+    """Greedy decoding of the full model, sped up by drafting ``num_draft`` tokens with ``draft_layers``."""
+    E = check_draft_layers(model, draft_layers)
+    if int(num_draft) < 1:
+        raise bad_value("num_draft", num_draft, "draft at least one token per step")
+    prompt_length = check_request(model, input_ids, max_new_tokens)
+    L, adapter, device = model.num_layers, model.adapter, input_ids.device
+    start = time.perf_counter()
+    cache = LayerKVCache(L)
+    token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
+    tokens = [token]  # the last one is always a full-model token not yet fed to the model
+    if on_token:
+        on_token(token)
+    drafted = accepted = cycles = layer_tokens = 0
+    while len(tokens) < max_new_tokens and token != eos_token_id:
+        t = prompt_length + len(tokens) - 1  # position of the last token
+        budget = min(int(num_draft), max_new_tokens - len(tokens))
+        drafts, states, x = [], [], token
+        for i in range(budget):  # draft: layers 1..E and the exit head, one token at a time
+            pos = torch.tensor([t + i], device=device)
+            h = adapter.run_layers(adapter.embed(torch.tensor([[x]], device=device), pos), 0, E, pos, cache)
+            states.append(h)  # (1, 1, H) after layer E
+            x = _argmax(model.exit_logits(E, h[0, -1]))
+            drafts.append(x)
+            if x == eos_token_id:
+                break
+        k = len(drafts)
+        positions = torch.arange(t, t + k, device=device)
+        deep = adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, k, H)
+        full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (k,) full model's next tokens
+        n = 0
+        while n < k and drafts[n] == full[n]:
+            n += 1
+        new = drafts[:n] if n == k else drafts[:n] + [full[n]]
+        cache.crop(t + n + 1)  # keep inputs x_t, d_1..d_n; forget rejected drafts in every layer
+        drafted += k
+        accepted += n
+        cycles += 1
+        layer_tokens += k * L
+        for tok in new:
+            tokens.append(tok)
+            if on_token:
+                on_token(tok)
+            if tok == eos_token_id:
+                break
+        token = tokens[-1]
+    seconds = time.perf_counter() - start
+    stats = {"strategy": "speculative", "draft_layers": E, "num_draft": int(num_draft), "drafted": drafted,
+             "accepted": accepted, "cycles": cycles,
+             "acceptance": accepted / drafted if drafted else 0.0,
+             "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}
+    return Generation(prompt_length, tokens, [], L, seconds, layer_tokens, stats)
