@@ -13,8 +13,19 @@ from layerexit.rules import DEFAULT_SWEEP, RULES, FittedRule, make_rule
 L, C = 4, 3
 
 
+def _fitted_if_needed(rule):
+    """Rules that learn from validation data are fitted on a small split-tagged random cache first."""
+    if isinstance(rule, FittedRule) and hasattr(rule, "fit"):
+        from layerexit.evaluation.cache import LogitCache
+
+        gen = torch.Generator().manual_seed(0)
+        rule.fit(LogitCache(3 * torch.randn(L, 64, C, generator=gen), torch.randint(0, C, (64,), generator=gen),
+                            split="validation"))
+    return rule
+
+
 def _rule_with_state(name: str, n: int):
-    rule = make_rule(name)
+    rule = _fitted_if_needed(make_rule(name))
     rule.bind(L, C)
     targets = torch.zeros(n, dtype=torch.long) if RULES.get(name).needs_targets else None
     return rule, rule.init_state(n, targets=targets)
@@ -34,7 +45,7 @@ def test_rules_do_not_modify_logits(name):
 def test_every_registered_rule_has_a_usable_grid():
     for name in RULES.names():
         for params in RULES.get(name).grid(L, C):
-            rule = make_rule(name, **params).bind(L, C)
+            rule = _fitted_if_needed(make_rule(name, **params)).bind(L, C)
             assert rule.params == params or not params
 
 

@@ -20,6 +20,11 @@ class LogitCache:
 
     logits: torch.Tensor
     labels: torch.Tensor
+    #: the split these examples are (e.g. "dev"); rules fitted on this cache remember it and evaluation refuses
+    #: to report them on the same split (see layerexit.rules.fitting)
+    split: str = ""
+    #: digest of the examples (token ids and labels), so a renamed split is still recognised
+    data_id: str = ""
 
     @property
     def num_layers(self) -> int:
@@ -30,12 +35,13 @@ class LogitCache:
         return self.logits[-1].argmax(dim=-1)
 
     def save(self, path: str | Path) -> None:
-        torch.save({"logits": self.logits, "labels": self.labels}, path)
+        torch.save({"logits": self.logits, "labels": self.labels, "split": self.split, "data_id": self.data_id},
+                   path)
 
     @classmethod
     def load(cls, path: str | Path) -> "LogitCache":
         data = torch.load(path)
-        return cls(data["logits"], data["labels"])
+        return cls(data["logits"], data["labels"], split=data.get("split", ""), data_id=data.get("data_id", ""))
 
 
 @torch.no_grad()
@@ -57,3 +63,23 @@ def collect_logits(model, encoded: Encoded, batch_size: int = 64, progress: bool
     restored[:, order] = logits
     model.train(was_training)
     return LogitCache(restored, torch.tensor(encoded.labels, dtype=torch.long))
+
+
+def data_digest(encoded: Encoded) -> str:
+    """A digest of the examples (token ids and labels): equal for the same examples under any split name."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for ids in encoded.features["input_ids"]:
+        digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+        digest.update(b"|")
+    digest.update(torch.tensor(encoded.labels, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tag_split(cache: LogitCache, split: str, encoded: Encoded | None = None) -> LogitCache:
+    """Record which split ``cache`` holds (and, given ``encoded``, the examples' digest); returns ``cache``."""
+    cache.split = str(split)
+    if encoded is not None:
+        cache.data_id = data_digest(encoded)
+    return cache

@@ -1,0 +1,169 @@
+"""Rules fitted on one split and evaluated on another, and how fitted rules are saved.
+
+**The split contract.** A rule that learns from data (PCEE, temperature-scaled max-prob, budget) is fitted on
+a :class:`~layerexit.evaluation.cache.LogitCache` that carries the name of its split (``cache.split``) and
+remembers it (``fit_split_``, plus ``fit_data_id_``, a digest of the examples when the cache has one). Two
+checks keep fitting and reporting apart:
+
+1. ``fit`` refuses a cache without a split name, and a split whose name says it is test data
+   (``test``, ``test.tsv``, ``testing``, ``test-matched`` ...): figures reported on test data must come from
+   rules that never saw it.
+2. :func:`check_held_out` (called by every evaluation that reports a fitted rule: the controllability report,
+   ``layerexit evaluate --calibration``) refuses to evaluate a rule on the split it was fitted on, by name or
+   by the examples' digest, so renaming a split does not get around it.
+
+**Saving.** :func:`rule_to_dict` / :func:`rule_from_dict` turn any registered rule into JSON and back (fitted
+state included); :func:`save_rules` / :func:`load_rules` write a file of named rules (``layerexit calibrate``
+writes ``rules.json``; ``layerexit evaluate --calibration`` reads it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import LayerExitError, bad_value
+from ..io import write_json_atomic
+from .base import RULES, ExitRule, FittedRule, make_rule
+
+RULES_FORMAT = "layerexit-rules/1"
+
+
+def is_test_split(split: str) -> bool:
+    """Whether a split name says it is test data: its base name starts with "test"."""
+    base = Path(str(split)).name.lower()
+    return base.startswith("test")
+
+
+def check_fit_data(rule_name: str, cache: Any) -> None:
+    """Refuse fitting data that is not a split-tagged cache, or that is a test split."""
+    if not hasattr(cache, "logits") or not hasattr(cache, "labels"):
+        raise bad_value(f"{rule_name}.fit(cache)", type(cache).__name__,
+                        "pass a LogitCache of a validation split, e.g. collect_logits(model, encoded, split='dev')")
+    split = str(getattr(cache, "split", "") or "")
+    if not split:
+        raise bad_value(f"{rule_name}.fit(cache.split)", split,
+                        "the fitting data must be tagged with its split name, e.g. LogitCache(logits, labels, "
+                        "split='validation'), so that evaluation can refuse that same split")
+    if is_test_split(split):
+        raise bad_value(f"{rule_name}.fit(cache.split)", split,
+                        "rules are fitted on a validation split and reported on the test split; fitting on test "
+                        "data would report figures the rule has already seen: fit on 'validation' or 'dev'")
+    if cache.logits.dim() != 3 or cache.logits.shape[1] != cache.labels.shape[0] or cache.labels.numel() == 0:
+        raise bad_value(f"{rule_name}.fit(cache)", f"logits {tuple(cache.logits.shape)}, labels "
+                        f"{tuple(cache.labels.shape)}", "expected logits (L, N, C) and labels (N,) with N >= 1")
+
+
+def record_fit_data(rule: FittedRule, cache: Any) -> None:
+    rule.fit_split_ = str(cache.split)
+    rule.fit_data_id_ = str(getattr(cache, "data_id", "") or "")
+
+
+def check_held_out(rule: ExitRule, cache: Any) -> None:
+    """Refuse to evaluate a fitted ``rule`` on the split (or the very examples) it was fitted on."""
+    fitted_on = getattr(rule, "fit_split_", None)
+    if fitted_on is None:
+        return
+    split = str(getattr(cache, "split", "") or "")
+    same_name = bool(split) and split == fitted_on
+    fit_id, data_id = getattr(rule, "fit_data_id_", ""), str(getattr(cache, "data_id", "") or "")
+    same_data = bool(fit_id) and fit_id == data_id
+    if same_name or same_data:
+        why = f"split {split!r}" if same_name else f"the same examples (split {split!r}, digest {data_id[:12]})"
+        raise LayerExitError(
+            f"rule={rule.name!r} is invalid for this evaluation: it was fitted on split {fitted_on!r} and would "
+            f"be evaluated on {why}; its accuracy there says nothing about control on unseen data. Evaluate on "
+            "another split (e.g. fit on 'dev' or 'validation', evaluate on 'test')"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def rule_to_dict(rule: ExitRule) -> dict:
+    """JSON-ready form of any registered rule: name, params, and fitted state for fitted rules."""
+    if hasattr(rule, "to_dict"):
+        return rule.to_dict()
+    return {"name": rule.name, "params": dict(rule.params)}
+
+
+def rule_from_dict(data: dict) -> ExitRule:
+    """Inverse of :func:`rule_to_dict`."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise bad_value("rule", data, "expected a mapping with 'name' and 'params' (written by save_rules)")
+    cls = RULES.get(data["name"], "rule")
+    if hasattr(cls, "from_dict"):
+        return cls.from_dict(data)
+    return make_rule(data["name"], **data.get("params", {}))
+
+
+def save_rules(path: str | Path, rules: dict[str, ExitRule], **info: Any) -> Path:
+    """Write named rules (and any JSON-able ``info``) to ``path`` atomically."""
+    payload = {"format": RULES_FORMAT, **info, "rules": {key: rule_to_dict(r) for key, r in rules.items()}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, payload)
+    return path
+
+
+def load_rules(path: str | Path) -> dict[str, ExitRule]:
+    """Read a file written by :func:`save_rules`: ``{key: rule}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise bad_value("rules file", str(path), "give a rules.json written by `layerexit calibrate`")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise bad_value("rules file", str(path), f"it is not valid JSON: {err}") from None
+    if payload.get("format") != RULES_FORMAT:
+        raise bad_value("rules file", str(path), f"expected format {RULES_FORMAT!r}; write it with save_rules")
+    return {key: rule_from_dict(value) for key, value in payload["rules"].items()}
+
+
+class CalibratedRule(FittedRule):
+    """Base of the rules fitted on a split-tagged cache and saved as JSON.
+
+    Subclasses list their fitted attributes in ``fitted_attributes`` (each a float64 tensor or a plain value)
+    and implement ``fit(cache)``, which calls :meth:`_begin_fit` first and returns :meth:`_finish_fit`.
+    """
+
+    fitted_attributes: tuple[str, ...] = ()
+
+    def _begin_fit(self, cache: Any) -> None:
+        check_fit_data(self.name, cache)
+
+    def _finish_fit(self, cache: Any) -> "CalibratedRule":
+        record_fit_data(self, cache)
+        return self
+
+    def _check_depth(self, num_layers: int, fitted_layers: int) -> None:
+        if fitted_layers != num_layers:
+            raise bad_value(f"{self.name} (fitted)", f"{fitted_layers} layers",
+                            f"it was fitted on a model with {fitted_layers} layers and is used on one with "
+                            f"{num_layers}; fit it on this model's validation logits")
+
+    def to_dict(self) -> dict:
+        self.check_fitted()
+        import torch
+
+        fitted = {}
+        for key in self.fitted_attributes + ("fit_split_", "fit_data_id_"):
+            value = getattr(self, key)
+            if isinstance(value, torch.Tensor):
+                value = {"tensor": [[None if v != v else v for v in row] for row in value.double().reshape(
+                    value.shape[0] if value.dim() > 1 else 1, -1).tolist()], "shape": list(value.shape)}
+            fitted[key] = value
+        return {"name": self.name, "params": dict(self.params), "fitted": fitted}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibratedRule":
+        import torch
+
+        rule = cls(**data.get("params", {}))
+        for key, value in (data.get("fitted") or {}).items():
+            if isinstance(value, dict) and "tensor" in value:
+                flat = [float("nan") if v is None else float(v) for row in value["tensor"] for v in row]
+                value = torch.tensor(flat, dtype=torch.float64).reshape(value["shape"])
+            setattr(rule, key, value)
+        return rule
