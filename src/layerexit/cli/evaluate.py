@@ -8,12 +8,14 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.report import format_table
 from ..model import MultiExitModel
 from ..rules import DEFAULT_SWEEP
+from .calibrate import add_control_options, apply_control
 from .common import Formatter, require, add_config_option, add_data_options, data_from, int_list, name_list
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
   layerexit evaluate --model runs/sst2/best --data ../shared/data/sst2 --split test --output runs/sst2/eval
   layerexit evaluate --model runs/rt/best --rules maxprob,patience --measure-rules maxprob --batch-sizes 1
+  layerexit evaluate --model runs/rt/best --calibration runs/rt/calibration --target-accuracy 0.85 --budget 0.5
 """
 
 
@@ -31,6 +33,7 @@ def add_parser(subparsers):
     p.add_argument("--batch-sizes", default="1,32", help="batch sizes for the wall-clock measurement")
     p.add_argument("--measure-examples", type=int, default=500, help="examples timed per batch size")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (median is reported)")
+    add_control_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -45,5 +48,6 @@ def run(args) -> int:
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,
                        tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds)
     print(format_table(results, args.tolerance))
+    results = apply_control(args, model, tokenizer, data, results)
     print(f"\nwrote {args.output}/results.json, report.md, tradeoff.png, per_layer_accuracy.png")
     return 0

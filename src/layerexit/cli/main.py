@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import LayerExitError
-from . import benchmark, demo, evaluate, list as list_cmd, train
+from . import benchmark, calibrate, demo, evaluate, list as list_cmd, train
 from .common import apply_config
 
 DESCRIPTION = """layerexit: early exiting for transformer encoders.
@@ -18,6 +18,7 @@ layer whose answer is good enough, with layers really skipped, per input, inside
 EXAMPLES = """examples:
   layerexit demo --quick
   layerexit train --output runs/rt && layerexit evaluate --model runs/rt/best --output runs/rt/eval
+  layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
   layerexit benchmark --model runs/rt/best --rule maxprob
   layerexit list
 """
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}
-    for module in (train, evaluate, benchmark, demo, list_cmd):
+    for module in (train, evaluate, calibrate, benchmark, demo, list_cmd):
         p = module.add_parser(sub)
         subparsers[p.prog.split()[-1]] = p
     parser.subparsers = subparsers

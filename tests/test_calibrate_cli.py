@@ -1,0 +1,101 @@
+"""`layerexit calibrate` and `layerexit evaluate --calibration/--target-accuracy/--budget` on a tiny offline model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layerexit.cli.main import main
+from layerexit.rules import PCEE, Budget
+from layerexit.rules.fitting import load_rules
+from tiny_text import write_backbone, write_csv
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calibrate")
+    write_backbone(root / "backbone", layers=3)
+    data = root / "data"
+    data.mkdir()
+    write_csv(data / "train.csv", 128, seed=1)
+    write_csv(data / "validation.csv", 96, seed=2)
+    write_csv(data / "test.csv", 64, seed=3)
+    code = main(["train", "--model", str(root / "backbone"), "--data", str(data), "--epochs", "1",
+                 "--batch-size", "16", "--learning-rate", "2e-3", "--max-length", "16", "--output", str(root / "run")])
+    assert code == 0
+    return root
+
+
+def test_calibrate_writes_rules_diagrams_and_ece(trained, capsys):
+    out = trained / "cal"
+    code = main(["calibrate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--split", "validation", "--budget", "0.7", "--num-bins", "5", "--output", str(out)])
+    assert code == 0
+    rules = load_rules(out / "rules.json")
+    assert set(rules) == {"pcee", "pcee-ws", "maxprob-ts", "budget"}
+    assert isinstance(rules["pcee"], PCEE) and rules["pcee"].fit_split_ == "validation"
+    assert rules["pcee"].table_.shape == (2, 5)  # 3 layers: exits 1 and 2 have tables, the last always answers
+    assert isinstance(rules["budget"], Budget) and rules["budget"].fit_cost_ <= 0.7
+    table = json.loads((out / "calibration.json").read_text())["exits"]
+    assert [row["exit"] for row in table] == [1, 2, 3]
+    assert all(0 <= row["ece"] <= 1 and row["temperature"] > 0 for row in table)
+    assert (out / "reliability.png").is_file() and (out / "reliability" / "exit_3.png").is_file()
+    assert (out / "fit_logits.pt").is_file()
+    assert "ECE" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_the_test_split(trained, capsys):
+    code = main(["calibrate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--split", "test", "--output", str(trained / "bad")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--split='test' is invalid" in err and "validation" in err and "Traceback" not in err
+
+
+def test_evaluate_with_calibration_reports_control(trained, capsys):
+    cal = trained / "cal-eval"
+    assert main(["calibrate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--split", "validation", "--output", str(cal)]) == 0
+    out = trained / "eval"
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--rules", "maxprob", "--measure-rules", "", "--batch-sizes", "1,8", "--measure-examples", "16",
+                 "--rounds", "1", "--calibration", str(cal), "--target-accuracy", "0.83", "--budget", "0.6",
+                 "--output", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    control = results["controllability"]
+    assert control["fit_split"] == "validation" and control["eval_split"] == "test"
+    assert {"pcee", "pcee-ws"} <= set(results["curves"]) and "maxprob" in results["curves"]
+    assert set(control["asked_target"]) == {"pcee", "pcee-ws", "maxprob", "maxprob-ts"}
+    assert control["asked_target"]["pcee"]["target"] == 0.83
+    assert control["asked_budget"]["layers"]["asked"] == 0.6
+    assert [m["batch_size"] for m in control["measured"]] == [1, 1, 8, 8]
+    assert all(m["matches_simulation"] == 1.0 for m in control["measured"])
+    assert (out / "controllability.png").is_file() and (out / "budgets.png").is_file()
+    assert "accuracy control" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_fitting_on_the_evaluation_split(trained, capsys):
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--rules", "maxprob", "--measure-rules", "", "--fit-split", "test", "--target-accuracy", "0.8",
+                 "--output", str(trained / "same")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fit(cache.split)='test' is invalid" in err and "Traceback" not in err
+
+
+def test_target_accuracy_needs_fitted_rules(trained, capsys):
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--rules", "maxprob", "--measure-rules", "", "--target-accuracy", "0.8",
+                 "--output", str(trained / "nofit")])
+    assert code == 2
+    assert "--calibration DIR" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_rules_fitted_on_the_split_it_reports(trained, capsys):
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--split", "validation", "--rules", "maxprob", "--measure-rules", "", "--fit-split", "validation",
+                 "--output", str(trained / "same-name")])
+    assert code == 2
+    assert "fitted on split 'validation' and would be evaluated on split 'validation'" in capsys.readouterr().err
