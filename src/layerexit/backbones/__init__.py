@@ -2,5 +2,6 @@
 
 from .base import EncoderAdapter, EncoderState
 from .encoders import ADAPTERS, adapter_for
+from .vision import ViTAdapter
 
-__all__ = ["ADAPTERS", "EncoderAdapter", "EncoderState", "adapter_for"]
+__all__ = ["ADAPTERS", "EncoderAdapter", "EncoderState", "ViTAdapter", "adapter_for"]

@@ -91,6 +91,18 @@ class EncoderAdapter:
         hidden = self.embed(input_ids, token_type_ids)  # (B, T, H)
         return EncoderState(hidden, attention_mask, self.prepare, self.prepare(hidden, attention_mask))
 
+    def start_images(self, pixel_values: torch.Tensor) -> EncoderState:
+        """Embed a batch of images (vision adapters); text encoders refuse."""
+        from ..errors import bad_value
+
+        raise bad_value("pixel_values", tuple(pixel_values.shape), f"a {self.config.model_type} encoder reads "
+                        "text: pass input_ids and attention_mask")
+
+    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What every exit sees of a layer's output: (n, T, H) -> (n, T, H). Identity for post-norm encoders
+        (their layers end in a LayerNorm); pre-norm models apply their final norm here (ViT)."""
+        return hidden
+
     def layer_module(self, index: int) -> nn.Module:
         """The module that runs layer ``index`` (shared between layers in ALBERT); used to count calls."""
         return self.layers[index]

@@ -80,7 +80,7 @@ class EarlyExitLM(nn.Module):
 
     def exit_parameters(self) -> int:
         """Parameters added to the backbone (0 with the shared head alone)."""
-        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("lm."))
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("lm.") or "lora_" in n)
 
     def backbone_parameters(self) -> int:
         return sum(p.numel() for p in self.lm.parameters())
@@ -102,7 +102,8 @@ class EarlyExitLM(nn.Module):
         """Write the exit config and the added weights only (atomic)."""
         with atomic_directory(directory) as tmp:
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                       if not k.startswith("lm.") or "lora_" in k}  # what we add: exits, policy, LoRA
             save_file(tensors, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": "pt"})
 
     @classmethod
@@ -120,9 +121,13 @@ class EarlyExitLM(nn.Module):
                             f"layers and hidden {config.hidden_size} ({config.backbone}); load that backbone")
         model = cls(lm, adapter_rank=config.adapter_rank, policy=config.policy, name=name or config.backbone)
         model.config.training = config.training
+        if config.training.get("lora_rank"):
+            from .train import add_lora
+
+            add_lora(model, config.training["lora_rank"])
         tensors = load_file(str(directory / WEIGHTS_FILE))
         missing, unexpected = model.load_state_dict(tensors, strict=False)
-        missing = [k for k in missing if not k.startswith("lm.")]
+        missing = [k for k in missing if not k.startswith("lm.") or "lora_" in k]
         if missing or unexpected:
             raise LayerExitError(f"exits={str(directory)!r} do not match: missing {missing}, unexpected {unexpected}")
         return model.eval()

@@ -1,0 +1,188 @@
+"""`layerexit generate`: greedy generation with per-token early exit or self-speculative decoding.
+
+Strategies: ``full`` (every layer), ``early-exit`` (each token stops at the first layer the rule accepts; the
+skipped layers' KV cache is filled by state propagation or deferred recomputation, ``--kv``) and
+``speculative`` (draft with the first ``--draft-layers`` layers, verify with the whole model; output equals
+the full model's). Generation runs one prompt at a time (batch size 1). ``--evaluate`` runs the full model on
+every prompt too and reports tokens/s, average layers, token match and ROUGE-L against it, with plots.
+``--train-exits DIR`` first trains per-exit adapters on a packaged corpus (frozen backbone) and saves them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import bad_value
+from ..generation.corpus import CORPORA, load_passages, require_eos, token_blocks
+from ..generation.evaluate import compare, plot, report, run_spec
+from ..generation.loading import PACKAGED_DECODERS, SMOLLM2, load_causal_lm
+from ..generation.model import EarlyExitLM
+from ..generation.rules import TOKEN_RULES
+from ..io import write_json_atomic
+from .common import Formatter, add_config_option, int_list
+
+EXAMPLES = """examples:
+  layerexit generate --prompt "Once upon a time" --strategy speculative --draft-layers 12
+  layerexit generate --prompts-file prompts.txt --strategy early-exit --rule saturation --threshold 0.95 \\
+      --min-layer 10 --kv recompute --exits runs/smollm2-exits
+  layerexit generate --train-exits runs/smollm2-exits --train-layers 10,15,20 --steps 100
+  layerexit generate --prompts-file prompts.txt --strategy early-exit --rule maxprob --threshold 0.8 \\
+      --exits runs/smollm2-exits --evaluate --output runs/gen-eval
+"""
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("generate", help="generate text with early exit or self-speculative decoding",
+                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
+    add_config_option(p)
+    p.add_argument("--model", default=SMOLLM2, help=f"decoder: packaged {sorted(PACKAGED_DECODERS)}, a hub name or "
+                   "a local folder (Llama/Mistral/Qwen2/GPT-2 layouts)")
+    p.add_argument("--exits", help="folder of trained exits (save_exits / --train-exits); default: shared head")
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--strategy", default="early-exit", choices=["full", "early-exit", "speculative"])
+    p.add_argument("--rule", default="maxprob", choices=TOKEN_RULES.names())
+    p.add_argument("--threshold", type=float, help="rule threshold (default: the rule's own)")
+    p.add_argument("--min-layer", type=int, default=1, help="no exit before this layer (1-based)")
+    p.add_argument("--exit-layers", help="only these layers may exit, e.g. 10,15,20")
+    p.add_argument("--decay", action="store_true", help="CALM's decaying threshold along the sequence")
+    p.add_argument("--kv", default="propagate", choices=["propagate", "recompute"],
+                   help="KV cache of skipped layers: state propagation or deferred recomputation")
+    p.add_argument("--draft-layers", type=int, help="speculative: layers used to draft (default L/2)")
+    p.add_argument("--num-draft", type=int, default=4, help="speculative: tokens drafted per step")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at the tokenizer's end-of-sequence token")
+    p.add_argument("--no-stream", action="store_true", help="print each continuation only when it is complete")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--evaluate", action="store_true", help="compare with the full model (writes --output)")
+    p.add_argument("--compare-hf", action="store_true", help="with --evaluate: also time transformers' generate")
+    p.add_argument("--output", help="folder for results.json, report.md and plots (--evaluate)")
+    g = p.add_argument_group("training exits (frozen backbone)")
+    g.add_argument("--train-exits", help="train per-exit adapters, save them here, then continue with them")
+    g.add_argument("--corpus", default="shakespeare", help=f"{', '.join(CORPORA)} or a local text file")
+    g.add_argument("--train-layers", help="exits to train, e.g. 10,15,20 (default all; each costs an LM head)")
+    g.add_argument("--adapter-rank", type=int, default=64)
+    g.add_argument("--objective", default="distill", choices=["distill", "weighted"])
+    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--lora-rank", type=int, default=0, help="also train LoRA in the attention (needs peft)")
+    p.set_defaults(run=run)
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    if bool(args.prompt) == bool(args.prompts_file):
+        raise bad_value("--prompt/--prompts-file", args.prompt or args.prompts_file,
+                        "give exactly one of --prompt TEXT or --prompts-file FILE")
+    if args.prompt:
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    if not path.is_file():
+        raise bad_value("--prompts-file", args.prompts_file, "give an existing text file, one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise bad_value("--prompts-file", args.prompts_file, "the file holds no non-empty line")
+    return prompts
+
+
+def apply_chat(tokenizer, prompts: list[str]) -> list[str]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_value("--chat", True, "this tokenizer has no chat template; drop --chat and give plain prompts")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def build_spec(args, num_layers: int) -> dict:
+    if args.strategy == "speculative":
+        return {"strategy": "speculative", "draft_layers": args.draft_layers or num_layers // 2,
+                "num_draft": args.num_draft}
+    if args.strategy == "full":
+        return {"strategy": "full"}
+    params = {"min_layer": args.min_layer, "decay": args.decay}
+    if args.threshold is not None:
+        params["threshold"] = args.threshold
+    if args.exit_layers:
+        params["exit_layers"] = int_list(args.exit_layers)
+    return {"strategy": "early-exit", "rule": args.rule, "params": params, "kv": args.kv}
+
+
+def train_and_save(args, lm, tokenizer) -> EarlyExitLM:
+    from ..generation.train import ExitTrainConfig, train_exits
+
+    model = EarlyExitLM(lm, adapter_rank=args.adapter_rank, name=args.model)
+    blocks = token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
+                          max_blocks=args.steps * args.batch_size)
+    config = ExitTrainConfig(objective=args.objective, layers=int_list(args.train_layers) if args.train_layers else None,
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank)
+    train_exits(model, blocks, config, log=lambda s: print(s, file=sys.stderr))
+    model.config.training["corpus"] = args.corpus
+    model.save_exits(args.train_exits)
+    print(f"exits saved to {args.train_exits}", file=sys.stderr)
+    return model
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args) if (args.prompt or args.prompts_file or not args.train_exits) else []
+    if args.evaluate and not args.output:
+        raise bad_value("--output", None, "--evaluate writes results.json, report.md and plots: give --output DIR")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our own messages
+    lm, tokenizer = load_causal_lm(args.model)
+    if args.train_exits:
+        model = train_and_save(args, lm, tokenizer)
+    elif args.exits:
+        model = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
+    else:
+        model = EarlyExitLM(lm, name=args.model)
+    if not prompts:
+        return 0
+    if args.stop_at_eos:
+        require_eos(tokenizer, "--stop-at-eos")
+    if args.chat:
+        prompts = apply_chat(tokenizer, prompts)
+    spec = build_spec(args, model.num_layers)
+    if args.evaluate:
+        specs = [spec] + ([{"strategy": "hf"}] if args.compare_hf else [])
+        payload = compare(model, tokenizer, prompts, specs, args.max_new_tokens, eos=args.stop_at_eos,
+                          log=lambda s: print(s, file=sys.stderr))
+        payload.update({"model": args.model, "exits": args.exits or args.train_exits})
+        out = Path(args.output)
+        write_json_atomic(out / "results.json", payload)
+        plot(payload, out)
+        print(report(payload, out))
+        return 0
+    eos = tokenizer.eos_token_id if args.stop_at_eos else None
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        prompt_ids = ids[0].tolist()
+        shown = tokenizer.decode(prompt_ids)  # decode prompt + continuation together: spacing stays right
+        seen: list[int] = []
+        printed = [len(shown)]
+
+        def stream(token: int) -> None:
+            seen.append(token)
+            decoded = tokenizer.decode(prompt_ids + seen)
+            sys.stdout.write(decoded[printed[0]:])
+            sys.stdout.flush()
+            printed[0] = len(decoded)
+
+        if not args.no_stream:
+            sys.stdout.write(shown)
+        out = run_spec(model, ids, spec, args.max_new_tokens, eos, on_token=None if args.no_stream else stream)
+        if args.no_stream:
+            sys.stdout.write(tokenizer.decode(prompt_ids + out.tokens))
+        summary = {"tokens": len(out.tokens), "tokens_per_second": round(out.tokens_per_second, 2),
+                   "avg_layers": round(out.avg_layers, 2), **{k: v for k, v in out.stats.items() if k != "params"}}
+        sys.stdout.write("\n")
+        print(json.dumps(summary), file=sys.stderr)
+    return 0

@@ -1,0 +1,284 @@
+"""Training exits for tokens on a frozen backbone, and the ConsistentEE per-token policy.
+
+Exit adapters (:class:`~layerexit.generation.heads.LowRankAdapter`, before the shared final norm + LM head)
+learn with either the weighted cross-entropy on the next token (weights ``l / Σ l`` as PABEE) or distillation
+from the last layer (KL(p_L || p_l) at a temperature), which targets agreement with the full model, the thing
+early exit must preserve. The backbone is frozen and run without gradients, so only the vocabulary head of
+the trained exits costs memory; restrict ``layers`` to the exits you will use (each costs a full LM head).
+With ``lora_rank > 0`` peft's LoRA is injected into the attention projections and trained too (the weighted
+loss then includes the last exit, so the full model keeps its own objective).
+
+The policy follows ConsistentEE's decoder version (Zeng et al., AAAI 2024): per-layer
+``sigmoid(Linear(hidden -> 1))``, K copies of every token with the first never exiting, decaying ε-greedy
+actions, reward ``−CE(exit) − α·e/L`` with baseline the mean over the copies, log-probability of the path
+divided by the exit layer e. Here it is trained on cached features of a frozen backbone with frozen exits
+(the reference code trains it jointly with LoRA), and CE is taken against the full model's greedy token by
+default (``target="full"``), since agreement with the full model is what the exits are judged on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import bad_value
+
+OBJECTIVES = ("distill", "weighted")
+
+
+@dataclass
+class ExitTrainConfig:
+    objective: str = "distill"
+    layers: list[int] | None = None  # 1-based exits to train (None: all but the last)
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-3
+    temperature: float = 1.0
+    lora_rank: int = 0
+    lora_lr: float = 1e-4
+    seed: int = 0
+
+
+def _check_layers(model, layers) -> list[int]:
+    L = model.num_layers
+    layers = sorted({int(v) for v in layers}) if layers else list(range(1, L))
+    bad = [v for v in layers if not 1 <= v <= L]
+    if bad:
+        raise bad_value("layers", bad, f"exit layers are 1..{L}")
+    return layers
+
+
+def add_lora(model, rank: int, alpha: int | None = None) -> None:
+    """Inject LoRA (peft) into the attention projections in place, keeping module paths (the adapter still finds
+    every layer's ``k_proj``/``v_proj``)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise bad_value("lora_rank", rank, "LoRA needs peft: pip install peft==0.21.2, or use lora_rank=0") from None
+    targets = ["c_attn"] if model.config.model_type == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    config = LoraConfig(r=int(rank), lora_alpha=int(alpha or 2 * rank), target_modules=targets, lora_dropout=0.0)
+    inject_adapter_in_model(config, model.lm)
+    model.config.training["lora_rank"] = int(rank)
+
+
+def train_exits(model, blocks: torch.Tensor, config: ExitTrainConfig = ExitTrainConfig(),
+                log: Callable[[str], None] | None = None) -> dict:
+    """Train the exit adapters (and LoRA) on (N, T) token blocks; returns the loss history."""
+    if config.objective not in OBJECTIVES:
+        raise bad_value("objective", config.objective, f"choose one of {', '.join(OBJECTIVES)}")
+    if model.exit_adapters is None and config.lora_rank == 0:
+        raise bad_value("adapter_rank", 0, "with the shared head alone there is nothing to train on a frozen "
+                        "backbone; build EarlyExitLM(lm, adapter_rank=16) or give lora_rank > 0")
+    layers = _check_layers(model, config.layers)
+    L = model.num_layers
+    torch.manual_seed(config.seed)
+    if config.lora_rank:
+        add_lora(model, config.lora_rank)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("lm.") or "lora_" in name)
+    groups = []
+    if model.exit_adapters is not None:
+        groups.append({"params": list(model.exit_adapters.parameters()), "lr": config.lr})
+    lora = [p for n, p in model.lm.named_parameters() if "lora_" in n]
+    if lora:
+        groups.append({"params": lora, "lr": config.lora_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    history, start = [], time.perf_counter()
+    model.train()
+    model.lm.eval()  # no dropout in the backbone
+    for step in range(int(config.steps)):
+        idx = torch.randint(0, blocks.shape[0], (min(config.batch_size, blocks.shape[0]),), generator=gen)
+        batch = blocks[idx]  # (B, T)
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T-1) each
+        with torch.set_grad_enabled(bool(lora)):
+            hidden = model.all_hidden(inputs)  # (L, B, T-1, H)
+        with torch.no_grad():
+            teacher = torch.log_softmax(model.exit_logits(L, hidden[-1].detach()).float() / config.temperature, -1)
+        optimizer.zero_grad(set_to_none=True)
+        total, per_layer = 0.0, {}
+        train_layers = [l for l in layers if l < L] + ([L] if lora else [])
+        weights = {l: l / sum(train_layers) for l in train_layers}  # PABEE's l / Σ l
+        for i, layer in enumerate(train_layers):
+            h = hidden[layer - 1] if lora else hidden[layer - 1].detach()
+            logits = model.exit_logits(layer, h).float()  # (B, T-1, V)
+            if config.objective == "weighted" or layer == L:
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            else:
+                student = torch.log_softmax(logits / config.temperature, -1)
+                loss = nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean") \
+                    * config.temperature ** 2 / inputs.shape[1]
+            scaled = loss * (weights[layer] if config.objective == "weighted" else 1.0 / len(train_layers))
+            scaled.backward(retain_graph=bool(lora) and i < len(train_layers) - 1)
+            per_layer[layer] = loss.item()
+            total += scaled.item()
+        optimizer.step()
+        history.append({"step": step + 1, "loss": total, "per_layer": per_layer})
+        if log and (step + 1) % max(1, config.steps // 10) == 0:
+            log(f"step {step + 1}/{config.steps} loss {total:.4f} ({time.perf_counter() - start:.0f}s)")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.training.update({"exits": asdict(config), "seconds": time.perf_counter() - start})
+    return {"history": history, "layers": layers}
+
+
+# --- per-layer features for the policy and for simulation ------------------------------------------------
+@dataclass
+class TokenFeatures:
+    """Teacher-forced per-exit statistics of N tokens at C candidate exits (the last one is layer L).
+
+    layers: C exit layers (1-based); normed: (C, N, H) final-normed features; agree: (C, N) bool, exit's
+    argmax equals the last layer's; ce: (C, N) cross-entropy against ``target``; maxprob, margin: (C, N);
+    cosine: (C, N) cos(h_{l-1}, h_l).
+    """
+
+    layers: list[int]
+    normed: torch.Tensor
+    agree: torch.Tensor
+    ce: torch.Tensor
+    maxprob: torch.Tensor
+    margin: torch.Tensor
+    cosine: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def collect_features(model, blocks: torch.Tensor, layers: list[int] | None = None, target: str = "full",
+                     batch_size: int = 4) -> TokenFeatures:
+    """Run the frozen model over (N, T) blocks once and keep what rules and the policy need per token."""
+    if target not in ("full", "data"):
+        raise bad_value("target", target, "choose 'full' (the full model's greedy token) or 'data' (the text)")
+    L = model.num_layers
+    layers = [l for l in _check_layers(model, layers) if l < L] + [L]
+    parts: dict[str, list] = {k: [] for k in ("normed", "agree", "ce", "maxprob", "margin", "cosine")}
+    model.eval()
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start:start + batch_size]
+        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()  # (B, T-1), (n,)
+        hidden = model.all_hidden(inputs).flatten(1, 2)  # (L, n, H)
+        full = model.exit_logits(L, hidden[-1]).argmax(-1)  # (n,)
+        goal = full if target == "full" else targets
+        rows = {k: [] for k in parts}
+        for layer in layers:
+            h = hidden[layer - 1]
+            normed = model.exit_hidden(layer, h)
+            logits = model.adapter.lm_head(normed).float()  # (n, V)
+            probs = torch.softmax(logits, -1)
+            top = probs.topk(2, dim=-1).values  # (n, 2)
+            prev = hidden[layer - 2] if layer > 1 else h
+            rows["normed"].append(model.adapter.final_norm(h))
+            rows["agree"].append(logits.argmax(-1) == full)
+            rows["ce"].append(nn.functional.cross_entropy(logits, goal, reduction="none"))
+            rows["maxprob"].append(top[:, 0])
+            rows["margin"].append(top[:, 0] - top[:, 1])
+            rows["cosine"].append(nn.functional.cosine_similarity(h.float(), prev.float(), dim=-1))
+        for k in parts:
+            parts[k].append(torch.stack(rows[k]))  # (C, n, ...)
+    cat = {k: torch.cat(v, dim=1) for k, v in parts.items()}
+    return TokenFeatures(layers, cat["normed"], cat["agree"], cat["ce"], cat["maxprob"], cat["margin"],
+                         cat["cosine"], {"target": target, "tokens": int(cat["agree"].shape[1])})
+
+
+@dataclass
+class PolicyTrainConfig:
+    alpha: float = 1.0  # cost weight in -CE - alpha * e / L
+    copies: int = 4  # K; copy 0 never exits
+    epsilon: float = 0.3  # initial exploration rate, decayed linearly to 0
+    epochs: int = 3
+    batch_size: int = 512
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def policy_loss(probs: torch.Tensor, ce: torch.Tensor, layers: list[int], L: int, alpha: float, copies: int,
+                epsilon: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """REINFORCE loss of one batch. probs, ce: (C, n) at candidate exits (last = layer L, always exits)."""
+    C, n = probs.shape
+    depth = torch.tensor(layers, dtype=probs.dtype, device=probs.device)  # (C,)
+    log_exit = torch.log(probs.clamp_min(1e-6))
+    log_stay = torch.log((1 - probs).clamp_min(1e-6))
+    rewards, logps, exits = [], [], []
+    for k in range(copies):
+        if k == 0:  # the first copy never exits: the reward of going all the way
+            act = torch.zeros(C, n, dtype=torch.bool, device=probs.device)
+        else:
+            explore = torch.rand(C, n, generator=gen) < epsilon
+            coin = torch.rand(C, n, generator=gen) < 0.5
+            act = torch.where(explore, coin, probs.detach() > 0.5)
+        act[-1] = True
+        e = act.float().argmax(dim=0)  # (n,) index of the first exit
+        before = torch.arange(C)[:, None] < e[None, :]  # (C, n)
+        logp = (log_stay * before).sum(0) + torch.where(e < C - 1, log_exit.gather(0, e[None])[0], 0.0)
+        layer = depth[e]  # (n,)
+        logps.append(logp / layer)
+        rewards.append(-ce.gather(0, e[None])[0] - alpha * layer / L)
+        exits.append(layer)
+    R = torch.stack(rewards)  # (K, n)
+    advantage = R - R.mean(0, keepdim=True)
+    loss = -(advantage.detach() * torch.stack(logps)).mean()
+    return loss, {"reward": float(R.mean()), "avg_exit": float(torch.stack(exits)[1:].mean()) if copies > 1 else L}
+
+
+def train_policy(model, features: TokenFeatures, config: PolicyTrainConfig = PolicyTrainConfig(),
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Train the ConsistentEE per-token policy on cached features (backbone and exits frozen)."""
+    if config.copies < 2:
+        raise bad_value("copies", config.copies, "ConsistentEE needs K >= 2 copies (the first never exits)")
+    if model.policy is None:
+        from .heads import TokenPolicy
+
+        model.policy = TokenPolicy(model.adapter.hidden_size, model.num_layers).to(features.normed.dtype)
+        model.config.policy = True
+    L = model.num_layers
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    linears = [model.policy.linears[l - 1] for l in features.layers]
+    params = [p for lin in linears for p in lin.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    n = features.ce.shape[1]
+    total_steps = max(1, config.epochs * math.ceil(n / config.batch_size))
+    step, history = 0, []
+    for epoch in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, config.batch_size):
+            idx = order[start:start + config.batch_size]
+            x = features.normed[:, idx]  # (C, b, H)
+            probs = torch.stack([torch.sigmoid(lin(x[i]).squeeze(-1)) for i, lin in enumerate(linears)])  # (C, b)
+            eps = config.epsilon * (1 - step / total_steps)
+            loss, stats = policy_loss(probs, features.ce[:, idx], features.layers, L, config.alpha, config.copies,
+                                      eps, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            history.append({"step": step, "loss": loss.item(), **stats})
+        if log:
+            log(f"policy epoch {epoch + 1}/{config.epochs}: reward {history[-1]['reward']:.3f} "
+                f"avg exit {history[-1]['avg_exit']:.1f}")
+    for p in params:
+        p.requires_grad_(False)
+    model.config.training["policy"] = {**asdict(config), "layers": features.layers, "target": features.info["target"]}
+    return {"history": history}
+
+
+def simulate(features: TokenFeatures, rule: str, threshold: float, L: int) -> dict:
+    """Teacher-forced simulation of a rule over cached features: exit layer and agreement per token
+    (simulated: the KV cache of earlier exits is ignored; no time is measured)."""
+    score = {"maxprob": features.maxprob, "margin": features.margin, "saturation": features.cosine}.get(rule)
+    if score is None:
+        raise bad_value("rule", rule, "simulation supports maxprob, margin, saturation")
+    go = score >= threshold
+    go[-1] = True
+    e = go.float().argmax(0)  # (N,)
+    layers = torch.tensor(features.layers)[e]
+    agree = features.agree.gather(0, e[None])[0]
+    return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
+            "threshold": threshold}

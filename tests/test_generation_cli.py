@@ -1,0 +1,190 @@
+"""`layerexit generate`, exit training, the ConsistentEE token policy and the evaluation, on a tiny Llama
+saved with a word-level tokenizer (offline)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from layerexit.cli.main import main
+from layerexit.errors import LayerExitError
+from layerexit.generation import EarlyExitLM, generate, make_token_rule
+from layerexit.generation.corpus import load_passages, token_blocks
+from layerexit.generation.evaluate import compare, rouge_l, token_match
+from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, policy_loss, simulate,
+                                        train_exits, train_policy)
+from tiny_decoder import decoder_config, make_lm
+
+WORDS = ["<pad>", "<unk>", "</s>"] + [f"w{i}" for i in range(60)]
+
+
+def word_tokenizer(eos: bool = True) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = {"eos_token": "</s>"} if eos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    config = decoder_config("llama", layers=3)
+    config.vocab_size = len(WORDS)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "lm")
+    word_tokenizer().save_pretrained(root / "lm")
+    corpus = root / "corpus.txt"
+    import random
+
+    rng = random.Random(0)
+    corpus.write_text("\n\n".join(" ".join(f"w{(i * 7 + rng.randint(0, 3)) % 60}" for i in range(40))
+                                  for _ in range(30)))
+    (root / "prompts.txt").write_text("w1 w2 w3\n\nw4 w5 w6 w7\n")
+    return root
+
+
+def test_generate_cli_streams_each_strategy(workspace, capsys):
+    lm = str(workspace / "lm")
+    for extra in (["--strategy", "full"], ["--strategy", "speculative", "--draft-layers", "1"],
+                  ["--strategy", "early-exit", "--rule", "saturation", "--threshold", "-1", "--kv", "recompute"]):
+        assert main(["generate", "--model", lm, "--prompt", "w1 w2 w3", "--max-new-tokens", "5", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("w1 w2 w3")
+        assert len(out.split()) == 3 + 5
+        assert json.loads(err.strip().splitlines()[-1])["tokens"] == 5
+
+
+def test_generate_cli_evaluate_writes_report(workspace, tmp_path, capsys):
+    out_dir = tmp_path / "eval"
+    code = main(["generate", "--model", str(workspace / "lm"), "--prompts-file", str(workspace / "prompts.txt"),
+                 "--strategy", "speculative", "--draft-layers", "2", "--max-new-tokens", "6", "--evaluate",
+                 "--output", str(out_dir)])
+    assert code == 0
+    payload = json.loads((out_dir / "results.json").read_text())
+    (entry,) = payload["results"]
+    assert payload["prompts"] == 2
+    assert entry["token_match"] == 1.0 and entry["rouge_l"] == 1.0  # speculative output equals the full model's
+    assert (out_dir / "speed_vs_agreement.png").is_file() and (out_dir / "report.md").is_file()
+
+
+def test_generate_cli_trains_and_reloads_exits(workspace, tmp_path, capsys):
+    exits = tmp_path / "exits"
+    code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
+                 str(workspace / "corpus.txt"), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
+                 "--adapter-rank", "4"])
+    assert code == 0 and (exits / "exit_config.json").is_file()
+    code = main(["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
+                 "--max-new-tokens", "3", "--rule", "maxprob", "--threshold", "0.0", "--no-stream"])
+    assert code == 0
+    assert capsys.readouterr().out.startswith("w1 w2")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--prompt", "w1", "--prompts-file", "x.txt"], "give exactly one of --prompt"),
+    (["--prompt", "w1", "--strategy", "speculative", "--draft-layers", "3", "--max-new-tokens", "5"], "draft_layers=3 is invalid"),
+    (["--prompt", "w1", "--min-layer", "7", "--max-new-tokens", "5"], "min_layer=7 is invalid"),
+    (["--prompt", " ".join(["w1"] * 60), "--max-new-tokens", "10"], "context is 64 positions"),
+    (["--prompt", "w1", "--chat"], "--chat=True is invalid: this tokenizer has no chat template"),
+    (["--prompt", "w1", "--evaluate"], "--output=None is invalid"),
+])
+def test_generate_cli_bad_input(workspace, capsys, argv, expected):
+    assert main(["generate", "--model", str(workspace / "lm"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.startswith("layerexit generate: error:")
+
+
+def test_tokenizer_without_eos_is_refused():
+    with pytest.raises(LayerExitError, match=r"tokenizer.eos_token=None is invalid.*end-of-sequence"):
+        token_blocks(word_tokenizer(eos=False), ["w1 w2 w3"], 2)
+
+
+def test_exit_training_distill_lowers_loss_and_round_trips(workspace, tmp_path):
+    lm = make_lm("llama", scale=4.0).float()
+    model = EarlyExitLM(lm, adapter_rank=8)
+    assert 0 < model.exit_parameters() < 0.1 * model.backbone_parameters() or model.backbone_parameters() < 1e5
+    blocks = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(0))
+    result = train_exits(model, blocks, ExitTrainConfig(steps=25, lr=1e-2, batch_size=8))
+    first, last = result["history"][0]["loss"], result["history"][-1]["loss"]
+    assert last < first
+    model.save_exits(tmp_path / "exits")
+    again = EarlyExitLM.with_exits(make_lm("llama", scale=4.0).float(), tmp_path / "exits")
+    h = torch.randn(5, 32)
+    assert torch.equal(again.exit_logits(2, h), model.exit_logits(2, h))
+    with pytest.raises(LayerExitError, match=r"exits=.*trained on llama with 4 layers"):
+        EarlyExitLM.with_exits(make_lm("llama", layers=2).float(), tmp_path / "exits")
+    with pytest.raises(LayerExitError, match=r"adapter_rank=0 is invalid.*nothing to train"):
+        train_exits(EarlyExitLM(lm), blocks, ExitTrainConfig(steps=1))
+
+
+def test_shared_head_adds_no_parameters():
+    model = EarlyExitLM(make_lm("gpt2"))
+    assert model.exit_parameters() == 0
+    last = torch.randn(3, 32, dtype=torch.float64)
+    assert torch.equal(model.exit_logits(4, last), model.lm.lm_head(model.lm.transformer.ln_f(last)))
+
+
+def test_lora_training_changes_the_backbone(tmp_path):
+    pytest.importorskip("peft")
+    lm = make_lm("gpt2").float()
+    model = EarlyExitLM(lm, adapter_rank=4)
+    blocks = torch.randint(3, 97, (8, 10), generator=torch.Generator().manual_seed(1))
+    train_exits(model, blocks, ExitTrainConfig(steps=3, objective="weighted", lora_rank=2, lora_lr=1e-2))
+    assert any("lora_" in n for n, _ in model.lm.named_parameters())
+    model.save_exits(tmp_path / "lora")
+    again = EarlyExitLM.with_exits(make_lm("gpt2").float(), tmp_path / "lora")
+    ids = torch.randint(3, 97, (1, 6))
+    assert generate(again, ids, None, 4).tokens == generate(model, ids, None, 4).tokens
+
+
+def test_policy_loss_first_copy_never_exits_and_costs_depth():
+    probs = torch.full((3, 5), 0.9, requires_grad=True)
+    ce = torch.zeros(3, 5)
+    loss, stats = policy_loss(probs, ce, [1, 2, 4], 4, alpha=1.0, copies=3, epsilon=0.0)
+    loss.backward()
+    assert stats["avg_exit"] == 1.0  # greedy copies exit at the first candidate (π > 0.5)
+    assert probs.grad[0].sum() < 0  # early exits earn more reward than copy 0: push π_1 up
+
+
+def test_policy_training_learns_to_exit_and_drives_the_rule():
+    lm = make_lm("llama", scale=4.0)
+    model = EarlyExitLM(lm)
+    blocks = torch.randint(3, 97, (6, 12), generator=torch.Generator().manual_seed(2))
+    features = collect_features(model, blocks, layers=[1, 2, 3])
+    assert features.agree[-1].all() and features.ce.shape == (4, 6 * 11)
+    train_policy(model, features, PolicyTrainConfig(alpha=20.0, epochs=20, batch_size=32, lr=0.05))
+    assert float(model.policy(0, features.normed[0]).mean()) > 0.5  # exits pay: the policy learned to exit early
+    out = generate(model, torch.randint(3, 97, (1, 5)), make_token_rule("policy", exit_layers=[1, 2, 3]), 6)
+    assert out.avg_layers < model.num_layers
+    sim = simulate(features, "maxprob", 2.0, model.num_layers)
+    assert sim == {"avg_layers": 4.0, "agreement": 1.0, "threshold": 2.0}
+
+
+def test_metrics():
+    assert token_match([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert rouge_l([1, 2, 3, 4], [1, 3, 4]) == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert rouge_l([1, 2], [3, 4]) == 0.0
+
+
+def test_compare_reports_every_strategy():
+    model = EarlyExitLM(make_lm("llama", scale=8.0))
+    payload = compare(model, word_tokenizer(), ["w1 w2 w3"],
+                      [{"strategy": "speculative", "draft_layers": 2},
+                       {"strategy": "early-exit", "rule": "static", "params": {"min_layer": 2}}], max_new_tokens=6)
+    spec, static = payload["results"]
+    assert spec["token_match"] == 1.0 and 0 <= spec["acceptance"] <= 1
+    assert static["avg_layers"] == pytest.approx((4 + 5 * 2) / 6)
+    assert static["exit_histogram"] == {"2": 5, "4": 1}
+
+
+def test_corpus_split_is_fixed_and_disjoint(workspace):
+    path = str(workspace / "corpus.txt")
+    train, test = load_passages(path, "train"), load_passages(path, "test")
+    assert len(train) + len(test) == 30 and not set(train) & set(test)
+    assert load_passages(path, "test") == test
+    with pytest.raises(LayerExitError, match=r"corpus='nope.txt' is invalid"):
+        load_passages("nope.txt")
