@@ -96,30 +96,31 @@ def test_operating_point_rejects_negative_tolerance():
 # ------------------------------------------------------------------------------------------ area_under_curve
 
 
-def test_area_under_curve_trapezoids_over_front():
+def test_area_under_curve_steps_over_front():
     curve = [point(0.6, 1.0), point(0.9, 0.0), point(0.8, 0.5)]  # unsorted
-    # 0.5 * (0.9 + 0.8) / 2 + 0.5 * (0.8 + 0.6) / 2 = 0.425 + 0.35
-    assert area_under_curve(curve) == pytest.approx(0.775)
+    # best accuracy saving >= s: 0.8 for s in (0, 0.5], 0.6 for s in (0.5, 1]
+    assert area_under_curve(curve) == pytest.approx(0.5 * 0.8 + 0.5 * 0.6)
 
 
 def test_area_under_curve_ignores_dominated_points():
     front = [point(0.9, 0.0), point(0.8, 0.5), point(0.6, 1.0)]
     dominated = [point(0.7, 0.4), point(0.5, 0.9), point(0.75, 0.5), point(0.9, 0.0)]
-    assert area_under_curve(front + dominated) == pytest.approx(0.775)
-    # a point that lifts the front does change the area: (0.25 wide trapezoids) 0.9..0.88..0.8
+    assert area_under_curve(front + dominated) == pytest.approx(0.7)
+    # a point that lifts the front does change the area
     lifted = front + [point(0.88, 0.25)]
-    expected = 0.25 * (0.9 + 0.88) / 2 + 0.25 * (0.88 + 0.8) / 2 + 0.5 * (0.8 + 0.6) / 2
-    assert area_under_curve(lifted) == pytest.approx(expected)
+    assert area_under_curve(lifted) == pytest.approx(0.25 * 0.88 + 0.25 * 0.8 + 0.5 * 0.6)
 
 
-def test_area_under_curve_starts_at_smallest_saved_front_point():
-    # front from saved 0.2 to 0.6 only; nothing extrapolated to 0 or 1
-    assert area_under_curve([point(0.8, 0.2), point(0.6, 0.6)]) == pytest.approx(0.4 * 0.7)
+def test_area_under_curve_credits_only_reached_savings():
+    # nothing saves more than 0.6: best(s) = 0 beyond it; a rule reaching further scores more
+    short = [point(0.8, 0.2), point(0.6, 0.6)]
+    assert area_under_curve(short) == pytest.approx(0.2 * 0.8 + 0.4 * 0.6)
+    assert area_under_curve(short + [point(0.5, 0.9)]) > area_under_curve(short)
 
 
 def test_area_under_curve_degenerate():
     assert area_under_curve([]) == 0.0
-    assert area_under_curve([point(0.9, 0.5)]) == 0.0
+    assert area_under_curve([point(0.9, 0.5)]) == pytest.approx(0.45)  # one point: 0.9 up to s = 0.5
 
 
 # ------------------------------------------------------------------------------------------------- report

@@ -37,6 +37,8 @@ def test_rules_do_not_modify_logits(name):
     before = logits.clone()
     rule, state = _rule_with_state(name, 6)
     for layer in range(L - 1):
+        for signal in rule.needs:  # what the engine would put there, e.g. the policy's probabilities
+            state[signal] = torch.rand(6, generator=torch.Generator().manual_seed(layer))
         done = rule.should_exit(logits, layer, state)
         assert done.dtype == torch.bool and done.shape == (6,)
     assert torch.equal(logits, before)

@@ -25,11 +25,12 @@ def _targets(name: str, reference: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _chosen_points(name: str, reference: torch.Tensor, targets) -> tuple[list[dict], dict]:
+def _chosen_points(name: str, reference: torch.Tensor, targets, signals) -> tuple[list[dict], dict]:
     """First, middle and last grid points, plus the one that spreads rows over the most exit layers."""
     grid = RULES.get(name).grid(LAYERS, NUM_LABELS)
     assert grid, f"{name} has an empty grid for {LAYERS} layers"
-    spread = max(grid, key=lambda p: len(set(simulate(make_rule(name, **p), reference, targets).exit_layer.tolist())))
+    spread = max(grid, key=lambda p: len(set(
+        simulate(make_rule(name, **p), reference, targets, signals).exit_layer.tolist())))
     points = [grid[0], grid[len(grid) // 2], grid[-1], spread]
     unique = [p for i, p in enumerate(points) if p not in points[:i]]
     return unique, spread
@@ -42,18 +43,19 @@ def test_engine_exits_equal_simulated_exits(models, arch, feature, name):
     batch = make_batch(arch, batch=N, seed=7)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     with torch.no_grad():
-        reference = model(*inputs)  # (L, N, C)
+        reference, features = model(*inputs, return_features=True)  # (L, N, C), (L, N, H)
+        signals = {"policy": torch.stack([p(f) for p, f in zip(model.policies, features)])}  # (L, N)
     targets = _targets(name, reference)
-    points, spread = _chosen_points(name, reference, targets)
+    points, spread = _chosen_points(name, reference, targets, signals)
     for params in points:
-        sim = simulate(make_rule(name, **params), reference, targets)
+        sim = simulate(make_rule(name, **params), reference, targets, signals)
         out = model.early_exit(*inputs, rule=make_rule(name, **params), targets=targets)
         assert torch.equal(out.exit_layer, sim.exit_layer), params
         assert torch.equal(out.predictions, sim.predictions), params
         # the engine's logits are the reference logits of the exit it took
         taken = reference[out.exit_layer - 1, torch.arange(N)]  # (N, C)
         torch.testing.assert_close(out.logits, taken, rtol=0, atol=1e-12)
-    layers_used = set(simulate(make_rule(name, **spread), reference, targets).exit_layer.tolist())
+    layers_used = set(simulate(make_rule(name, **spread), reference, targets, signals).exit_layer.tolist())
     if name != "static":  # static exits every row at one layer by definition
         assert len(layers_used) > 1, f"{name} never exits rows at different layers here: the batch never shrinks"
 

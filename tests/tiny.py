@@ -59,10 +59,13 @@ def make_model(arch: str, feature: str, seed: int = 0, double: bool = True, head
     backbone = make_backbone(arch, seed=seed, **kwargs)
     torch.manual_seed(seed + 1)
     model = MultiExitModel.from_module(backbone, num_labels, exit_feature=feature)
+    model.add_policies(8)  # ConsistentEE policies, so the policy rule runs on every architecture too
     with torch.no_grad():
         for head in model.exits:
             head.linear.weight.mul_(head_scale)
             head.linear.bias.normal_(0.0, 0.5)
+        for policy in model.policies:  # spread exit probabilities over (0, 1)
+            policy.net[-1].weight.mul_(head_scale * 4)
     if double:
         model.double()
     return model.eval()

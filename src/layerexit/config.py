@@ -30,6 +30,8 @@ class MultiExitConfig:
     label_names: list[str] = field(default_factory=list)
     backbone_fingerprint: dict = field(default_factory=dict)
     max_length: int = 128
+    #: hidden width of the per-layer ConsistentEE policies; 0 = the model has no policies
+    policy_hidden: int = 0
     layerexit_version: str = ""
 
     def save(self, directory: str | Path) -> None:

@@ -209,11 +209,17 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = {k: v[i] for k, v in self.features.items()}
         item["labels"] = self.labels[i]
+        item["index"] = i  # position in the data set, for per-instance training data
         return item
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad(items, padding=True, return_tensors="pt")  # right padding, (B, T)
         return dict(batch)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch without its labels and row positions: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "index")}
 
 
 def check_labels(data: TextClassificationData, num_labels: int, label_names: list[str] | None = None) -> None:

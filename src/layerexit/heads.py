@@ -28,3 +28,17 @@ class ExitClassifier(nn.Module):
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout(feature))  # (n, H) -> (n, C)
+
+
+class PolicyNetwork(nn.Module):
+    """ConsistentEE's per-layer exit policy (Zeng et al., AAAI 2024): ``pi_l(h_l) = P(exit at layer l)``.
+
+    ``sigmoid(Linear(hidden_size -> 1)(GELU(Linear(hidden -> hidden_size)(h_l))))`` on the exit feature.
+    """
+
+    def __init__(self, hidden: int, hidden_size: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+
+    def forward(self, feature: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(feature)).squeeze(-1)  # (n, H) -> (n,)

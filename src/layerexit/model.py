@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel
 from .backbones import EncoderState, adapter_for
 from .config import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig
 from .errors import LayerExitError, bad_value
-from .heads import FEATURES, ExitClassifier, mean_weights
+from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
 from .io import atomic_directory
 from .resources import resolve_model
 
@@ -81,6 +81,19 @@ class MultiExitModel(nn.Module):
         self.exits = nn.ModuleList(
             ExitClassifier(config.hidden_size, config.num_labels, config.dropout) for _ in range(config.num_layers)
         )
+        self.policies: nn.ModuleList | None = None
+        if config.policy_hidden:
+            self.add_policies(config.policy_hidden)
+
+    def add_policies(self, hidden_size: int = 32) -> "MultiExitModel":
+        """Attach one ConsistentEE policy network per layer (saved and loaded with the model)."""
+        self.config.policy_hidden = int(hidden_size)
+        device = next(self.exits.parameters()).device
+        dtype = next(self.exits.parameters()).dtype
+        self.policies = nn.ModuleList(
+            PolicyNetwork(self.config.hidden_size, hidden_size) for _ in range(self.config.num_layers)
+        ).to(device=device, dtype=dtype)
+        return self
 
     # --- construction --------------------------------------------------------------------------------
     @classmethod
@@ -168,15 +181,28 @@ class MultiExitModel(nn.Module):
         """Logits (n, C) of exit ``index`` (0-based) for the rows of ``state``."""
         return self.exits[index](self.exit_feature(state))
 
+    def policy_probability(self, index: int, feature: torch.Tensor) -> torch.Tensor:
+        """(n, H) exit feature -> (n,) the policy's probability of exiting at layer ``index``."""
+        if self.policies is None:
+            raise LayerExitError(
+                "rule='consistentee' is invalid for this model: it has no ConsistentEE policies; train it with "
+                "`layerexit train --method consistentee` or call model.add_policies() and train them"
+            )
+        return self.policies[index](feature)
+
     # --- reference path (training, logit cache) ------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None,
-                **_: object) -> torch.Tensor:
-        """All layers, all exits: logits (L, B, C)."""
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, return_features: bool = False,
+                pixel_values=None, **_: object):
+        """All layers, all exits: logits (L, B, C); with ``return_features`` also the exit features (L, B, H)."""
         state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
-        logits = []
+        logits, features = [], []
         for index in range(self.config.num_layers):
             state = self.run_layers(state, index, index + 1)
-            logits.append(self.exit_logits(index, state))
+            feature = self.exit_feature(state)  # (B, H)
+            features.append(feature)
+            logits.append(self.exits[index](feature))
+        if return_features:
+            return torch.stack(logits), torch.stack(features)
         return torch.stack(logits)
 
     # --- the engine ----------------------------------------------------------------------------------
@@ -207,10 +233,13 @@ class MultiExitModel(nn.Module):
         exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
         for index in range(num_layers):
             state = self.run_layers(state, index, index + 1)
-            logits = self.exit_logits(index, state)  # (n, C)
+            feature = self.exit_feature(state)  # (n, H)
+            logits = self.exits[index](feature)  # (n, C)
             if index == num_layers - 1:
                 out_logits[rows] = logits
                 break
+            if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
+                rule_state["policy"] = self.policy_probability(index, feature)
             done = rule.should_exit(logits, index, rule_state)  # (n,) bool
             if bool(done.any()):
                 out_logits[rows[done]] = logits[done]
@@ -233,7 +262,7 @@ class MultiExitModel(nn.Module):
             self.config.save(tmp)
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             if heads_only:
-                tensors = {k: v for k, v in tensors.items() if k.startswith("exits.")}
+                tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
             else:
                 self.backbone.config.save_pretrained(tmp / BACKBONE_DIR)
             save_file(_dedupe(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "heads_only": str(heads_only)})
@@ -253,13 +282,13 @@ class MultiExitModel(nn.Module):
         external = backbone is not None or not (directory / BACKBONE_DIR).is_dir()
         if external:  # exits only, onto a backbone that must match the recorded one
             module = _load_matching_backbone(backbone or config.backbone, config, directory)
-            tensors = {k: v for k, v in tensors.items() if k.startswith("exits.")}
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
         else:
             module = AutoModel.from_config(AutoConfig.from_pretrained(directory / BACKBONE_DIR))
         model = cls(module, config)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if external:
-            missing = [k for k in missing if k.startswith("exits.")]
+            missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise LayerExitError(
                 f"checkpoint={str(directory)!r} is invalid: missing weights {missing[:5]}, unexpected "

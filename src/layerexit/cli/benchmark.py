@@ -15,7 +15,7 @@ from ..data import Encoded, check_labels
 from ..errors import LayerExitError
 from ..evaluation.benchmark import speed_report
 from ..evaluation.cache import collect_logits
-from ..evaluation.evaluate import sweep
+from ..evaluation.evaluate import curve_name, sweep
 from ..evaluation.report import operating_point
 from ..evaluation.simulate import per_layer_accuracy
 from ..io import write_json_atomic
@@ -57,7 +57,7 @@ def run(args) -> int:
     if not params and args.rule not in ("full",):
         cache = collect_logits(model, encoded)
         full = per_layer_accuracy(cache.logits, cache.labels)[-1]
-        point = operating_point(sweep(cache, [args.rule])[args.rule], full, args.tolerance)
+        point = operating_point(sweep(cache, [args.rule])[curve_name(args.rule)], full, args.tolerance)
         if point is None:
             raise LayerExitError(f"--rule={args.rule!r}: no setting stays within --tolerance={args.tolerance} of "
                                  "the full model; raise --tolerance or give --param")

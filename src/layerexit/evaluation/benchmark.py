@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Encoded
+from ..data import Encoded, model_inputs
 from ..model import MultiExitModel
 from ..rules import ExitRule, Full
 
@@ -36,8 +36,7 @@ class Batches:
         inputs = []
         for start in range(0, n, batch_size):
             batch = encoded.collate([encoded[i] for i in range(start, min(start + batch_size, n))])
-            batch.pop("labels")
-            inputs.append(batch)
+            inputs.append(model_inputs(batch))
         return cls(inputs, torch.tensor(encoded.labels[:n]))
 
 

@@ -11,20 +11,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Encoded
+from ..data import Encoded, model_inputs
 
 
 @dataclass
 class LogitCache:
-    """logits (L, N, C) float32 of every exit for every example, labels (N,)."""
+    """logits (L, N, C) float32 of every exit for every example, labels (N,), and, for models with
+    ConsistentEE policies, each layer's exit probability ``policy`` (L, N)."""
 
     logits: torch.Tensor
     labels: torch.Tensor
+    policy: torch.Tensor | None = None
     #: the split these examples are (e.g. "dev"); rules fitted on this cache remember it and evaluation refuses
     #: to report them on the same split (see layerexit.rules.fitting)
     split: str = ""
     #: digest of the examples (token ids and labels), so a renamed split is still recognised
     data_id: str = ""
+
+    @property
+    def signals(self) -> dict[str, torch.Tensor]:
+        """Per-layer signals for rules that need more than logits (see ``ExitRule.needs``)."""
+        return {"policy": self.policy} if self.policy is not None else {}
 
     @property
     def num_layers(self) -> int:
@@ -35,13 +42,14 @@ class LogitCache:
         return self.logits[-1].argmax(dim=-1)
 
     def save(self, path: str | Path) -> None:
-        torch.save({"logits": self.logits, "labels": self.labels, "split": self.split, "data_id": self.data_id},
-                   path)
+        torch.save({"logits": self.logits, "labels": self.labels, "policy": self.policy, "split": self.split,
+                    "data_id": self.data_id}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "LogitCache":
         data = torch.load(path)
-        return cls(data["logits"], data["labels"], split=data.get("split", ""), data_id=data.get("data_id", ""))
+        return cls(data["logits"], data["labels"], data.get("policy"), split=data.get("split", ""),
+                   data_id=data.get("data_id", ""))
 
 
 @torch.no_grad()
@@ -52,17 +60,26 @@ def collect_logits(model, encoded: Encoded, batch_size: int = 64, progress: bool
     device = next(model.parameters()).device
     lengths = torch.tensor([len(ids) for ids in encoded.features["input_ids"]])
     order = torch.argsort(lengths, descending=True)
-    chunks = []
+    chunks, policy_chunks = [], []
     for start in tqdm(range(0, len(order), batch_size), desc="exit logits", disable=not progress, leave=False):
         idx = order[start : start + batch_size].tolist()
         batch = encoded.collate([encoded[i] for i in idx])
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        chunks.append(model(**inputs).float().cpu())  # (L, b, C)
-    logits = torch.cat(chunks, dim=1)  # (L, N, C) in length order
-    restored = torch.empty_like(logits)
-    restored[:, order] = logits
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+        logits, features = model(**inputs, return_features=True)  # (L, b, C), (L, b, H)
+        chunks.append(logits.float().cpu())
+        if model.policies is not None:
+            policy_chunks.append(torch.stack([p(f) for p, f in zip(model.policies, features)]).float().cpu())
     model.train(was_training)
-    return LogitCache(restored, torch.tensor(encoded.labels, dtype=torch.long))
+    return LogitCache(_unsort(chunks, order), torch.tensor(encoded.labels, dtype=torch.long),
+                      _unsort(policy_chunks, order) if policy_chunks else None)
+
+
+def _unsort(chunks: list[torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """Concatenate (L, b, ...) chunks along examples and put them back in data order."""
+    values = torch.cat(chunks, dim=1)
+    restored = torch.empty_like(values)
+    restored[:, order] = values
+    return restored
 
 
 def data_digest(encoded: Encoded) -> str:

@@ -19,8 +19,13 @@ from .report import operating_point, write_report
 from .simulate import per_layer_accuracy, simulate
 
 
+def curve_name(rule_name: str) -> str:
+    """The key of a rule's curve in results.json (ConsistentEE's threshold sweep is "consistentee-threshold")."""
+    return RULES.get(rule_name, "rules").curve_name or rule_name
+
+
 def sweep(cache: LogitCache, rule_names: list[str]) -> dict[str, list[dict]]:
-    """Simulated curve of every rule: one POINT per parameter setting of its grid."""
+    """Simulated curve of every rule, keyed by curve name: one POINT per parameter setting of its grid."""
     num_layers, _, num_classes = cache.logits.shape
     curves = {}
     for name in rule_names:
@@ -28,8 +33,9 @@ def sweep(cache: LogitCache, rule_names: list[str]) -> dict[str, list[dict]]:
         points = []
         for params in cls.grid(num_layers, num_classes):
             rule = cls(**params)
-            points.append(simulate(rule, cache.logits).point(cache.labels, num_layers, rule.params))
-        curves[name] = points
+            points.append(simulate(rule, cache.logits, signals=cache.signals).point(cache.labels, num_layers,
+                                                                                     rule.params))
+        curves[curve_name(name)] = points
     return curves
 
 
@@ -43,7 +49,8 @@ def simulated_results(cache: LogitCache, model_name: str, data: TextClassificati
         "agreement": simulate(AgreementOracle(), cache.logits, cache.final_predictions).point(
             cache.labels, num_layers, {}),
     }
-    curves = sweep(cache, rule_names)
+    usable = [n for n in rule_names if all(s in cache.signals for s in RULES.get(n, "rules").needs)]
+    curves = sweep(cache, usable)
     return {
         "model": model_name, "dataset": data.name, "split": data.split, "num_layers": num_layers,
         "num_examples": int(cache.labels.numel()), "full": {"accuracy": accs[-1]},
@@ -61,7 +68,7 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
     """
     rules = {}
     for name in rule_names:
-        point = results["operating_points"].get(name)
+        point = results["operating_points"].get(curve_name(name))
         if point is not None:
             rules[name] = make_rule(name, **point["params"])
     if not rules:
@@ -70,7 +77,9 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
     for batch_size in batch_sizes:
         for entry in speed_report(model, encoded, rules, batch_size, limit=limit, rounds=rounds):
             exit_layers = torch.tensor(entry.pop("exit_layers"))
-            simulated = simulate(make_rule(entry["rule"], **entry["params"]), cache.logits[:, : len(exit_layers)])
+            signals = {k: v[:, : len(exit_layers)] for k, v in cache.signals.items()}
+            simulated = simulate(make_rule(entry["rule"], **entry["params"]), cache.logits[:, : len(exit_layers)],
+                                 signals=signals)
             entry["matches_simulation"] = float((simulated.exit_layer == exit_layers).double().mean())
             entries.append(entry)
     return entries

@@ -101,21 +101,20 @@ def pareto_front(curve: Sequence[Mapping[str, Any]]) -> list[dict]:
 
 
 def area_under_curve(curve: Sequence[Mapping[str, Any]]) -> float:
-    """Area under accuracy versus saved layers, over the curve's Pareto front, by the trapezoid rule.
+    """Area under the best accuracy reachable at each level of saved layers, comparable across rules.
 
-    Exactly: take :func:`pareto_front` of the points (the upper envelope that trades accuracy for layers
-    saved: sorted by ``saved_layers`` ascending, accuracy descending), and integrate accuracy over
-    ``saved_layers`` with straight lines between consecutive front points, from the front's smallest
-    ``saved_layers`` (its most accurate point) to its largest. Nothing is extrapolated: no segment is added
-    from ``saved_layers = 0`` or to 1. Both axes are fractions, so the result is in [0, 1]; a rule whose
-    front spans more of the saved-layers axis, or stays more accurate across it, scores higher. Fewer than
-    two distinct front points (including an empty curve) give 0.0.
+    Exactly: ``integral over s in [0, 1] of best(s) ds`` where ``best(s)`` is the highest accuracy among the
+    points that save at least ``s`` of the layers, and 0 where no point saves that much. Over the Pareto
+    front sorted by saved layers ``s_1 < ... < s_n`` (accuracies falling), this is
+    ``sum_i (s_i - s_{i-1}) * acc_i`` with ``s_0 = 0``: a step function, nothing interpolated, so a rule is
+    credited only with savings it actually reached. Every rule is measured over the same [0, 1] axis, so a
+    larger area means more accuracy at every budget or more budgets reached. An empty curve gives 0.0.
     """
-    front = pareto_front(curve)
-    area = 0.0
-    for left, right in zip(front, front[1:]):
-        width = float(right["saved_layers"]) - float(left["saved_layers"])
-        area += width * (float(left["accuracy"]) + float(right["accuracy"])) / 2.0
+    area, previous = 0.0, 0.0
+    for point in pareto_front(curve):
+        saved = float(point["saved_layers"])
+        area += max(saved - previous, 0.0) * float(point["accuracy"])
+        previous = max(previous, saved)
     return area
 
 
@@ -381,10 +380,9 @@ def write_report(results: Mapping[str, Any], folder: str | Path, tolerance: floa
                 ])
         parts.append(
             f"Operating point: the point of each rule's sweep that saves the most layers with accuracy within "
-            f"{100 * tolerance:.1f} pt of the full model. Area: the area under accuracy versus saved layers "
-            f"over the sweep's Pareto front (both axes as fractions; trapezoids between front points, not "
-            f"extrapolated; see `area_under_curve`). Areas of fronts that span different ranges of saved layers "
-            f"are not directly comparable: read them with the span beside them."
+            f"{100 * tolerance:.1f} pt of the full model. Area: the integral over saved layers s in [0, 1] of the "
+            f"best accuracy among the sweep's points that save at least s (0 where none does); the same axis for "
+            f"every rule, so areas compare directly (see `area_under_curve`)."
         )
         parts.append(_md_table(
             ["rule", "operating point params", "accuracy %", "avg layers", "saved layers %", "area",

@@ -32,14 +32,26 @@ class Simulation:
         }
 
 
-def simulate(rule: ExitRule, logits: torch.Tensor, targets: torch.Tensor | None = None) -> Simulation:
-    """logits (L, N, C) of every exit -> where ``rule`` exits each row and what it predicts."""
+def simulate(rule: ExitRule, logits: torch.Tensor, targets: torch.Tensor | None = None,
+             signals: dict[str, torch.Tensor] | None = None) -> Simulation:
+    """logits (L, N, C) of every exit -> where ``rule`` exits each row and what it predicts.
+
+    ``signals`` holds the per-layer values (L, N) of what the rule ``needs`` besides logits (e.g. "policy").
+    """
     num_layers, n, num_classes = logits.shape
     rule.bind(num_layers, num_classes)
+    missing = [name for name in rule.needs if signals is None or signals.get(name) is None]
+    if missing:
+        from ..errors import bad_value
+
+        raise bad_value("rule", rule.name, f"it needs {missing} for every layer; evaluate a model that has them "
+                        "(e.g. ConsistentEE policies)")
     state = rule.init_state(n, targets=targets, device=logits.device)
     exit_layer = torch.full((n,), num_layers, dtype=torch.long, device=logits.device)  # same device as the cache
     running = torch.ones(n, dtype=torch.bool, device=logits.device)
     for index in range(num_layers - 1):
+        for name in rule.needs:
+            state[name] = signals[name][index]
         done = rule.should_exit(logits[index], index, state) & running
         exit_layer[done] = index + 1
         running &= ~done

@@ -5,13 +5,15 @@ from .calibrated import Budget, TemperatureMaxProb
 from .confidence import Entropy, Margin, MaxProb
 from .patience import Patience, PatienceConfidence
 from .pcee import PCEE, PCEEWS
+from .policy import PolicyRule
 from .static import AgreementOracle, Full, GoldOracle, Static
 
-#: the rules `layerexit evaluate` sweeps by default (oracles are reported apart)
-DEFAULT_SWEEP = ["maxprob", "margin", "entropy", "patience", "patience-confidence", "static"]
+#: the rules `layerexit evaluate` sweeps by default (oracles are reported apart; a rule that needs what the
+#: model lacks, such as ConsistentEE policies, is left out)
+DEFAULT_SWEEP = ["maxprob", "margin", "entropy", "patience", "patience-confidence", "static", "consistentee"]
 
 __all__ = [
     "RULES", "DEFAULT_SWEEP", "ExitRule", "FittedRule", "make_rule", "MaxProb", "Margin", "Entropy", "Patience",
-    "PatienceConfidence", "Static", "Full", "GoldOracle", "AgreementOracle",
+    "PatienceConfidence", "PolicyRule", "Static", "Full", "GoldOracle", "AgreementOracle",
     "PCEE", "PCEEWS", "TemperatureMaxProb", "Budget",
 ]

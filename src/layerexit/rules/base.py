@@ -25,6 +25,11 @@ class ExitRule:
     name: ClassVar[str] = ""
     #: whether the rule needs per-row targets (the oracles)
     needs_targets: ClassVar[bool] = False
+    #: per-layer signals besides the logits that the rule reads from its state, e.g. ("policy",): the
+    #: engine and the simulator put the current layer's value under that key before calling should_exit
+    needs: ClassVar[tuple[str, ...]] = ()
+    #: the key of this rule's simulated curve in results.json (default: the rule's name)
+    curve_name: ClassVar[str | None] = None
 
     def bind(self, num_layers: int, num_classes: int) -> "ExitRule":
         """Check the parameters against the model's depth and classes (raise if exiting is impossible)."""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +24,19 @@ OBJECTIVES: Registry[type["Objective"]] = Registry("objective")
 
 @dataclass
 class Stage:
-    """One training stage: loss weights over the exits (0 = that exit is frozen) and whether the backbone trains."""
+    """One training stage: loss weights over the exits (0 = that exit is frozen), whether the backbone and
+    the policies train, and optionally a loss of its own.
+
+    ``loss(model, batch, labels, index) -> (loss, stats)`` replaces the weighted exit loss; ``index`` holds
+    the rows' positions in the training set (for per-instance data such as ConsistentEE's memorized layer)
+    and ``stats`` are floats averaged into the epoch's log.
+    """
 
     name: str
     layer_weights: list[float]
     train_backbone: bool = True
+    train_policies: bool = False
+    loss: Callable | None = None
 
 
 class Objective:

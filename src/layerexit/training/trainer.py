@@ -116,6 +116,9 @@ def _set_trainable(model: MultiExitModel, stage: Stage) -> list[torch.nn.Paramet
     for weight, head in zip(stage.layer_weights, model.exits):
         for p in head.parameters():
             p.requires_grad_(weight > 0)
+    if model.policies is not None:
+        for p in model.policies.parameters():
+            p.requires_grad_(stage.train_policies)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -149,11 +152,15 @@ def _run_stage(model, tokenizer, train_set, eval_set, stage, stage_index, config
         prepared.train()
         bar = tqdm(batches, total=len(loader), initial=skip, desc=f"{stage.name} epoch {epoch + 1}/{config.epochs}",
                    disable=not accelerator.is_local_main_process)
-        running = []
+        running, stats = [], {}
         for batch in bar:
-            labels = batch.pop("labels")
-            logits = prepared(**batch)  # (L, B, C)
-            loss, per_exit = weighted_exit_loss(logits, labels, weights)
+            labels, index = batch.pop("labels"), batch.pop("index")
+            if stage.loss is None:
+                loss, _ = weighted_exit_loss(prepared(**batch), labels, weights)  # logits (L, B, C)
+            else:
+                loss, batch_stats = stage.loss(prepared, batch, labels, index)
+                for key, value in batch_stats.items():
+                    stats.setdefault(key, []).append(value)
             accelerator.backward(loss)
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -167,6 +174,7 @@ def _run_stage(model, tokenizer, train_set, eval_set, stage, stage_index, config
             if progress.step_in_epoch % config.save_steps == 0 and progress.step_in_epoch < len(loader):
                 _save_state(accelerator, model, tokenizer, optimizer, scheduler, progress, state_dir)
         record = {"stage": stage.name, "epoch": epoch + 1, "train_loss": float(np.mean(running)) if running else None}
+        record.update({key: float(np.mean(values)) for key, values in stats.items()})
         if eval_set is not None:
             cache = collect_logits(accelerator.unwrap_model(prepared), eval_set, config.eval_batch_size, progress=False)
             accs = per_layer_accuracy(cache.logits, cache.labels)

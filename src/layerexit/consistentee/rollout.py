@@ -1,0 +1,114 @@
+"""ConsistentEE's reinforcement-learning pieces (Zeng et al., AAAI 2024, arXiv 2312.11882), as pure functions.
+
+Notation (ALGORITHMS.md section 1): L exits, ``pi_l`` the policy's exit probability at layer l, ``e`` the
+1-based exit layer, ``m`` the 1-based memorized layer. Each instance is rolled out K times; the reward is
+
+    R = -CE(z_e, y) - alpha * (e / L) * (1 - m / L)        (hardness=True, the paper's form)
+    R = -CE(z_e, y) - alpha * (e / L)                      (hardness=False)
+
+with the mean reward of the K copies as baseline and loss ``-mean(A.detach() * log pi(path))``.
+
+Our ``alpha`` multiplies the *normalised* exit layer ``e / L``. The reference code's commented-out reward
+uses the raw layer number, ``alpha_ref * e``; the two agree when ``alpha = alpha_ref * L`` (its values
+0.01-0.09 for L = 12 are alpha = 0.12-1.08 here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import bad_value
+
+ACTIONS = ("bernoulli", "greedy", "eps_greedy")
+
+
+def memorized_layer(correct: torch.Tensor) -> torch.Tensor:
+    """(L, N) bool "exit l is right on x" -> (N,) 1-based m(x) = min{l : exits l..L are all right}; L if the
+    last exit is wrong (ALGORITHMS.md section 1: the earliest layer from which the prediction stays correct)."""
+    num_layers = correct.shape[0]
+    stays_right = correct.flip(0).long().cumprod(dim=0).flip(0)  # (L, N): 1 where l..L are all right
+    return (num_layers - stays_right.sum(dim=0) + 1).clamp(max=num_layers)
+
+
+def choose_actions(probs: torch.Tensor, action: str, epsilon: float = 0.1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """probs (..., L) exit probabilities -> (..., L) bool exit actions; the last layer always exits."""
+    if action == "bernoulli":
+        actions = torch.rand(probs.shape, generator=generator, device=probs.device) < probs
+    elif action == "greedy":
+        actions = probs > 0.5
+    elif action == "eps_greedy":
+        explore = torch.rand(probs.shape, generator=generator, device=probs.device) < epsilon
+        coin = torch.rand(probs.shape, generator=generator, device=probs.device) < 0.5
+        actions = torch.where(explore, coin, probs > 0.5)
+    else:
+        raise bad_value("action", action, f"choose one of {', '.join(ACTIONS)}")
+    actions = actions.clone()
+    actions[..., -1] = True
+    return actions
+
+
+def exit_layers(actions: torch.Tensor) -> torch.Tensor:
+    """(..., L) bool actions -> (...,) 1-based first layer that exits."""
+    return actions.long().argmax(dim=-1) + 1  # argmax returns the first maximum
+
+
+def path_log_prob(probs: torch.Tensor, exit_layer: torch.Tensor) -> torch.Tensor:
+    """log pi(path) = sum_{l<e} log(1 - pi_l) + log pi_e, for probs (..., L) and 1-based exit_layer (...).
+
+    The last layer exits by force, so exiting there adds no log pi_L term.
+    """
+    num_layers = probs.shape[-1]
+    layer = torch.arange(1, num_layers + 1, device=probs.device)  # (L,)
+    e = exit_layer.unsqueeze(-1)  # (..., 1)
+    log_continue = torch.log1p(-probs.clamp(max=1 - 1e-6))
+    log_exit = torch.log(probs.clamp(min=1e-6))
+    terms = torch.where(layer < e, log_continue, torch.zeros_like(probs))
+    terms = terms + torch.where((layer == e) & (layer < num_layers), log_exit, torch.zeros_like(probs))
+    return terms.sum(dim=-1)
+
+
+def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, num_layers: int, alpha: float,
+           hardness: bool = True) -> torch.Tensor:
+    """R = -CE - alpha * (e/L) * (1 - m/L) with hardness, else -CE - alpha * (e/L)."""
+    cost = alpha * exit_layer.to(ce.dtype) / num_layers
+    if hardness:
+        cost = cost * (1.0 - memorized.to(ce.dtype) / num_layers)
+    return -ce - cost
+
+
+@dataclass
+class RolloutStats:
+    """Detached statistics of one rollout: mean reward, mean exit layer, accuracy at the chosen exits,
+    and the exit-layer histogram (L,)."""
+
+    reward: float
+    exit_layer: float
+    accuracy: float
+    histogram: torch.Tensor
+
+
+def rollout_loss(logits: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor,
+                 alpha: float, hardness: bool = True, action: str = "bernoulli", epsilon: float = 0.1,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, RolloutStats]:
+    """K rollouts per instance; returns (policy loss, CE at the chosen exits, stats).
+
+    logits (K, B, L, C) and probs (K, B, L): the exits' logits and the policies' exit probabilities of K
+    copies of a batch (the copies differ by dropout and by sampled actions); labels (B,); memorized (B,).
+    """
+    num_copies, batch, num_layers, num_classes = logits.shape
+    actions = choose_actions(probs.detach(), action, epsilon, generator)  # (K, B, L)
+    exit_layer = exit_layers(actions)  # (K, B)
+    chosen = logits.gather(2, (exit_layer - 1)[..., None, None].expand(-1, -1, 1, num_classes)).squeeze(2)
+    ce = F.cross_entropy(chosen.reshape(-1, num_classes), labels.repeat(num_copies), reduction="none")
+    ce = ce.view(num_copies, batch)  # (K, B)
+    rewards = reward(ce.detach(), exit_layer, memorized.expand(num_copies, -1), num_layers, alpha, hardness)
+    advantage = rewards - rewards.mean(dim=0, keepdim=True)  # group-mean baseline over the K copies
+    policy_loss = -(advantage.detach() * path_log_prob(probs, exit_layer)).mean()
+    correct = (chosen.argmax(-1) == labels).double()
+    stats = RolloutStats(float(rewards.mean()), float(exit_layer.double().mean()), float(correct.mean()),
+                         torch.bincount(exit_layer.flatten() - 1, minlength=num_layers).cpu())
+    return policy_loss, ce.mean(), stats
