@@ -191,3 +191,14 @@ def test_exit_layers_restrict_candidates(lms):
     rule = make_token_rule("saturation", threshold=-1.0, min_layer=2, exit_layers=[3])
     out = generate(model, prompt(), rule, 6)
     assert out.exit_layers[1:] == [3] * 5
+
+
+def test_speculative_with_draft_vocabulary_is_still_exact(lms):
+    model = EarlyExitLM(lms["llama"])
+    ids = prompt(seed=7)
+    vocab = torch.arange(3, 40)
+    out = generate_speculative(model, ids, 2, 3, NEW, draft_vocab=vocab)
+    assert out.tokens == hf_greedy(lms["llama"], ids)
+    assert out.stats["draft_vocab"] == 37
+    with pytest.raises(LayerExitError, match=r"draft_vocab=.*ids in 0\.\.96"):
+        generate_speculative(model, ids, 2, 3, NEW, draft_vocab=torch.tensor([5, 200]))

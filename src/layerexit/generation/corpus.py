@@ -104,3 +104,9 @@ def prompts_from(passages: list[str], tokenizer, count: int, prompt_tokens: int)
         if len(out) == count:
             break
     return out
+
+
+def frequent_tokens(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` most frequent ids in (N, T) blocks: a draft vocabulary for speculative decoding."""
+    counts = torch.bincount(blocks.flatten())
+    return counts.argsort(descending=True)[: min(int(count), int((counts > 0).sum()))]

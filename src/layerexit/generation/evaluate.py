@@ -74,7 +74,8 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
                         eos_token_id=eos_token_id, on_token=on_token)
     if strategy == "speculative":
         return generate_speculative(model, input_ids, spec.get("draft_layers", model.num_layers // 2),
-                                    spec.get("num_draft", 4), max_new_tokens, eos_token_id, on_token)
+                                    spec.get("num_draft", 4), max_new_tokens, eos_token_id, on_token,
+                                    draft_vocab=getattr(model, "draft_vocab", None) if spec.get("draft_vocab") else None)
     with torch.inference_mode():  # hf: transformers' own greedy generate, timed
         start = time.perf_counter()
         out = model.lm.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
@@ -85,13 +86,20 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
 
 
 def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tokens: int = 48,
-            eos: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Run the full model and every strategy on every prompt (interleaved); aggregate measured figures."""
+            eos: bool = False, log: Callable[[str], None] | None = None, models: dict | None = None) -> dict:
+    """Run the full model and every strategy on every prompt (interleaved); aggregate measured figures.
+
+    ``models`` maps names to other exit sets on the same backbone; a spec picks one with ``"exits": name``.
+    """
     eos_id = tokenizer.eos_token_id if eos else None
     names = [spec_name(s) for s in specs]
     per = {n: {"tokens": 0, "seconds": 0.0, "match": [], "rouge": [], "exit_layers": [], "stats": []} for n in names}
     full = {"tokens": 0, "seconds": 0.0}
     samples = []
+    if prompts:  # untimed warm-up of every path (first calls pay for allocations and lazy set-up)
+        ids = tokenizer(prompts[0], return_tensors="pt").input_ids
+        for spec in [{"strategy": "full"}] + specs:
+            run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id)
     for i, text in enumerate(prompts):
         ids = tokenizer(text, return_tensors="pt").input_ids
         reference = run_spec(model, ids, {"strategy": "full"}, max_new_tokens, eos_id)
@@ -99,7 +107,8 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
         full["seconds"] += reference.seconds
         sample = {"prompt": text, "full": tokenizer.decode(reference.tokens)}
         for name, spec in zip(names, specs):
-            out = run_spec(model, ids, spec, max_new_tokens, eos_id)
+            runner = (models or {}).get(spec.get("exits"), model)
+            out = run_spec(runner, ids, spec, max_new_tokens, eos_id)
             row = per[name]
             row["tokens"] += len(out.tokens)
             row["seconds"] += out.seconds
@@ -192,7 +201,8 @@ def report(payload: dict, out_dir: str | Path, title: str = "Generation evaluati
              "|---|---|---|---|---|---|---|---|"]
     for e in payload["results"]:
         acceptance = f"{100 * e['acceptance']:.0f}%" if "acceptance" in e else ""
-        lines.append(f"| {e['name']} | {e.get('avg_layers', float('nan')):.2f} | {e['tokens_per_second']:.2f} | "
+        avg = f"{e['avg_layers']:.2f}" if "avg_layers" in e else "—"
+        lines.append(f"| {e['name']} | {avg} | {e['tokens_per_second']:.2f} | "
                      f"{e['speedup_measured']:.2f}x | {100 * e['token_match']:.1f}% | {e['rouge_l']:.3f} | "
                      f"{e['identical_prompts']}/{payload['prompts']} | "
                      f"{acceptance} |")

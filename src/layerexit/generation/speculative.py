@@ -30,9 +30,24 @@ def check_draft_layers(model, draft_layers: int) -> int:
 @torch.inference_mode()
 def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_draft: int = 4,
                          max_new_tokens: int = 32, eos_token_id: int | None = None,
-                         on_token: Callable[[int], None] | None = None) -> Generation:
-    """Greedy decoding of the full model, sped up by drafting ``num_draft`` tokens with ``draft_layers``."""
+                         on_token: Callable[[int], None] | None = None,
+                         draft_vocab: torch.Tensor | None = None) -> Generation:
+    """Greedy decoding of the full model, sped up by drafting ``num_draft`` tokens with ``draft_layers``.
+
+    ``draft_vocab`` (K,) token ids restricts the draft head to those rows of the LM head (e.g. the corpus's
+    most frequent tokens): drafting then costs K/V of the head's time, and the output is still exactly the
+    full model's, because verification uses the whole vocabulary.
+    """
     E = check_draft_layers(model, draft_layers)
+    head = None
+    if draft_vocab is not None:
+        vocab = torch.as_tensor(draft_vocab, dtype=torch.long)
+        if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= model.adapter.vocab_size:
+            raise bad_value("draft_vocab", f"{vocab.numel()} ids", f"give a 1-D tensor of ids in 0..{model.adapter.vocab_size - 1}")
+        lm_head = model.adapter.lm_head
+        weight = lm_head.weight[vocab]  # (K, H) rows of the head
+        bias = lm_head.bias[vocab] if getattr(lm_head, "bias", None) is not None else None
+        head = (vocab, weight, bias)
     if int(num_draft) < 1:
         raise bad_value("num_draft", num_draft, "draft at least one token per step")
     prompt_length = check_request(model, input_ids, max_new_tokens)
@@ -52,7 +67,11 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
             pos = torch.tensor([t + i], device=device)
             h = adapter.run_layers(adapter.embed(torch.tensor([[x]], device=device), pos), 0, E, pos, cache)
             states.append(h)  # (1, 1, H) after layer E
-            x = _argmax(model.exit_logits(E, h[0, -1]))
+            if head is None:
+                x = _argmax(model.exit_logits(E, h[0, -1]))
+            else:
+                sub = torch.nn.functional.linear(model.exit_hidden(E, h[0, -1]), head[1], head[2])  # (K,)
+                x = int(head[0][_argmax(sub)])
             drafts.append(x)
             if x == eos_token_id:
                 break
@@ -77,7 +96,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
                 break
         token = tokens[-1]
     seconds = time.perf_counter() - start
-    stats = {"strategy": "speculative", "draft_layers": E, "num_draft": int(num_draft), "drafted": drafted,
+    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": None if head is None else len(head[0]), "num_draft": int(num_draft), "drafted": drafted,
              "accepted": accepted, "cycles": cycles,
              "acceptance": accepted / drafted if drafted else 0.0,
              "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}

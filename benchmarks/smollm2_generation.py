@@ -1,0 +1,166 @@
+"""Issue 5 benchmark: early exit for generation on the packaged SmolLM2-135M (CPU, batch size 1).
+
+Steps (each figure in the JSON is labelled simulated or measured):
+1. exits: per-exit low-rank adapters trained by distillation from the last layer on Shakespeare (frozen
+   backbone), or loaded from --exits if present;
+2. simulated, teacher-forced on held-out Shakespeare blocks: per-layer agreement of each exit with the full
+   model (shared head vs trained adapters) and sweeps of max-prob / margin / saturation thresholds; the
+   operating point of each rule is the cheapest one with simulated agreement >= --target-agreement;
+3. the ConsistentEE per-token policy trained on cached features of training blocks;
+4. measured: greedy decoding of held-out prompts by the full model (our loop), transformers' generate, the
+   early-exit rules at their operating points (both KV strategies) and self-speculative decoding, all
+   interleaved per prompt in one process; token match and ROUGE-L against the full model's output.
+
+    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from layerexit.generation import EarlyExitLM
+from layerexit.generation.corpus import frequent_tokens, load_passages, prompts_from, token_blocks
+from layerexit.generation.evaluate import compare, plot, report
+from layerexit.generation.loading import load_causal_lm
+from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, simulate, train_exits,
+                                        train_policy)
+from layerexit.io import write_json_atomic
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="packaged name, hub name or local folder")
+    p.add_argument("--exits", default="runs/smollm2-exits")
+    p.add_argument("--layers", default="6,10,15,20,25", help="exits to train and use")
+    p.add_argument("--adapter-rank", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-blocks", type=int, default=8)
+    p.add_argument("--policy-blocks", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--targets", default="0.9,0.75", help="simulated agreement targets for the rules' operating "
+                   "points (the first is measured with both KV strategies, the others with propagation)")
+    p.add_argument("--draft-vocab", type=int, default=4096, help="draft vocabulary: the corpus's most frequent ids")
+    p.add_argument("--shared-draft-layers", default="15")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--draft-layers", default="10,15,20")
+    p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", default="benchmarks/results/issue5_smollm2.json")
+    p.add_argument("--plots", default="runs/issue5")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    started = datetime.now(timezone.utc)
+    layers = ints(args.layers)
+    lm, tok = load_causal_lm(args.model)
+    shared = EarlyExitLM(lm, name=args.model)
+    L = shared.num_layers
+    if (Path(args.exits) / "exit_config.json").is_file():
+        trained = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
+        log(f"loaded exits from {args.exits}")
+    else:
+        trained = EarlyExitLM(lm, adapter_rank=args.adapter_rank, name=args.model)
+        blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.train_steps * args.train_batch)
+        train_exits(trained, blocks, ExitTrainConfig(layers=layers, steps=args.train_steps,
+                                                     batch_size=args.train_batch, lr=args.lr), log=log)
+        trained.config.training["corpus"] = "shakespeare"
+        trained.save_exits(args.exits)
+    test_blocks = token_blocks(tok, load_passages("shakespeare", "test"), 128, args.eval_blocks)
+
+    # --- simulated, teacher-forced ----------------------------------------------------------------------
+    simulated = {}
+    for name, model in (("shared", shared), ("trained", trained)):
+        feats = collect_features(model, test_blocks, layers)
+        per_layer = dict(zip(feats.layers, feats.agree.float().mean(1).tolist()))
+        sweeps = {}
+        for rule, grid in (("maxprob", [i / 20 for i in range(1, 20)] + [0.97, 0.99]),
+                           ("margin", [i / 20 for i in range(0, 20)] + [0.97, 0.99]),
+                           ("saturation", [0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995])):
+            sweeps[rule] = [simulate(feats, rule, t, L) for t in grid]
+        oracle_layers = torch.tensor(feats.layers)[feats.agree.float().argmax(0)]
+        simulated[name] = {"per_layer_agreement": per_layer, "sweeps": sweeps,
+                           "agreement_oracle_avg_layers": float(oracle_layers.float().mean()),
+                           "tokens": feats.info["tokens"]}
+        log(f"{name}: per-layer agreement {({k: round(v, 3) for k, v in per_layer.items()})}")
+    targets = [float(v) for v in args.targets.split(",")]
+    points = {}
+    for target in targets:
+        for rule, sweep in simulated["trained"]["sweeps"].items():
+            ok = [s for s in sweep if s["agreement"] >= target]
+            if ok:
+                points[f"{rule}@{target}"] = {"rule": rule, "target": target,
+                                              **min(ok, key=lambda s: s["avg_layers"])}
+    log(f"operating points (simulated, trained exits): {points}")
+    train_ids = token_blocks(tok, load_passages("shakespeare", "train"), 128, 400)
+    vocab = frequent_tokens(train_ids, args.draft_vocab)
+    shared.draft_vocab = trained.draft_vocab = vocab
+    coverage = float(torch.isin(test_blocks, vocab).float().mean())
+    log(f"draft vocabulary: {len(vocab)} ids cover {coverage:.3f} of held-out tokens")
+
+    # --- ConsistentEE policy on cached features ---------------------------------------------------------
+    policy_blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.policy_blocks)
+    feats = collect_features(trained, policy_blocks, layers)
+    t0 = time.perf_counter()
+    history = train_policy(trained, feats, PolicyTrainConfig(alpha=args.alpha, epochs=4, batch_size=256), log=log)
+    policy_info = {"alpha": args.alpha, "seconds": time.perf_counter() - t0, "tokens": feats.info["tokens"],
+                   "final": history["history"][-1]}
+
+    # --- measured -----------------------------------------------------------------------------------------
+    prompts = prompts_from(load_passages("shakespeare", "test"), tok, args.prompts, args.prompt_tokens)
+    specs = [{"strategy": "hf", "name": "transformers generate"}]
+    for E in ints(args.shared_draft_layers):
+        specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "shared",
+                      "name": f"speculative E={E} shared head"})
+    for E in ints(args.draft_layers):
+        specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
+                      "name": f"speculative E={E} trained exit"})
+        specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
+                      "draft_vocab": True, "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}"})
+    for key, point in points.items():
+        for kv in (("propagate", "recompute") if point["target"] == targets[0] else ("propagate",)):
+            specs.append({"strategy": "early-exit", "rule": point["rule"], "exits": "trained", "kv": kv,
+                          "name": f"{point['rule']} τ={point['threshold']} (sim. agreement ≥{point['target']}) kv={kv}",
+                          "params": {"threshold": point["threshold"], "exit_layers": layers}})
+    for kv in ("propagate", "recompute"):
+        specs.append({"strategy": "early-exit", "rule": "policy", "exits": "trained", "kv": kv,
+                      "params": {"threshold": 0.5, "exit_layers": layers}})
+    specs.append({"strategy": "early-exit", "rule": "never", "exits": "trained", "name": "never exit (check)"})
+    log(f"measuring {len(specs)} strategies on {len(prompts)} prompts")
+    payload = compare(trained, tok, prompts, specs, args.max_new_tokens, log=log,
+                      models={"shared": shared, "trained": trained})
+    payload["exit_parameters"] = trained.exit_parameters()
+    payload.update({
+        "command": "flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}, shared 2-core CPU",
+        "date": started.isoformat(timespec="seconds"), "exits": args.exits, "layers": layers,
+        "exit_training": trained.config.training, "draft_vocab": {"size": len(vocab), "heldout_coverage": coverage}, "simulated": simulated, "operating_points": points,
+        "policy": policy_info, "shared_head_exit_parameters": shared.exit_parameters(),
+    })
+    write_json_atomic(args.output, payload)
+    plot(payload, args.plots)
+    print(report(payload, args.plots, "SmolLM2-135M generation (issue 5)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
