@@ -35,4 +35,14 @@ def run(args) -> int:
     _section("exit features", FEATURES.items())
     _section("packaged models", [(name, spec[3]) for name, spec in PACKAGED_MODELS.items()])
     _section("packaged data", PACKAGED.items())
+    from ..generation.adapters import DECODERS
+    from ..generation.corpus import CORPORA
+    from ..generation.loading import PACKAGED_DECODERS
+    from ..generation.rules import TOKEN_RULES
+
+    _section("decoders for generation (by config.model_type)", [
+        (f"{name} ({', '.join(DECODERS.get(name).model_types)})", text) for name, text in DECODERS.describe()])
+    _section("per-token exit rules (generation)", TOKEN_RULES.describe())
+    _section("packaged decoders", [(name, spec[3]) for name, spec in PACKAGED_DECODERS.items()])
+    _section("packaged corpora (exit training)", [(name, spec[3]) for name, spec in CORPORA.items()])
     return 0
