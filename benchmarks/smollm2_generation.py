@@ -64,6 +64,7 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--draft-layers", default="10,15,20")
     p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--draft-threshold", type=float, default=0.5, help="adaptive draft length: stop below this")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="benchmarks/results/issue5_smollm2.json")
     p.add_argument("--plots", default="runs/issue5")
@@ -135,6 +136,9 @@ def main() -> int:
                       "name": f"speculative E={E} trained exit"})
         specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
                       "draft_vocab": True, "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}"})
+        specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
+                      "draft_vocab": True, "draft_threshold": args.draft_threshold,
+                      "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}, stop below p={args.draft_threshold}"})
     for key, point in points.items():
         for kv in (("propagate", "recompute") if point["target"] == targets[0] else ("propagate",)):
             specs.append({"strategy": "early-exit", "rule": point["rule"], "exits": "trained", "kv": kv,

@@ -200,5 +200,7 @@ def test_speculative_with_draft_vocabulary_is_still_exact(lms):
     out = generate_speculative(model, ids, 2, 3, NEW, draft_vocab=vocab)
     assert out.tokens == hf_greedy(lms["llama"], ids)
     assert out.stats["draft_vocab"] == 37
+    adaptive = generate_speculative(model, ids, 2, 4, NEW, draft_threshold=0.99)
+    assert adaptive.tokens == out.tokens and adaptive.stats["drafted"] < 4 * adaptive.stats["cycles"]
     with pytest.raises(LayerExitError, match=r"draft_vocab=.*ids in 0\.\.96"):
         generate_speculative(model, ids, 2, 3, NEW, draft_vocab=torch.tensor([5, 200]))

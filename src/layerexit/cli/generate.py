@@ -55,6 +55,8 @@ def add_parser(subparsers):
                    help="KV cache of skipped layers: state propagation or deferred recomputation")
     p.add_argument("--draft-layers", type=int, help="speculative: layers used to draft (default L/2)")
     p.add_argument("--num-draft", type=int, default=4, help="speculative: tokens drafted per step")
+    p.add_argument("--draft-threshold", type=float, help="speculative: stop drafting after a draft token whose "
+                   "probability is below this (adaptive draft length)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the tokenizer's end-of-sequence token")
     p.add_argument("--no-stream", action="store_true", help="print each continuation only when it is complete")
@@ -102,7 +104,7 @@ def apply_chat(tokenizer, prompts: list[str]) -> list[str]:
 def build_spec(args, num_layers: int) -> dict:
     if args.strategy == "speculative":
         return {"strategy": "speculative", "draft_layers": args.draft_layers or num_layers // 2,
-                "num_draft": args.num_draft}
+                "num_draft": args.num_draft, "draft_threshold": args.draft_threshold}
     if args.strategy == "full":
         return {"strategy": "full"}
     params = {"min_layer": args.min_layer, "decay": args.decay}

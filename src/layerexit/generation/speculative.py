@@ -31,12 +31,15 @@ def check_draft_layers(model, draft_layers: int) -> int:
 def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_draft: int = 4,
                          max_new_tokens: int = 32, eos_token_id: int | None = None,
                          on_token: Callable[[int], None] | None = None,
-                         draft_vocab: torch.Tensor | None = None) -> Generation:
+                         draft_vocab: torch.Tensor | None = None,
+                         draft_threshold: float | None = None) -> Generation:
     """Greedy decoding of the full model, sped up by drafting ``num_draft`` tokens with ``draft_layers``.
 
     ``draft_vocab`` (K,) token ids restricts the draft head to those rows of the LM head (e.g. the corpus's
     most frequent tokens): drafting then costs K/V of the head's time, and the output is still exactly the
-    full model's, because verification uses the whole vocabulary.
+    full model's, because verification uses the whole vocabulary. ``draft_threshold`` stops drafting after a
+    draft token whose (draft-head) probability is below it, so hopeless drafts are not paid for (an adaptive
+    draft length; the token is still proposed, verification is free for it).
     """
     E = check_draft_layers(model, draft_layers)
     head = None
@@ -68,12 +71,15 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
             h = adapter.run_layers(adapter.embed(torch.tensor([[x]], device=device), pos), 0, E, pos, cache)
             states.append(h)  # (1, 1, H) after layer E
             if head is None:
-                x = _argmax(model.exit_logits(E, h[0, -1]))
+                logits = model.exit_logits(E, h[0, -1])  # (V,)
+                x = _argmax(logits)
             else:
-                sub = torch.nn.functional.linear(model.exit_hidden(E, h[0, -1]), head[1], head[2])  # (K,)
-                x = int(head[0][_argmax(sub)])
+                logits = torch.nn.functional.linear(model.exit_hidden(E, h[0, -1]), head[1], head[2])  # (K,)
+                x = int(head[0][_argmax(logits)])
             drafts.append(x)
             if x == eos_token_id:
+                break
+            if draft_threshold is not None and float(torch.softmax(logits.float(), -1).max()) < draft_threshold:
                 break
         k = len(drafts)
         positions = torch.arange(t, t + k, device=device)
@@ -96,7 +102,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
                 break
         token = tokens[-1]
     seconds = time.perf_counter() - start
-    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": None if head is None else len(head[0]), "num_draft": int(num_draft), "drafted": drafted,
+    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": None if head is None else len(head[0]), "num_draft": int(num_draft), "draft_threshold": draft_threshold, "drafted": drafted,
              "accepted": accepted, "cycles": cycles,
              "acceptance": accepted / drafted if drafted else 0.0,
              "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}
