@@ -204,3 +204,17 @@ def test_speculative_with_draft_vocabulary_is_still_exact(lms):
     assert adaptive.tokens == out.tokens and adaptive.stats["drafted"] < 4 * adaptive.stats["cycles"]
     with pytest.raises(LayerExitError, match=r"draft_vocab=.*ids in 0\.\.96"):
         generate_speculative(model, ids, 2, 3, NEW, draft_vocab=torch.tensor([5, 200]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_fused_kv_projection_equals_per_layer(lms, arch):
+    adapter = EarlyExitLM(lms[arch]).adapter
+    hidden = torch.randn(1, 3, 32, dtype=torch.float64)
+    positions = torch.arange(5, 8)
+    kwargs = adapter.layer_kwargs(hidden, positions)
+    fused = adapter.kv_projector()(1, hidden, kwargs)
+    assert len(fused) == adapter.num_layers - 1
+    for index, (key, value) in enumerate(fused, start=1):
+        ref_key, ref_value = adapter.project_kv(index, hidden, kwargs)
+        torch.testing.assert_close(key, ref_key)
+        torch.testing.assert_close(value, ref_value)

@@ -90,6 +90,14 @@ class DecoderAdapter:
         """Layer ``index``'s keys and values of (B, n, H) inputs, each (B, kv_heads, n, head_dim), as cached."""
         raise NotImplementedError
 
+    def kv_projector(self):
+        """A function ``(start, hidden (B, n, H), kwargs) -> [(key, value)]`` for layers start..L-1, used by
+        state propagation; the default calls :meth:`project_kv` layer by layer."""
+        def project(start, hidden, kwargs):
+            return [self.project_kv(index, hidden, kwargs) for index in range(start, self.num_layers)]
+
+        return project
+
     def causal_mask(self, q_len: int, kv_len: int, like: torch.Tensor) -> torch.Tensor | None:
         """Additive mask (1, 1, q_len, kv_len) for queries at the last q_len of kv_len positions, or None.
 
@@ -169,6 +177,42 @@ class LlamaAdapter(DecoderAdapter):
         half = key.shape[-1] // 2
         rotated = torch.cat((-key[..., half:], key[..., :half]), dim=-1)
         return key * cos + rotated * sin, value
+
+
+    def kv_projector(self):
+        """Fused state propagation: RMSNorm's scale folded into every layer's K/V weights, so all skipped
+        layers' keys and values come from one batched product (built per call: LoRA-wrapped or otherwise
+        non-plain projections fall back to the layer-by-layer path)."""
+        layers = list(self.layers)
+        attn = layers[0].self_attn
+        plain = all(type(l.self_attn.k_proj) is nn.Linear and type(l.self_attn.v_proj) is nn.Linear
+                    and type(l.input_layernorm).__name__.endswith("RMSNorm") for l in layers)
+        if not plain:
+            return super().kv_projector()
+        with torch.no_grad():
+            weight = torch.stack([torch.cat([l.self_attn.k_proj.weight, l.self_attn.v_proj.weight])
+                                  * l.input_layernorm.weight[None, :] for l in layers])  # (L, 2D, H)
+            bias = torch.stack([torch.cat([l.self_attn.k_proj.bias, l.self_attn.v_proj.bias])
+                                if l.self_attn.k_proj.bias is not None else weight.new_zeros(weight.shape[1])
+                                for l in layers])  # (L, 2D)
+        eps = layers[0].input_layernorm.variance_epsilon
+        head_dim, width = attn.head_dim, weight.shape[1] // 2
+
+        def project(start, hidden, kwargs):
+            x = hidden.float()
+            x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)  # (B, n, H)
+            kv = torch.einsum("ldh,bnh->lbnd", weight[start:], x) + bias[start:, None, None]  # (l, B, n, 2D)
+            shape = (*kv.shape[:3], -1, head_dim)
+            key = kv[..., :width].reshape(shape).transpose(2, 3)  # (l, B, kv_heads, n, d)
+            value = kv[..., width:].reshape(shape).transpose(2, 3)
+            cos, sin = kwargs["position_embeddings"]  # (1, n, d)
+            cos, sin = cos[:, None], sin[:, None]  # (1, 1, n, d)
+            half = head_dim // 2
+            rotated = torch.cat((-key[..., half:], key[..., :half]), dim=-1)
+            key = key * cos + rotated * sin
+            return list(zip(key.unbind(0), value.unbind(0)))
+
+        return project
 
 
 @DECODERS.register("gpt2", "GPT-2: learned absolute positions, pre-LayerNorm, fused c_attn")

@@ -94,6 +94,7 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
     full = isinstance(rule, Never)
     L, adapter, device = model.num_layers, model.adapter, input_ids.device
     start = time.perf_counter()
+    project = adapter.kv_projector() if kv == "propagate" and not full else None
     cache = LayerKVCache(L)
     token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
     tokens, exits, layer_tokens = [token], [L], 0
@@ -138,9 +139,8 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
             if kv == "propagate":
                 last = flow[:, -1:]  # (1, 1, H)
                 last_kwargs = adapter.layer_kwargs(last, positions[-1:])
-                for index in range(exit_layer, L):
-                    key, value = adapter.project_kv(index, last, last_kwargs)  # (1, h, 1, d) each
-                    cache.update(key, value, index)
+                for index, (key, value) in enumerate(project(exit_layer, last, last_kwargs), start=exit_layer):
+                    cache.update(key, value, index)  # (1, h, 1, d) each
             else:
                 new_base = cache.length(L - 1)
                 kept = pending[:, new_base - base:flow_start - base] if pending is not None else flow[:, :0]
