@@ -350,3 +350,11 @@ def test_engine_exits_equal_simulated_exits_for_fitted_rules(models, arch, featu
         spread |= len(set(sim.exit_layer.tolist())) > 1
     assert spread, "no fitted rule exits rows at different layers here: the batch never shrinks"
     assert LAYERS == 4 and NUM_LABELS == 3
+
+
+def test_a_full_budget_saves_as_strict_json(tmp_path):
+    rule = Budget(1.0).fit(synthetic_cache())
+    assert rule.threshold_ == math.inf  # the whole budget: never exit early
+    path = save_rules(tmp_path / "rules.json", {"budget": rule})
+    json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert load_rules(path)["budget"].threshold_ == math.inf

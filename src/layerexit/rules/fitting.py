@@ -20,6 +20,7 @@ writes ``rules.json``; ``layerexit evaluate --calibration`` reads it).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,8 @@ class CalibratedRule(FittedRule):
             if isinstance(value, torch.Tensor):
                 value = {"tensor": [[None if v != v else v for v in row] for row in value.double().reshape(
                     value.shape[0] if value.dim() > 1 else 1, -1).tolist()], "shape": list(value.shape)}
+            elif isinstance(value, float) and not math.isfinite(value):
+                value = str(value)  # strict JSON has no inf/nan: "inf" (a budget of 1.0 never exits early)
             fitted[key] = value
         return {"name": self.name, "params": dict(self.params), "fitted": fitted}
 
@@ -165,5 +168,7 @@ class CalibratedRule(FittedRule):
             if isinstance(value, dict) and "tensor" in value:
                 flat = [float("nan") if v is None else float(v) for row in value["tensor"] for v in row]
                 value = torch.tensor(flat, dtype=torch.float64).reshape(value["shape"])
+            elif value in ("inf", "-inf", "nan"):
+                value = float(value)
             setattr(rule, key, value)
         return rule
