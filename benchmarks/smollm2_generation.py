@@ -30,8 +30,8 @@ from layerexit.generation import EarlyExitLM
 from layerexit.generation.corpus import frequent_tokens, load_passages, prompts_from, token_blocks
 from layerexit.generation.evaluate import compare, plot, report
 from layerexit.generation.loading import load_causal_lm
-from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, simulate, train_exits,
-                                        train_policy)
+from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, simulate,
+                                        simulate_policy, train_exits, train_policy)
 from layerexit.io import write_json_atomic
 
 
@@ -54,7 +54,10 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--policy-blocks", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alphas", default="1,4,8,16", help="ConsistentEE cost weights tried (policy per alpha)")
+    p.add_argument("--policy-epochs", type=int, default=20)
+    p.add_argument("--policy-lr", type=float, default=1e-2)
+    p.add_argument("--extra-steps", type=int, default=0, help="with loaded exits: train this many more steps")
     p.add_argument("--targets", default="0.9,0.75", help="simulated agreement targets for the rules' operating "
                    "points (the first is measured with both KV strategies, the others with propagation)")
     p.add_argument("--draft-vocab", type=int, default=4096, help="draft vocabulary: the corpus's most frequent ids")
@@ -78,6 +81,14 @@ def main() -> int:
     if (Path(args.exits) / "exit_config.json").is_file():
         trained = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
         log(f"loaded exits from {args.exits}")
+        if args.extra_steps:
+            previous = dict(trained.config.training)
+            blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128,
+                                  (args.train_steps + args.extra_steps) * args.train_batch)[args.train_steps * args.train_batch:]
+            train_exits(trained, blocks, ExitTrainConfig(layers=layers, steps=args.extra_steps,
+                                                         batch_size=args.train_batch, lr=args.lr, seed=1), log=log)
+            trained.config.training["previous"] = previous
+            trained.save_exits(args.exits)
     else:
         trained = EarlyExitLM(lm, adapter_rank=args.adapter_rank, name=args.model)
         blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.train_steps * args.train_batch)
@@ -88,9 +99,10 @@ def main() -> int:
     test_blocks = token_blocks(tok, load_passages("shakespeare", "test"), 128, args.eval_blocks)
 
     # --- simulated, teacher-forced ----------------------------------------------------------------------
-    simulated = {}
+    simulated, test_features = {}, None
     for name, model in (("shared", shared), ("trained", trained)):
         feats = collect_features(model, test_blocks, layers)
+        test_features = feats
         per_layer = dict(zip(feats.layers, feats.agree.float().mean(1).tolist()))
         sweeps = {}
         for rule, grid in (("maxprob", [i / 20 for i in range(1, 20)] + [0.97, 0.99]),
@@ -117,13 +129,23 @@ def main() -> int:
     coverage = float(torch.isin(test_blocks, vocab).float().mean())
     log(f"draft vocabulary: {len(vocab)} ids cover {coverage:.3f} of held-out tokens")
 
-    # --- ConsistentEE policy on cached features ---------------------------------------------------------
+    # --- ConsistentEE policy on cached features, one per alpha; simulated on the held-out features ---------
     policy_blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.policy_blocks)
     feats = collect_features(trained, policy_blocks, layers)
-    t0 = time.perf_counter()
-    history = train_policy(trained, feats, PolicyTrainConfig(alpha=args.alpha, epochs=4, batch_size=256), log=log)
-    policy_info = {"alpha": args.alpha, "seconds": time.perf_counter() - t0, "tokens": feats.info["tokens"],
-                   "final": history["history"][-1]}
+    policies, sweep = {}, []
+    for alpha in [float(a) for a in args.alphas.split(",")]:
+        trained.policy = None
+        t0 = time.perf_counter()
+        history = train_policy(trained, feats, PolicyTrainConfig(alpha=alpha, epochs=args.policy_epochs, batch_size=256, lr=args.policy_lr), log=log)
+        sim = simulate_policy(trained, test_features)
+        sweep.append({"alpha": alpha, "seconds": time.perf_counter() - t0, "final": history["history"][-1], **sim})
+        policies[alpha] = {k: v.clone() for k, v in trained.policy.state_dict().items()}
+        log(f"policy alpha={alpha}: simulated avg layers {sim['avg_layers']:.2f} agreement {sim['agreement']:.3f}")
+    usable = [r for r in sweep if r["agreement"] >= targets[-1] and r["avg_layers"] < L]
+    chosen = min(usable, key=lambda r: r["avg_layers"]) if usable else max(sweep, key=lambda r: r["agreement"])
+    trained.policy.load_state_dict(policies[chosen["alpha"]])
+    policy_info = {"sweep": sweep, "chosen_alpha": chosen["alpha"], "tokens": feats.info["tokens"],
+                   "choice": f"fewest simulated layers with agreement >= {targets[-1]}, else the most agreeing"}
 
     # --- measured -----------------------------------------------------------------------------------------
     prompts = prompts_from(load_passages("shakespeare", "test"), tok, args.prompts, args.prompt_tokens)
@@ -146,6 +168,7 @@ def main() -> int:
                           "params": {"threshold": point["threshold"], "exit_layers": layers}})
     for kv in ("propagate", "recompute"):
         specs.append({"strategy": "early-exit", "rule": "policy", "exits": "trained", "kv": kv,
+                      "name": f"ConsistentEE policy (alpha={chosen['alpha']}) kv={kv}",
                       "params": {"threshold": 0.5, "exit_layers": layers}})
     specs.append({"strategy": "early-exit", "rule": "never", "exits": "trained", "name": "never exit (check)"})
     log(f"measuring {len(specs)} strategies on {len(prompts)} prompts")

@@ -35,7 +35,7 @@ class TokenPolicy(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(num_layers))
         for linear in self.linears:
             nn.init.zeros_(linear.weight)
-            nn.init.constant_(linear.bias, -2.0)  # start by mostly continuing
+            nn.init.zeros_(linear.bias)  # start undecided (π = 0.5): a few steps tip each layer either way
 
     def forward(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
         """(…, H) final-normed hidden after layer ``layer`` (0-based) -> (…,) exit probability."""

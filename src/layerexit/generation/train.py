@@ -282,3 +282,16 @@ def simulate(features: TokenFeatures, rule: str, threshold: float, L: int) -> di
     agree = features.agree.gather(0, e[None])[0]
     return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
             "threshold": threshold}
+
+
+@torch.no_grad()
+def simulate_policy(model, features: TokenFeatures, threshold: float = 0.5) -> dict:
+    """Teacher-forced simulation of the policy rule over cached features (simulated, no time measured)."""
+    probs = torch.stack([model.policy(l - 1, features.normed[i]) for i, l in enumerate(features.layers)])  # (C, N)
+    go = probs >= threshold
+    go[-1] = True
+    e = go.float().argmax(0)  # (N,)
+    layers = torch.tensor(features.layers)[e]
+    agree = features.agree.gather(0, e[None])[0]
+    return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
+            "threshold": threshold}
