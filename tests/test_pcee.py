@@ -358,3 +358,17 @@ def test_a_full_budget_saves_as_strict_json(tmp_path):
     path = save_rules(tmp_path / "rules.json", {"budget": rule})
     json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     assert load_rules(path)["budget"].threshold_ == math.inf
+
+
+def test_cost_model_by_hand(models):
+    from layerexit.evaluation.cost import exit_costs, head_macs, layer_macs, plain_cost, row_costs
+
+    assert layer_macs(hidden=4, intermediate=8, tokens=3) == 4 * 3 * 16 + 2 * 9 * 4 + 2 * 3 * 4 * 8
+    assert head_macs(4, 2, 3, "mean") == 3 * 4 + 8 and head_macs(4, 2, 3, "pooler") == 16 + 8
+    model = models("bert", "mean")  # tiny BERT: hidden 32, feed-forward 37, 4 layers, 3 labels
+    costs = exit_costs(model, 9)
+    step = layer_macs(32, 37, 9) + head_macs(32, 3, 9, "mean")
+    assert costs == pytest.approx([step, 2 * step, 3 * step, 4 * step])
+    # the plain model runs every layer but only the last head
+    assert plain_cost(model, 9) == pytest.approx(4 * layer_macs(32, 37, 9) + head_macs(32, 3, 9, "mean"))
+    assert row_costs(model, torch.tensor([9, 3])).shape == (2, 4)
