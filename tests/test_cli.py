@@ -129,3 +129,19 @@ def test_list_and_help(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example" in capsys.readouterr().out
+
+
+def test_train_consistentee_then_evaluate_its_policy(trained, workspace, tmp_path):
+    out = tmp_path / "cee"
+    code = main(["train", "--method", "consistentee", "--stage1", str(trained), "--model", str(workspace / "backbone"),
+                 "--data", str(workspace / "data"), "--copies", "4", "--stage2-epochs", "1", "--stage3-epochs", "1",
+                 "--batch-size", "16", "--max-length", "16", "--alpha", "0.5", "--output", str(out)])
+    assert code == 0 and (out / "final" / "consistentee.json").is_file()
+    assert json.loads((out / "final" / "consistentee.json").read_text())["alpha"] == 0.5
+    code = main(["evaluate", "--model", str(out / "final"), "--data", str(workspace / "data"), "--output",
+                 str(tmp_path / "eval"), "--measure-rules", "consistentee", "--batch-sizes", "4",
+                 "--measure-examples", "8", "--rounds", "1", "--tolerance", "0.5"])
+    assert code == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert "consistentee-threshold" in results["curves"] and "maxprob" in results["curves"]
+    assert [m["rule"] for m in results["measured"]] == ["consistentee"]

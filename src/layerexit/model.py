@@ -214,12 +214,13 @@ class MultiExitModel(nn.Module):
         ``targets`` (B,) feeds the oracles (gold labels, or the full model's predictions); other rules
         ignore it. The last exit always answers.
         """
-        was_training = self.training
+        if not self.training:  # the usual case: no mode switch (it walks every submodule)
+            return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
         self.eval()
         try:
             return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
         finally:
-            self.train(was_training)
+            self.train()
 
     def _early_exit(self, input_ids, attention_mask, token_type_ids, rule, targets,
                     pixel_values=None) -> EarlyExitOutput:

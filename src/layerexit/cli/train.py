@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..consistentee import ConsistentEEConfig, train_consistentee
+from ..errors import bad_value
 from ..heads import FEATURES
 from ..resources import DEFAULT_MODEL
 from ..training import OBJECTIVES, TrainConfig
@@ -13,6 +17,8 @@ EXAMPLES = """examples:
   layerexit train --data ../shared/data/sst2 --split train --eval-split dev --limit 8000 --output runs/sst2
   layerexit train --objective two-stage --epochs 1 --output runs/deebert
   layerexit train --config configs/sst2-minilm.yaml --epochs 3     # YAML options, flags override
+  layerexit train --method consistentee --alpha 1.0 --copies 8 --output runs/cee      # ConsistentEE
+  layerexit train --method consistentee --stage1 runs/rt --alpha 0.5 --output runs/cee-a0.5
   accelerate launch -m layerexit.cli.main train --model bert-base-uncased --data glue --output runs/bert
 """
 
@@ -40,6 +46,22 @@ def add_parser(subparsers):
     p.add_argument("--select-metric", default="mean_exit_accuracy", choices=["mean_exit_accuracy", "final_accuracy"])
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT/state exists")
+    cee = p.add_argument_group("ConsistentEE (--method consistentee; Zeng et al., AAAI 2024)")
+    cee.add_argument("--method", default="joint", choices=["joint", "consistentee"],
+                     help="joint: the --objective alone; consistentee: stage 1 (weighted) + RL policy stages")
+    cee.add_argument("--alpha", type=float, default=1.0, help="layer cost in the reward -CE - alpha*(e/L)*(1-m/L); "
+                     "the reference code's raw-layer alpha_ref equals alpha / L")
+    cee.add_argument("--no-hardness", action="store_true", help="reward -CE - alpha*e/L (no memorized-layer factor)")
+    cee.add_argument("--copies", type=int, default=8, help="K rollouts per instance (group-mean baseline)")
+    cee.add_argument("--action", default="bernoulli", choices=["bernoulli", "greedy", "eps_greedy"])
+    cee.add_argument("--epsilon", type=float, default=0.1, help="exploration rate for eps_greedy")
+    cee.add_argument("--rounds", type=int, default=1, help="alternating stage-2/stage-3 rounds")
+    cee.add_argument("--policy-hidden", type=int, default=32)
+    cee.add_argument("--stage2-epochs", type=int, default=2)
+    cee.add_argument("--stage2-lr", type=float, default=3e-4)
+    cee.add_argument("--stage3-epochs", type=int, default=1, help="0 skips stage 3 (policies only)")
+    cee.add_argument("--stage3-lr", type=float, default=3e-5)
+    cee.add_argument("--stage1", help="reuse a finished stage-1 (joint) run folder instead of training one")
     p.set_defaults(run=run)
     return p
 
@@ -52,6 +74,19 @@ def run(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, save_steps=args.save_steps,
                          select_metric=args.select_metric, seed=args.seed)
+    if args.method == "consistentee":
+        cee = ConsistentEEConfig(alpha=args.alpha, hardness=not args.no_hardness, copies=args.copies,
+                                 action=args.action, epsilon=args.epsilon, rounds=args.rounds,
+                                 policy_hidden=args.policy_hidden, stage2_epochs=args.stage2_epochs,
+                                 stage2_learning_rate=args.stage2_lr, stage3_epochs=args.stage3_epochs,
+                                 stage3_learning_rate=args.stage3_lr)
+        if args.no_resume and Path(args.output).exists():
+            raise bad_value("--no-resume", True, f"{args.output} exists; ConsistentEE resumes stage by stage, so "
+                            "choose a new --output to start over")
+        train_consistentee(args.model, train_data, eval_data, args.output, cee, config, args.exit_feature,
+                           args.max_length, stage1_dir=args.stage1)
+        print(f"saved: {args.output}/final (ConsistentEE model with policies; evaluate with --rules consistentee)")
+        return 0
     train_classifier(args.model, train_data, eval_data, args.output, args.objective, args.layer_weights,
                      args.exit_feature, args.max_length, config, resume=not args.no_resume)
     print(f"saved: {args.output}/best (best), {args.output}/final (last epoch)")
