@@ -45,7 +45,7 @@ def make_results() -> dict:
         "measured": [
             {"rule": "maxprob", "params": {"threshold": 0.9}, "batch_size": 1, "accuracy": 0.85, "avg_layers": 3.42,
              "speedup_measured": 1.4, "speedup_ideal": 1.75, "matches_simulation": True,
-             "seconds_full": 2.5, "seconds_early_exit": 1.7857},
+             "seconds_plain": 2.5, "seconds_early_exit": 1.7857},
             {"rule": "maxprob", "params": {"threshold": 0.9}, "batch_size": 32, "accuracy": 0.85, "avg_layers": 3.42,
              "speedup_measured": 1.225, "speedup_ideal": 1.75, "matches_simulation": False},
         ],
@@ -151,7 +151,7 @@ def test_write_report_writes_markdown_and_pngs(tmp_path):
     assert "none within 1.0 pt" in text  # static_layer has no point within tolerance
     assert "| 1.40x | 1.75x | 0.80 |" in text  # measured / ideal of the first measured run: 1.4 / 1.75
     assert "| 1.23x | 1.75x | 0.70 |" in text  # second run: 1.225 / 1.75
-    assert "Warning" in text  # one run does not match the simulation
+    assert "some rows did not exit at the same layer" in text  # one run does not match the simulation
 
 
 def test_write_report_without_measured_runs(tmp_path):
