@@ -138,10 +138,17 @@ def test_train_consistentee_then_evaluate_its_policy(trained, workspace, tmp_pat
                  "--batch-size", "16", "--max-length", "16", "--alpha", "0.5", "--output", str(out)])
     assert code == 0 and (out / "final" / "consistentee.json").is_file()
     assert json.loads((out / "final" / "consistentee.json").read_text())["alpha"] == 0.5
+    second = tmp_path / "cee2"
+    assert main(["train", "--method", "consistentee", "--stage1", str(trained), "--model", str(workspace / "backbone"),
+                 "--data", str(workspace / "data"), "--copies", "4", "--stage2-epochs", "1", "--stage3-epochs", "0",
+                 "--max-length", "16", "--alpha", "2", "--output", str(second)]) == 0
     code = main(["evaluate", "--model", str(out / "final"), "--data", str(workspace / "data"), "--output",
                  str(tmp_path / "eval"), "--measure-rules", "consistentee", "--batch-sizes", "4",
-                 "--measure-examples", "8", "--rounds", "1", "--tolerance", "0.5"])
+                 "--measure-examples", "8", "--rounds", "1", "--tolerance", "0.5",
+                 "--consistentee-runs", f"{second / 'final'},{out / 'final'}"])
     assert code == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "consistentee-threshold" in results["curves"] and "maxprob" in results["curves"]
     assert [m["rule"] for m in results["measured"]] == ["consistentee"]
+    assert [p["params"]["alpha"] for p in results["curves"]["consistentee"]] == [0.5, 2.0]
+    assert "consistentee" in (tmp_path / "eval" / "report.md").read_text()

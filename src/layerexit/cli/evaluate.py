@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoTokenizer
+
+from ..consistentee.sweep import alpha_sweep_curve
+from ..evaluation.report import operating_point, write_report
+from ..io import write_json_atomic
 
 from ..evaluation.evaluate import evaluate
 from ..evaluation.report import format_table
@@ -34,6 +40,8 @@ def add_parser(subparsers):
     p.add_argument("--measure-examples", type=int, default=500, help="examples timed per batch size")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (median is reported)")
     add_control_options(p)
+    p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
+                   "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
     p.set_defaults(run=run)
     return p
 
@@ -49,5 +57,12 @@ def run(args) -> int:
                        tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds)
     print(format_table(results, args.tolerance))
     results = apply_control(args, model, tokenizer, data, results)
+    if args.consistentee_runs:
+        curve = alpha_sweep_curve(name_list(args.consistentee_runs), data)
+        results["curves"]["consistentee"] = curve
+        results.setdefault("operating_points", {})["consistentee"] = operating_point(
+            curve, results["full"]["accuracy"], args.tolerance)
+        write_json_atomic(Path(args.output) / "results.json", results)
+        write_report(results, args.output, tolerance=args.tolerance)
     print(f"\nwrote {args.output}/results.json, report.md, tradeoff.png, per_layer_accuracy.png")
     return 0
