@@ -177,10 +177,6 @@ class MultiExitModel(nn.Module):
             return hidden[:, 0]
         return self.adapter.pool(hidden)
 
-    def exit_logits(self, index: int, state: EncoderState) -> torch.Tensor:
-        """Logits (n, C) of exit ``index`` (0-based) for the rows of ``state``."""
-        return self.exits[index](self.exit_feature(state))
-
     def policy_probability(self, index: int, feature: torch.Tensor) -> torch.Tensor:
         """(n, H) exit feature -> (n,) the policy's probability of exiting at layer ``index``."""
         if self.policies is None:
