@@ -43,6 +43,46 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+@torch.inference_mode()
+def micro_costs(model, tok, vocab) -> dict:
+    """Fastest-of-20 wall clock of the pieces a generated token pays for (measured, ms)."""
+    from layerexit.generation import LayerKVCache
+    from layerexit.generation.decode import prefill
+
+    a = model.adapter
+    ids = tok("The quality of mercy is not strained", return_tensors="pt").input_ids
+    P = ids.shape[1]
+    cache = LayerKVCache(model.num_layers)
+    prefill(model, ids, cache)
+    pos = torch.tensor([P])
+    x = a.embed(torch.tensor([[5]]), pos)
+    kw = a.layer_kwargs(x, pos)
+    weight = a.lm_head.weight[vocab]
+
+    def best(fn, n=20):
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return round(1000 * min(times), 3)
+
+    def layers(k):
+        def run():
+            a.run_layers(x, 0, k, pos, cache, kw)
+            cache.crop(P)
+        return run
+
+    project = a.kv_projector()
+    mid = min(15, model.num_layers - 1)
+    return {"one_layer": best(layers(1)), "all_layers": best(layers(model.num_layers)),
+            "lm_head_full_vocab": best(lambda: model.exit_logits(model.num_layers, x[0, -1])),
+            "lm_head_draft_vocab": best(lambda: torch.nn.functional.linear(model.exit_hidden(mid, x[0, -1]), weight)),
+            "propagate_kv_from_mid": best(lambda: project(mid, x, kw)),
+            "softmax_max": best(lambda: torch.softmax(model.exit_logits(mid, x[0, -1]), -1).max())}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="packaged name, hub name or local folder")
@@ -55,6 +95,10 @@ def main() -> int:
     p.add_argument("--eval-blocks", type=int, default=8)
     p.add_argument("--policy-blocks", type=int, default=16)
     p.add_argument("--alphas", default="1,4,8,16", help="ConsistentEE cost weights tried (policy per alpha)")
+    p.add_argument("--rules", default="maxprob,margin,saturation", help="confidence rules measured")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds per prompt (fastest kept)")
+    p.add_argument("--plain-speculative", action="store_true", help="also measure drafts without the draft "
+                   "vocabulary and adaptive length")
     p.add_argument("--policy-epochs", type=int, default=20)
     p.add_argument("--policy-lr", type=float, default=1e-2)
     p.add_argument("--extra-steps", type=int, default=0, help="with loaded exits: train this many more steps")
@@ -154,14 +198,18 @@ def main() -> int:
         specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "shared",
                       "name": f"speculative E={E} shared head"})
     for E in ints(args.draft_layers):
-        specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
-                      "name": f"speculative E={E} trained exit"})
-        specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
-                      "draft_vocab": True, "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}"})
+        if args.plain_speculative:
+            specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft,
+                          "exits": "trained", "name": f"speculative E={E} trained exit"})
+            specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft,
+                          "exits": "trained", "draft_vocab": True,
+                          "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}"})
         specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
                       "draft_vocab": True, "draft_threshold": args.draft_threshold,
                       "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}, stop below p={args.draft_threshold}"})
     for key, point in points.items():
+        if point["rule"] not in args.rules.split(","):
+            continue
         for kv in (("propagate", "recompute") if point["target"] == targets[0] else ("propagate",)):
             specs.append({"strategy": "early-exit", "rule": point["rule"], "exits": "trained", "kv": kv,
                           "name": f"{point['rule']} τ={point['threshold']} (sim. agreement ≥{point['target']}) kv={kv}",
@@ -172,11 +220,14 @@ def main() -> int:
                       "params": {"threshold": 0.5, "exit_layers": layers}})
     specs.append({"strategy": "early-exit", "rule": "never", "exits": "trained", "name": "never exit (check)"})
     log(f"measuring {len(specs)} strategies on {len(prompts)} prompts")
+    costs = micro_costs(trained, tok, vocab)
+    log(f"micro costs (ms, fastest of 20): {costs}")
     payload = compare(trained, tok, prompts, specs, args.max_new_tokens, log=log,
-                      models={"shared": shared, "trained": trained})
+                      models={"shared": shared, "trained": trained}, rounds=args.rounds)
+    payload["micro_costs_ms"] = costs
     payload["exit_parameters"] = trained.exit_parameters()
     payload.update({
-        "command": "flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py " + " ".join(sys.argv[1:]),
+        "rounds": args.rounds, "command": "flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}, shared 2-core CPU",
         "date": started.isoformat(timespec="seconds"), "exits": args.exits, "layers": layers,

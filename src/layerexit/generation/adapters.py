@@ -199,6 +199,8 @@ class LlamaAdapter(DecoderAdapter):
         head_dim, width = attn.head_dim, weight.shape[1] // 2
 
         def project(start, hidden, kwargs):
+            if start >= len(layers):
+                return []
             x = hidden.float()
             x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)  # (B, n, H)
             kv = torch.einsum("ldh,bnh->lbnd", weight[start:], x) + bias[start:, None, None]  # (l, B, n, 2D)
