@@ -30,8 +30,8 @@ from layerexit.generation import EarlyExitLM
 from layerexit.generation.corpus import frequent_tokens, load_passages, prompts_from, token_blocks
 from layerexit.generation.evaluate import compare, plot, report
 from layerexit.generation.loading import load_causal_lm
-from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, simulate,
-                                        simulate_policy, train_exits, train_policy)
+from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, fit_shortcuts,
+                                        simulate, simulate_policy, train_exits, train_policy)
 from layerexit.io import write_json_atomic
 
 
@@ -88,6 +88,10 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m", help="packaged name, hub name or local folder")
     p.add_argument("--exits", default="runs/smollm2-exits")
     p.add_argument("--layers", default="6,10,15,20,25", help="exits to train and use")
+    p.add_argument("--exit-kind", default="linear", choices=["linear", "lowrank"],
+                   help="linear: per-exit affine shortcut fitted by ridge regression (Din et al. 2023); "
+                   "lowrank: residual adapters trained by distillation")
+    p.add_argument("--fit-blocks", type=int, default=100, help="linear: 128-token blocks used for the fit")
     p.add_argument("--adapter-rank", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--train-batch", type=int, default=2)
@@ -125,7 +129,7 @@ def main() -> int:
     if (Path(args.exits) / "exit_config.json").is_file():
         trained = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
         log(f"loaded exits from {args.exits}")
-        if args.extra_steps:
+        if args.extra_steps and args.exit_kind == "lowrank":
             previous = dict(trained.config.training)
             blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128,
                                   (args.train_steps + args.extra_steps) * args.train_batch)[args.train_steps * args.train_batch:]
@@ -133,6 +137,12 @@ def main() -> int:
                                                          batch_size=args.train_batch, lr=args.lr, seed=1), log=log)
             trained.config.training["previous"] = previous
             trained.save_exits(args.exits)
+    elif args.exit_kind == "linear":
+        trained = EarlyExitLM(lm, adapter_kind="linear", name=args.model)
+        blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.fit_blocks)
+        log(f"fitted shortcuts: {fit_shortcuts(trained, blocks, layers)}")
+        trained.config.training["corpus"] = "shakespeare"
+        trained.save_exits(args.exits)
     else:
         trained = EarlyExitLM(lm, adapter_rank=args.adapter_rank, name=args.model)
         blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.train_steps * args.train_batch)
@@ -200,13 +210,13 @@ def main() -> int:
     for E in ints(args.draft_layers):
         if args.plain_speculative:
             specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft,
-                          "exits": "trained", "name": f"speculative E={E} trained exit"})
+                          "exits": "trained", "name": f"speculative E={E} {args.exit_kind} exit"})
             specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft,
                           "exits": "trained", "draft_vocab": True,
-                          "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}"})
+                          "name": f"speculative E={E} {args.exit_kind} exit, draft vocab {len(vocab)}"})
         specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
                       "draft_vocab": True, "draft_threshold": args.draft_threshold,
-                      "name": f"speculative E={E} trained exit, draft vocab {len(vocab)}, stop below p={args.draft_threshold}"})
+                      "name": f"speculative E={E} {args.exit_kind} exit, draft vocab {len(vocab)}, stop below p={args.draft_threshold}"})
     for key, point in points.items():
         if point["rule"] not in args.rules.split(","):
             continue
@@ -231,7 +241,7 @@ def main() -> int:
         "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}, shared 2-core CPU",
         "date": started.isoformat(timespec="seconds"), "exits": args.exits, "layers": layers,
-        "exit_training": trained.config.training, "draft_vocab": {"size": len(vocab), "heldout_coverage": coverage}, "simulated": simulated, "operating_points": points,
+        "exit_kind": trained.config.adapter_kind, "exit_training": trained.config.training, "draft_vocab": {"size": len(vocab), "heldout_coverage": coverage}, "simulated": simulated, "operating_points": points,
         "policy": policy_info, "shared_head_exit_parameters": shared.exit_parameters(),
     })
     write_json_atomic(args.output, payload)

@@ -75,7 +75,7 @@ def test_generate_cli_trains_and_reloads_exits(workspace, tmp_path, capsys):
     exits = tmp_path / "exits"
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
-                 "--adapter-rank", "4"])
+                 "--adapter-kind", "lowrank", "--adapter-rank", "4"])
     assert code == 0 and (exits / "exit_config.json").is_file()
     code = main(["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
                  "--max-new-tokens", "3", "--rule", "maxprob", "--threshold", "0.0", "--no-stream"])
@@ -188,3 +188,26 @@ def test_corpus_split_is_fixed_and_disjoint(workspace):
     assert load_passages(path, "test") == test
     with pytest.raises(LayerExitError, match=r"corpus='nope.txt' is invalid"):
         load_passages("nope.txt")
+
+
+def test_linear_shortcuts_fit_the_last_layer_better_than_identity(workspace, tmp_path, capsys):
+    from layerexit.generation.train import fit_shortcuts
+
+    lm = make_lm("llama")
+    model = EarlyExitLM(lm, adapter_kind="linear")
+    blocks = torch.randint(3, 97, (12, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = model.all_hidden(blocks)  # (L, B, T, H)
+        before = (model.exit_adapters[1](hidden[1]) - hidden[-1]).pow(2).mean()
+        fit_shortcuts(model, blocks, layers=[2])
+        after = (model.exit_adapters[1](hidden[1]) - hidden[-1]).pow(2).mean()
+    assert after < 0.5 * before
+    assert torch.equal(model.exit_adapters[0].linear.weight, torch.eye(32, dtype=torch.float64))  # untouched
+    model.save_exits(tmp_path / "lin")
+    again = EarlyExitLM.with_exits(make_lm("llama"), tmp_path / "lin")
+    assert torch.equal(again.exit_logits(2, hidden[1, 0]), model.exit_logits(2, hidden[1, 0]))
+    with pytest.raises(LayerExitError, match=r"adapter_kind='lowrank' is invalid.*adapter_kind='linear'"):
+        fit_shortcuts(EarlyExitLM(lm, adapter_rank=2), blocks)
+    code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(tmp_path / "cli"), "--corpus",
+                 str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2"])
+    assert code == 0 and "fitted" in capsys.readouterr().err

@@ -68,9 +68,12 @@ def add_parser(subparsers):
     g.add_argument("--train-exits", help="train per-exit adapters, save them here, then continue with them")
     g.add_argument("--corpus", default="shakespeare", help=f"{', '.join(CORPORA)} or a local text file")
     g.add_argument("--train-layers", help="exits to train, e.g. 10,15,20 (default all; each costs an LM head)")
+    g.add_argument("--adapter-kind", default="linear", choices=["linear", "lowrank"],
+                   help="linear: affine shortcut per exit fitted by ridge regression (fast, no gradients); "
+                   "lowrank: residual adapters trained with --objective")
     g.add_argument("--adapter-rank", type=int, default=64)
     g.add_argument("--objective", default="distill", choices=["distill", "weighted"])
-    g.add_argument("--steps", type=int, default=100)
+    g.add_argument("--steps", type=int, default=100, help="training steps (linear: blocks fitted = steps x batch)")
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-3)
@@ -116,12 +119,22 @@ def build_spec(args, num_layers: int) -> dict:
 
 
 def train_and_save(args, lm, tokenizer) -> EarlyExitLM:
-    from ..generation.train import ExitTrainConfig, train_exits
+    from ..generation.train import ExitTrainConfig, fit_shortcuts, train_exits
 
+    layers = int_list(args.train_layers) if args.train_layers else None
+    if args.adapter_kind == "linear" and not args.lora_rank:
+        model = EarlyExitLM(lm, adapter_kind="linear", name=args.model)
+        blocks = token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
+                              max_blocks=args.steps * args.batch_size)
+        print(f"fitted: {fit_shortcuts(model, blocks, layers)}", file=sys.stderr)
+        model.config.training["corpus"] = args.corpus
+        model.save_exits(args.train_exits)
+        print(f"exits saved to {args.train_exits}", file=sys.stderr)
+        return model
     model = EarlyExitLM(lm, adapter_rank=args.adapter_rank, name=args.model)
     blocks = token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
                           max_blocks=args.steps * args.batch_size)
-    config = ExitTrainConfig(objective=args.objective, layers=int_list(args.train_layers) if args.train_layers else None,
+    config = ExitTrainConfig(objective=args.objective, layers=layers,
                              steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank)
     train_exits(model, blocks, config, log=lambda s: print(s, file=sys.stderr))
     model.config.training["corpus"] = args.corpus

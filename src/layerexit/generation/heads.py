@@ -26,6 +26,22 @@ class LowRankAdapter(nn.Module):
         return hidden + self.up(nn.functional.gelu(self.down(hidden)))  # (..., H)
 
 
+class LinearExit(nn.Module):
+    """A full affine map h -> W h + b, the identity at initialisation; fitted in closed form by
+    :func:`~layerexit.generation.train.fit_shortcuts` (Din et al., 2023, "Jump to Conclusions": linear maps from
+    layer l to the last layer decode early layers far better than the identity)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(hidden))
+            self.linear.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden)  # (..., H)
+
+
 class TokenPolicy(nn.Module):
     """ConsistentEE's per-token exit policy (Zeng et al., AAAI 2024, decoder version): one
     ``sigmoid(Linear(hidden -> 1))`` per layer on the final-normed hidden state, P(exit at this layer)."""

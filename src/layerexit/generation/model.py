@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import LayerExitError, bad_value
 from ..io import atomic_directory
 from .adapters import DecoderAdapter, decoder_adapter_for
-from .heads import LowRankAdapter, TokenPolicy
+from .heads import LinearExit, LowRankAdapter, TokenPolicy
 
 CONFIG_FILE = "exit_config.json"
 WEIGHTS_FILE = "exits.safetensors"
@@ -34,27 +34,34 @@ class ExitConfig:
     hidden_size: int
     adapter_rank: int = 0
     policy: bool = False
+    adapter_kind: str = "lowrank"
     training: dict = field(default_factory=dict)
 
 
 class EarlyExitLM(nn.Module):
     """A causal LM with an exit after every layer (shared final norm + LM head by default)."""
 
-    def __init__(self, lm: nn.Module, adapter_rank: int = 0, policy: bool = False, name: str | None = None):
+    def __init__(self, lm: nn.Module, adapter_rank: int = 0, policy: bool = False, name: str | None = None,
+                 adapter_kind: str = "lowrank"):
         super().__init__()
         self.lm = lm
         self.adapter: DecoderAdapter = decoder_adapter_for(lm)
         if int(adapter_rank) < 0:
             raise bad_value("adapter_rank", adapter_rank, "use 0 (shared head only) or a small rank such as 16")
+        if adapter_kind not in ("lowrank", "linear"):
+            raise bad_value("adapter_kind", adapter_kind, "choose 'lowrank' (trained) or 'linear' (fitted shortcut)")
         L, H = self.adapter.num_layers, self.adapter.hidden_size
-        self.exit_adapters = (nn.ModuleList(LowRankAdapter(H, int(adapter_rank)) for _ in range(L - 1))
-                              if adapter_rank else None)
+        if adapter_kind == "linear":
+            self.exit_adapters = nn.ModuleList(LinearExit(H) for _ in range(L - 1))
+        else:
+            self.exit_adapters = (nn.ModuleList(LowRankAdapter(H, int(adapter_rank)) for _ in range(L - 1))
+                                  if adapter_rank else None)
         self.policy = TokenPolicy(H, L) if policy else None
         dtype = next(lm.parameters()).dtype
         self.to(dtype)
         self.config = ExitConfig(backbone=str(name or getattr(lm.config, "_name_or_path", "") or ""),
                                  model_type=lm.config.model_type, num_layers=L, hidden_size=H,
-                                 adapter_rank=int(adapter_rank), policy=bool(policy))
+                                 adapter_rank=int(adapter_rank), policy=bool(policy), adapter_kind=adapter_kind)
 
     @property
     def num_layers(self) -> int:
@@ -119,7 +126,8 @@ class EarlyExitLM(nn.Module):
         if (config.model_type, config.num_layers, config.hidden_size) != (lm.config.model_type, L, lm.config.hidden_size):
             raise bad_value("exits", str(directory), f"they were trained on {config.model_type} with {config.num_layers} "
                             f"layers and hidden {config.hidden_size} ({config.backbone}); load that backbone")
-        model = cls(lm, adapter_rank=config.adapter_rank, policy=config.policy, name=name or config.backbone)
+        model = cls(lm, adapter_rank=config.adapter_rank, policy=config.policy, name=name or config.backbone,
+                    adapter_kind=config.adapter_kind)
         model.config.training = config.training
         if config.training.get("lora_rank"):
             from .train import add_lora

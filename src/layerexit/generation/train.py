@@ -295,3 +295,41 @@ def simulate_policy(model, features: TokenFeatures, threshold: float = 0.5) -> d
     agree = features.agree.gather(0, e[None])[0]
     return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
             "threshold": threshold}
+
+
+@torch.no_grad()
+def fit_shortcuts(model, blocks: torch.Tensor, layers: list[int] | None = None, ridge: float = 1e-3,
+                  batch_size: int = 4) -> dict:
+    """Fit each chosen exit's :class:`~layerexit.generation.heads.LinearExit` in closed form: ridge
+    regression from layer l's hidden state to the last layer's (Din et al., 2023). One frozen forward pass over
+    (N, T) blocks; no gradient, no vocabulary head, so it costs a fraction of :func:`train_exits`."""
+    from .heads import LinearExit
+
+    if model.exit_adapters is None or not isinstance(model.exit_adapters[0], LinearExit):
+        raise bad_value("adapter_kind", model.config.adapter_kind, "fit_shortcuts needs EarlyExitLM(lm, "
+                        "adapter_kind='linear')")
+    L, H = model.num_layers, model.adapter.hidden_size
+    layers = [l for l in _check_layers(model, layers) if l < L]
+    gram = {l: torch.zeros(H + 1, H + 1, dtype=torch.float64) for l in layers}  # [h, 1]ᵀ[h, 1]
+    cross = {l: torch.zeros(H + 1, H, dtype=torch.float64) for l in layers}  # [h, 1]ᵀ h_L
+    start = time.perf_counter()
+    for first in range(0, blocks.shape[0], batch_size):
+        hidden = model.all_hidden(blocks[first:first + batch_size]).flatten(1, 2).double()  # (L, n, H)
+        target = hidden[-1]
+        ones = torch.ones(target.shape[0], 1, dtype=torch.float64)
+        for l in layers:
+            x = torch.cat([hidden[l - 1], ones], dim=1)  # (n, H + 1)
+            gram[l] += x.T @ x
+            cross[l] += x.T @ target
+    residual = {}
+    for l in layers:
+        scale = float(gram[l].diagonal()[:H].mean())
+        reg = ridge * scale * torch.eye(H + 1, dtype=torch.float64)
+        reg[H, H] = 0.0  # no penalty on the bias
+        solution = torch.linalg.solve(gram[l] + reg, cross[l])  # (H + 1, H)
+        linear = model.exit_adapters[l - 1].linear
+        linear.weight.copy_(solution[:H].T.to(linear.weight.dtype))
+        linear.bias.copy_(solution[H].to(linear.bias.dtype))
+    model.config.training["shortcuts"] = {"layers": layers, "ridge": ridge, "tokens": int(blocks.numel()),
+                                          "seconds": time.perf_counter() - start}
+    return model.config.training["shortcuts"]
