@@ -72,7 +72,8 @@ def time_variants(variants: dict, batches: dict, rounds: int) -> dict[str, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--minilm-run", default="runs/bench-sst2")
+    parser.add_argument("--minilm-run", default="runs/bench-sst2",
+                        help="MiniLM run folder; trained here with the same recipe if MINILM_RUN/model/best is absent")
     parser.add_argument("--run-dir", default="runs/bench-sst2-mpnet")
     parser.add_argument("--train-examples", type=int, default=8000)
     parser.add_argument("--dev-examples", type=int, default=1000, help="dev examples for model selection")
@@ -101,6 +102,12 @@ def main() -> None:
                                             objective="weighted", max_length=64, config=config, resume=True)
     trained = time.perf_counter()
     mini_best = Path(args.minilm_run) / "model" / "best"
+    if not (mini_best / "layerexit_config.json").is_file():  # the small model, trained with the same recipe
+        train_data = load_data(args.data, "train", limit=args.train_examples)
+        dev_data = load_data(args.data, "dev", limit=args.dev_examples)
+        config = TrainConfig(epochs=args.epochs, batch_size=32, learning_rate=5e-5, seed=42)
+        train_classifier("all-MiniLM-L6-v2", train_data, dev_data, Path(args.minilm_run) / "model",
+                         objective="weighted", max_length=64, config=config, resume=True)
     minilm, mini_tok = MultiExitModel.from_pretrained(mini_best), AutoTokenizer.from_pretrained(mini_best)
 
     dev, test_data = load_data(args.data, "dev", limit=args.fit_examples), load_data(args.data, "test")
