@@ -168,11 +168,13 @@ def plot(payload: dict, out_dir: str | Path) -> list[str]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for entry in payload["results"]:
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for i, entry in enumerate(payload["results"], start=1):
         marker = {"speculative": "s", "early-exit": "o", "hf": "^"}.get(entry["spec"].get("strategy"), "x")
-        ax.scatter(entry["token_match"], entry["speedup_measured"], marker=marker)
-        ax.annotate(entry["name"], (entry["token_match"], entry["speedup_measured"]), fontsize=6)
+        ax.scatter(entry["token_match"], entry["speedup_measured"], marker=marker, label=f"{i}. {entry['name']}")
+        ax.annotate(str(i), (entry["token_match"], entry["speedup_measured"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("token match with full greedy output")
     ax.set_ylabel("measured tokens/s ÷ full model (same run)")
