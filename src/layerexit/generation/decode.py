@@ -137,9 +137,8 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
         hidden = flow[0, -1]  # (H,)
         if exit_layer < L:
             if kv == "propagate":
-                last = flow[:, -1:]  # (1, 1, H)
-                last_kwargs = adapter.layer_kwargs(last, positions[-1:])
-                for index, (key, value) in enumerate(project(exit_layer, last, last_kwargs), start=exit_layer):
+                last = flow[:, -1:]  # (1, 1, H); no pending tokens under propagation, so kwargs are this token's
+                for index, (key, value) in enumerate(project(exit_layer, last, kwargs), start=exit_layer):
                     cache.update(key, value, index)  # (1, h, 1, d) each
             else:
                 new_base = cache.length(L - 1)
