@@ -218,3 +218,19 @@ def test_fused_kv_projection_equals_per_layer(lms, arch):
         ref_key, ref_value = adapter.project_kv(index, hidden, kwargs)
         torch.testing.assert_close(key, ref_key)
         torch.testing.assert_close(value, ref_value)
+
+
+def test_teacher_forced_simulation_takes_the_first_candidate_that_exits():
+    from layerexit.generation.train import TokenFeatures, simulate
+
+    maxprob = torch.tensor([[0.9, 0.2, 0.3], [0.95, 0.8, 0.1], [0.5, 0.5, 0.5]])  # (C=3 candidates, N=3 tokens)
+    agree = torch.tensor([[True, False, False], [True, True, False], [True, True, True]])
+    zeros = torch.zeros(3, 3)
+    features = TokenFeatures([2, 4, 6], torch.zeros(3, 3, 1), agree, zeros, maxprob, zeros, zeros)
+    result = simulate(features, "maxprob", 0.75, 6)
+    # token 0 exits at layer 2 (agrees), token 1 at layer 4 (agrees), token 2 at the last layer (agrees)
+    assert result["avg_layers"] == pytest.approx((2 + 4 + 6) / 3)
+    assert result["agreement"] == pytest.approx(1.0)
+    strict = simulate(features, "maxprob", 0.92, 6)  # token 0 now waits for layer 4; the others run to the end
+    assert strict["avg_layers"] == pytest.approx((4 + 6 + 6) / 3)
+    assert strict["agreement"] == pytest.approx(1.0)

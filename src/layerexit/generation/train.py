@@ -275,9 +275,13 @@ def simulate(features: TokenFeatures, rule: str, threshold: float, L: int) -> di
     score = {"maxprob": features.maxprob, "margin": features.margin, "saturation": features.cosine}.get(rule)
     if score is None:
         raise bad_value("rule", rule, "simulation supports maxprob, margin, saturation")
-    go = score >= threshold
-    go[-1] = True
-    e = go.float().argmax(0)  # (N,)
+    return _first_exit(score >= threshold, features, threshold)
+
+
+def _first_exit(go: torch.Tensor, features: TokenFeatures, threshold: float) -> dict:
+    """(C, N) "may exit at candidate c" -> average exit layer and agreement with the full model."""
+    go[-1] = True  # the last candidate always answers
+    e = go.float().argmax(0)  # (N,) first candidate that exits
     layers = torch.tensor(features.layers)[e]
     agree = features.agree.gather(0, e[None])[0]
     return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
@@ -288,13 +292,7 @@ def simulate(features: TokenFeatures, rule: str, threshold: float, L: int) -> di
 def simulate_policy(model, features: TokenFeatures, threshold: float = 0.5) -> dict:
     """Teacher-forced simulation of the policy rule over cached features (simulated, no time measured)."""
     probs = torch.stack([model.policy(l - 1, features.normed[i]) for i, l in enumerate(features.layers)])  # (C, N)
-    go = probs >= threshold
-    go[-1] = True
-    e = go.float().argmax(0)  # (N,)
-    layers = torch.tensor(features.layers)[e]
-    agree = features.agree.gather(0, e[None])[0]
-    return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
-            "threshold": threshold}
+    return _first_exit(probs >= threshold, features, threshold)
 
 
 @torch.no_grad()
