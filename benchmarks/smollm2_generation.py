@@ -17,7 +17,6 @@ Steps (each figure in the JSON is labelled simulated or measured):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time

@@ -22,7 +22,7 @@ def models():
     """Cache of double-precision models keyed by (arch, feature); tests must not modify them."""
     cache: dict = {}
 
-    def get(arch: str, feature: str) -> MultiExitModel:
+    def get(arch: str, feature: str):
         if (arch, feature) not in cache:
             cache[arch, feature] = make_model(arch, feature)
         return cache[arch, feature]

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .backbones import EncoderState, adapter_for
-from .config import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig
+from .config import WEIGHTS_NAME, MultiExitConfig
 from .errors import LayerExitError, bad_value
 from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
 from .io import atomic_directory

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-from transformers import AutoTokenizer
 
 from ..data import Encoded, check_labels
 from ..errors import LayerExitError
@@ -19,9 +18,8 @@ from ..evaluation.evaluate import curve_name, sweep
 from ..evaluation.report import operating_point
 from ..evaluation.simulate import per_layer_accuracy
 from ..io import write_json_atomic
-from ..model import MultiExitModel
 from ..rules import RULES, make_rule
-from .common import Formatter, require, add_config_option, add_data_options, data_from, int_list, parse_rule_params
+from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, parse_rule_params
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -47,9 +45,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    require(args, "model", "--model runs/rt/best")
-    model = MultiExitModel.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_checkpoint(args)
     data = data_from(args)
     check_labels(data, model.config.num_labels, model.config.label_names)
     encoded = Encoded(data, tokenizer, model.config.max_length)

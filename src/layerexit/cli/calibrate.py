@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
 
 from ..data import Encoded, check_labels
 from ..errors import bad_value
@@ -25,10 +24,9 @@ from ..evaluation.calibration_plots import (plot_budgets, plot_controllability, 
 from ..evaluation.controllability import DEFAULT_BUDGETS, DEFAULT_TARGETS, calibration_table, controllability
 from ..evaluation.cost import exit_costs
 from ..io import write_json_atomic
-from ..model import MultiExitModel
 from ..rules import PCEE, PCEEWS, Budget, TemperatureMaxProb
 from ..rules.fitting import check_held_out, is_test_split, load_rules, save_rules
-from .common import Formatter, add_config_option, add_data_options, data_from, require
+from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, require
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
@@ -92,8 +90,7 @@ def run(args) -> int:
     if is_test_split(args.split):
         raise bad_value("--split", args.split, "rules are fitted on a validation split and reported on the test "
                         "split; calibrate on e.g. --split validation (or dev)")
-    model = MultiExitModel.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_checkpoint(args)
     data = data_from(args, label_names=None)
     fit, encoded = cache_split(model, tokenizer, data, args.batch_size)
     output = Path(args.output)

@@ -65,6 +65,16 @@ def require(args, name: str, example: str) -> None:
                         f"e.g. {example}")
 
 
+def load_checkpoint(args):
+    """The ``--model`` checkpoint and its tokenizer (required, on the command line or in --config)."""
+    from transformers import AutoTokenizer
+
+    from ..model import MultiExitModel
+
+    require(args, "model", "--model runs/rt/best")
+    return MultiExitModel.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
+
+
 def parse_rule_params(pairs: list[str] | None) -> dict:
     """``["threshold=0.9", "patience=2"]`` -> ``{"threshold": 0.9, "patience": 2}``."""
     params = {}
@@ -90,4 +100,4 @@ def name_list(text: str | list) -> list[str]:
 
 
 __all__ = ["Formatter", "LayerExitError", "add_config_option", "apply_config", "add_data_options", "data_from",
-           "parse_rule_params", "require", "int_list", "name_list"]
+           "load_checkpoint", "parse_rule_params", "require", "int_list", "name_list"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer
 
 from ..consistentee.sweep import alpha_sweep_curve
 from ..evaluation.report import operating_point, write_report
@@ -12,10 +11,9 @@ from ..io import write_json_atomic
 
 from ..evaluation.evaluate import evaluate
 from ..evaluation.report import format_table
-from ..model import MultiExitModel
 from ..rules import DEFAULT_SWEEP
 from .calibrate import add_control_options, apply_control
-from .common import Formatter, require, add_config_option, add_data_options, data_from, int_list, name_list
+from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, name_list
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
@@ -47,9 +45,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    require(args, "model", "--model runs/rt/best")
-    model = MultiExitModel.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_checkpoint(args)
     data = data_from(args, label_names=None)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)

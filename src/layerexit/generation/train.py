@@ -319,7 +319,6 @@ def fit_shortcuts(model, blocks: torch.Tensor, layers: list[int] | None = None, 
             x = torch.cat([hidden[l - 1], ones], dim=1)  # (n, H + 1)
             gram[l] += x.T @ x
             cross[l] += x.T @ target
-    residual = {}
     for l in layers:
         scale = float(gram[l].diagonal()[:H].mean())
         reg = ridge * scale * torch.eye(H + 1, dtype=torch.float64)

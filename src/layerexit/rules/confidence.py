@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..errors import bad_value
 from .base import RULES, ExitRule
 
