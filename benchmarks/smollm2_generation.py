@@ -82,6 +82,17 @@ def micro_costs(model, tok, vocab) -> dict:
             "softmax_max": best(lambda: torch.softmax(model.exit_logits(mid, x[0, -1]), -1).max())}
 
 
+@torch.inference_mode()
+def held_out_perplexity(model, blocks: torch.Tensor) -> float:
+    """exp of the full model's mean next-token cross-entropy on (N, T) blocks (measured)."""
+    losses = []
+    for i in range(0, blocks.shape[0], 4):
+        batch = blocks[i:i + 4]
+        logits = model.exit_logits(model.num_layers, model.all_hidden(batch[:, :-1])[-1]).float()  # (B, T-1, V)
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    return float(torch.exp(torch.stack(losses).sum() / (blocks.shape[0] * (blocks.shape[1] - 1))))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="packaged name, hub name or local folder")
@@ -91,7 +102,10 @@ def main() -> int:
                    help="linear: per-exit affine shortcut fitted by ridge regression (Din et al. 2023); "
                    "lowrank: residual adapters trained by distillation")
     p.add_argument("--fit-blocks", type=int, default=100, help="linear: 128-token blocks used for the fit")
-    p.add_argument("--adapter-rank", type=int, default=64)
+    p.add_argument("--adapter-rank", type=int, default=64, help="lowrank: per-exit adapter rank (0: none)")
+    p.add_argument("--lora-rank", type=int, default=0, help="lowrank: also train LoRA in the backbone's attention "
+                   "(LayerSkip-style: the exits' losses adapt the backbone itself)")
+    p.add_argument("--lora-lr", type=float, default=1e-4)
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -125,6 +139,8 @@ def main() -> int:
     lm, tok = load_causal_lm(args.model)
     shared = EarlyExitLM(lm, name=args.model)
     L = shared.num_layers
+    test_blocks = token_blocks(tok, load_passages("shakespeare", "test"), 128, args.eval_blocks)
+    perplexity = {"original": held_out_perplexity(shared, test_blocks)}
     if (Path(args.exits) / "exit_config.json").is_file():
         trained = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
         log(f"loaded exits from {args.exits}")
@@ -145,11 +161,14 @@ def main() -> int:
     else:
         trained = EarlyExitLM(lm, adapter_rank=args.adapter_rank, name=args.model)
         blocks = token_blocks(tok, load_passages("shakespeare", "train"), 128, args.train_steps * args.train_batch)
-        train_exits(trained, blocks, ExitTrainConfig(layers=layers, steps=args.train_steps,
-                                                     batch_size=args.train_batch, lr=args.lr), log=log)
+        train_exits(trained, blocks, ExitTrainConfig(layers=layers, steps=args.train_steps, batch_size=args.train_batch,
+                                                     lr=args.lr, lora_rank=args.lora_rank, lora_lr=args.lora_lr), log=log)
         trained.config.training["corpus"] = "shakespeare"
         trained.save_exits(args.exits)
-    test_blocks = token_blocks(tok, load_passages("shakespeare", "test"), 128, args.eval_blocks)
+    added_parameters = trained.exit_parameters()  # LoRA included (counted before it is merged away)
+    lora_merged = trained.merge_lora()  # a LoRA-adapted backbone decodes at the plain model's cost
+    perplexity["with_exits"] = held_out_perplexity(trained, test_blocks)
+    log(f"held-out perplexity {perplexity} (LoRA projections merged: {lora_merged})")
 
     # --- simulated, teacher-forced ----------------------------------------------------------------------
     simulated, test_features = {}, None
@@ -234,7 +253,7 @@ def main() -> int:
     payload = compare(trained, tok, prompts, specs, args.max_new_tokens, log=log,
                       models={"shared": shared, "trained": trained}, rounds=args.rounds)
     payload["micro_costs_ms"] = costs
-    payload["exit_parameters"] = trained.exit_parameters()
+    payload["exit_parameters"] = added_parameters
     payload.update({
         "rounds": args.rounds, "command": "flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -242,6 +261,7 @@ def main() -> int:
         "date": started.isoformat(timespec="seconds"), "exits": args.exits, "layers": layers,
         "exit_kind": trained.config.adapter_kind, "exit_training": trained.config.training, "draft_vocab": {"size": len(vocab), "heldout_coverage": coverage}, "simulated": simulated, "operating_points": points,
         "policy": policy_info, "shared_head_exit_parameters": shared.exit_parameters(),
+        "held_out_perplexity": perplexity, "lora_projections_merged": lora_merged,
     })
     write_json_atomic(args.output, payload)
     plot(payload, args.plots)

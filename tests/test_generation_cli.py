@@ -140,6 +140,43 @@ def test_lora_training_changes_the_backbone(tmp_path):
     assert generate(again, ids, None, 4).tokens == generate(model, ids, None, 4).tokens
 
 
+def test_lora_distillation_is_taught_by_the_original_model():
+    pytest.importorskip("peft")
+    from layerexit.generation.train import lora_disabled
+
+    model = EarlyExitLM(make_lm("llama").float())
+    blocks = torch.randint(3, 97, (8, 10), generator=torch.Generator().manual_seed(1))
+    original = model.all_hidden(blocks[:2]).detach()
+    history = train_exits(model, blocks, ExitTrainConfig(steps=3, lora_rank=2, lora_lr=5e-2, layers=[1, 2]))
+    assert set(history["history"][0]["per_layer"]) == {1, 2, model.num_layers}  # the last exit is held in place
+    assert not torch.allclose(model.all_hidden(blocks[:2]), original)  # LoRA moved the backbone
+    with lora_disabled(model):
+        torch.testing.assert_close(model.all_hidden(blocks[:2]), original)  # ... and the teacher is the original
+    assert all(p.requires_grad is False for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merge_lora_keeps_outputs_and_refuses_a_later_save(kind, tmp_path):
+    pytest.importorskip("peft")
+    from layerexit.generation.train import add_lora
+
+    model = EarlyExitLM(make_lm(kind).float())
+    add_lora(model, 2)
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking update (peft starts B at zero)
+    ids = torch.randint(3, 97, (1, 7), generator=torch.Generator().manual_seed(3))
+    before = model.exit_logits(model.num_layers, model.all_hidden(ids))
+    reference = generate(model, ids, None, 5).tokens
+    assert model.merge_lora() > 0
+    assert not any("lora_" in n for n, _ in model.lm.named_parameters())
+    torch.testing.assert_close(model.exit_logits(model.num_layers, model.all_hidden(ids)), before, rtol=1e-4, atol=1e-4)
+    assert generate(model, ids, None, 5).tokens == reference
+    with pytest.raises(LayerExitError, match="merge_lora"):
+        model.save_exits(tmp_path / "merged")
+
+
 def test_policy_loss_first_copy_never_exits_and_costs_depth():
     probs = torch.full((3, 5), 0.9, requires_grad=True)
     ce = torch.zeros(3, 5)

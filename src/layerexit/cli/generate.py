@@ -161,6 +161,7 @@ def run(args) -> int:
         model = EarlyExitLM(lm, name=args.model)
     if not prompts:
         return 0
+    model.merge_lora()  # decode at the plain model's cost: LoRA (if any) folded into the weights
     if args.stop_at_eos:
         require_eos(tokenizer, "--stop-at-eos")
     if args.chat:

@@ -89,6 +89,25 @@ class EarlyExitLM(nn.Module):
         """Parameters added to the backbone (0 with the shared head alone)."""
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("lm.") or "lora_" in n)
 
+    def merge_lora(self) -> int:
+        """Fold trained LoRA updates into the backbone's weights and drop peft's wrappers (returns how many
+        projections were merged), so decoding costs what the plain model costs and the fused state-propagation
+        path applies again. Save before merging: the merged exits can no longer be written as LoRA tensors."""
+        try:
+            from peft.tuners.lora import LoraLayer
+        except ImportError:
+            return 0
+        merged = 0
+        for name, module in list(self.lm.named_modules()):
+            if isinstance(module, LoraLayer) and hasattr(module, "get_base_layer"):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.lm.get_submodule(parent_name) if parent_name else self.lm, child, module.get_base_layer())
+                merged += 1
+        if merged:
+            self.lora_merged = True
+        return merged
+
     def backbone_parameters(self) -> int:
         return sum(p.numel() for p in self.lm.parameters())
 
@@ -107,6 +126,9 @@ class EarlyExitLM(nn.Module):
     # --- persistence ---------------------------------------------------------------------------------
     def save_exits(self, directory: str | Path) -> None:
         """Write the exit config and the added weights only (atomic)."""
+        if getattr(self, "lora_merged", False):
+            raise bad_value("exits", str(directory), "LoRA was merged into the backbone (merge_lora), so it can no "
+                            "longer be saved apart from it; save the exits before calling merge_lora()")
         with atomic_directory(directory) as tmp:
             (Path(tmp) / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
