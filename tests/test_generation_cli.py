@@ -71,6 +71,32 @@ def test_generate_cli_evaluate_writes_report(workspace, tmp_path, capsys):
     assert (out_dir / "speed_vs_agreement.png").is_file() and (out_dir / "report.md").is_file()
 
 
+def test_generate_cli_speculative_draft_vocabulary_keeps_the_output(workspace, tmp_path):
+    out_dir = tmp_path / "eval"
+    code = main(["generate", "--model", str(workspace / "lm"), "--prompts-file", str(workspace / "prompts.txt"),
+                 "--strategy", "speculative", "--draft-layers", "1", "--draft-vocab", "12", "--corpus",
+                 str(workspace / "corpus.txt"), "--seq-len", "16", "--max-new-tokens", "6", "--evaluate",
+                 "--output", str(out_dir)])
+    assert code == 0
+    (entry,) = json.loads((out_dir / "results.json").read_text())["results"]
+    assert entry["draft_vocab"] == 12 and entry["token_match"] == 1.0
+
+
+def test_generate_cli_trains_lora_and_decodes_merged(workspace, tmp_path, capsys):
+    pytest.importorskip("peft")
+    exits = tmp_path / "lora"
+    code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
+                 str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
+                 "--adapter-kind", "lowrank", "--adapter-rank", "0", "--lora-rank", "2", "--lora-lr", "1e-2"])
+    assert code == 0 and json.loads((exits / "exit_config.json").read_text())["training"]["lora_rank"] == 2
+    args = ["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
+            "--max-new-tokens", "4", "--no-stream"]
+    assert main(args + ["--strategy", "full"]) == 0
+    full = capsys.readouterr().out
+    assert main(args + ["--strategy", "speculative", "--draft-layers", "1"]) == 0
+    assert capsys.readouterr().out == full  # merged LoRA backbone: speculative still equals its greedy output
+
+
 def test_generate_cli_trains_and_reloads_exits(workspace, tmp_path, capsys):
     exits = tmp_path / "exits"
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
@@ -90,6 +116,7 @@ def test_generate_cli_trains_and_reloads_exits(workspace, tmp_path, capsys):
     (["--prompt", " ".join(["w1"] * 60), "--max-new-tokens", "10"], "context is 64 positions"),
     (["--prompt", "w1", "--chat"], "--chat=True is invalid: this tokenizer has no chat template"),
     (["--prompt", "w1", "--evaluate"], "--output=None is invalid"),
+    (["--prompt", "w1", "--draft-vocab", "8"], "--draft-vocab=8 is invalid: give a positive size, with --strategy speculative"),
 ])
 def test_generate_cli_bad_input(workspace, capsys, argv, expected):
     assert main(["generate", "--model", str(workspace / "lm"), *argv]) == 2

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import bad_value
-from ..generation.corpus import CORPORA, load_passages, require_eos, token_blocks
+from ..generation.corpus import CORPORA, frequent_tokens, load_passages, require_eos, token_blocks
 from ..generation.evaluate import compare, plot, report, run_spec
 from ..generation.loading import PACKAGED_DECODERS, SMOLLM2, load_causal_lm
 from ..generation.model import EarlyExitLM
@@ -57,6 +57,8 @@ def add_parser(subparsers):
     p.add_argument("--num-draft", type=int, default=4, help="speculative: tokens drafted per step")
     p.add_argument("--draft-threshold", type=float, help="speculative: stop drafting after a draft token whose "
                    "probability is below this (adaptive draft length)")
+    p.add_argument("--draft-vocab", type=int, help="speculative: draft over the N most frequent tokens of --corpus "
+                   "only (a cheaper draft head; the output is still exactly the full model's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the tokenizer's end-of-sequence token")
     p.add_argument("--no-stream", action="store_true", help="print each continuation only when it is complete")
@@ -77,7 +79,9 @@ def add_parser(subparsers):
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--lora-rank", type=int, default=0, help="also train LoRA in the attention (needs peft)")
+    g.add_argument("--lora-rank", type=int, default=0, help="also train LoRA in the attention (needs peft; use "
+                   "--adapter-kind lowrank, --adapter-rank 0 for LoRA alone)")
+    g.add_argument("--lora-lr", type=float, default=1e-4)
     p.set_defaults(run=run)
     return p
 
@@ -107,7 +111,8 @@ def apply_chat(tokenizer, prompts: list[str]) -> list[str]:
 def build_spec(args, num_layers: int) -> dict:
     if args.strategy == "speculative":
         return {"strategy": "speculative", "draft_layers": args.draft_layers or num_layers // 2,
-                "num_draft": args.num_draft, "draft_threshold": args.draft_threshold}
+                "num_draft": args.num_draft, "draft_threshold": args.draft_threshold,
+                "draft_vocab": bool(args.draft_vocab)}
     if args.strategy == "full":
         return {"strategy": "full"}
     params = {"min_layer": args.min_layer, "decay": args.decay}
@@ -135,7 +140,8 @@ def train_and_save(args, lm, tokenizer) -> EarlyExitLM:
     blocks = token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
                           max_blocks=args.steps * args.batch_size)
     config = ExitTrainConfig(objective=args.objective, layers=layers,
-                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank)
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
+                             lora_lr=args.lora_lr)
     train_exits(model, blocks, config, log=lambda s: print(s, file=sys.stderr))
     model.config.training["corpus"] = args.corpus
     model.save_exits(args.train_exits)
@@ -147,6 +153,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args) if (args.prompt or args.prompts_file or not args.train_exits) else []
+    if args.draft_vocab is not None and (args.strategy != "speculative" or args.draft_vocab < 1):
+        raise bad_value("--draft-vocab", args.draft_vocab, "give a positive size, with --strategy speculative")
     if args.evaluate and not args.output:
         raise bad_value("--output", None, "--evaluate writes results.json, report.md and plots: give --output DIR")
     from transformers.utils import logging as hf_logging
@@ -162,6 +170,9 @@ def run(args) -> int:
     if not prompts:
         return 0
     model.merge_lora()  # decode at the plain model's cost: LoRA (if any) folded into the weights
+    if args.draft_vocab is not None:
+        model.draft_vocab = frequent_tokens(token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
+                                                         max_blocks=400), args.draft_vocab)
     if args.stop_at_eos:
         require_eos(tokenizer, "--stop-at-eos")
     if args.chat:

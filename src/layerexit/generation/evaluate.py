@@ -151,6 +151,7 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
             accepted = sum(s["accepted"] for s in row["stats"])
             entry["acceptance"] = accepted / drafted if drafted else 0.0
             entry["tokens_per_cycle"] = sum(s["tokens_per_cycle"] for s in row["stats"]) / len(row["stats"])
+            entry["draft_vocab"] = row["stats"][0]["draft_vocab"]  # None: the whole vocabulary
         results.append(entry)
     return {"num_layers": model.num_layers, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "rounds": rounds,
             "full": {"tokens": full["tokens"], "seconds": full["seconds"], "tokens_per_second": full_tps},
