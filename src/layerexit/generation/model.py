@@ -57,6 +57,7 @@ class EarlyExitLM(nn.Module):
             self.exit_adapters = (nn.ModuleList(LowRankAdapter(H, int(adapter_rank)) for _ in range(L - 1))
                                   if adapter_rank else None)
         self.policy = TokenPolicy(H, L) if policy else None
+        self.lora_merged = False  # set by merge_lora: the backbone's weights then include the LoRA updates
         dtype = next(lm.parameters()).dtype
         self.to(dtype)
         self.config = ExitConfig(backbone=str(name or getattr(lm.config, "_name_or_path", "") or ""),
@@ -104,8 +105,7 @@ class EarlyExitLM(nn.Module):
                 parent_name, _, child = name.rpartition(".")
                 setattr(self.lm.get_submodule(parent_name) if parent_name else self.lm, child, module.get_base_layer())
                 merged += 1
-        if merged:
-            self.lora_merged = True
+        self.lora_merged = self.lora_merged or merged > 0
         return merged
 
     def backbone_parameters(self) -> int:
@@ -126,7 +126,7 @@ class EarlyExitLM(nn.Module):
     # --- persistence ---------------------------------------------------------------------------------
     def save_exits(self, directory: str | Path) -> None:
         """Write the exit config and the added weights only (atomic)."""
-        if getattr(self, "lora_merged", False):
+        if self.lora_merged:
             raise bad_value("exits", str(directory), "LoRA was merged into the backbone (merge_lora), so it can no "
                             "longer be saved apart from it; save the exits before calling merge_lora()")
         with atomic_directory(directory) as tmp:
