@@ -17,7 +17,9 @@ Steps (each figure in the JSON is labelled simulated or measured):
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -135,6 +137,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     started = datetime.now(timezone.utc)
+    load_at_start = os.getloadavg()  # 1, 5, 15 minutes: other work on the machine distorts the timings
     layers = ints(args.layers)
     lm, tok = load_causal_lm(args.model)
     shared = EarlyExitLM(lm, name=args.model)
@@ -255,9 +258,9 @@ def main() -> int:
     payload["micro_costs_ms"] = costs
     payload["exit_parameters"] = added_parameters
     payload.update({
-        "rounds": args.rounds, "command": "flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}, shared 2-core CPU",
+        "rounds": args.rounds, "command": "flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/smollm2_generation.py " + shlex.join(sys.argv[1:]),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+                   f"threads, torch {torch.__version__}", "load_average_at_start": load_at_start,
         "date": started.isoformat(timespec="seconds"), "exits": args.exits, "layers": layers,
         "exit_kind": trained.config.adapter_kind, "exit_training": trained.config.training, "draft_vocab": {"size": len(vocab), "heldout_coverage": coverage}, "simulated": simulated, "operating_points": points,
         "policy": policy_info, "shared_head_exit_parameters": shared.exit_parameters(),
