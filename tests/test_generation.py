@@ -193,6 +193,25 @@ def test_exit_layers_restrict_candidates(lms):
     assert out.exit_layers[1:] == [3] * 5
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_speculative_bonus_token_when_every_draft_is_accepted(arch):
+    """Layers after the draft depth write nothing to the residual stream, so every draft is right: each cycle
+    keeps all its drafts plus the full model's next token (the bonus), and the output is still exact."""
+    lm = make_lm(arch, scale=8.0)
+    with torch.no_grad():
+        for layer in EarlyExitLM(lm).adapter.layers[2:]:
+            for name, p in layer.named_parameters():
+                if name.split(".")[-2] in ("o_proj", "down_proj", "c_proj"):
+                    p.zero_()  # attention and MLP outputs: the layer is the identity
+    model = EarlyExitLM(lm)
+    ids = prompt(seed=8)
+    out = generate_speculative(model, ids, draft_layers=2, num_draft=3, max_new_tokens=NEW)
+    assert out.tokens == hf_greedy(lm, ids)
+    assert out.stats["acceptance"] == 1.0
+    assert out.stats["bonus"] == out.stats["cycles"] - 1  # the last cycle stops at max_new_tokens
+    assert out.stats["cycles"] == 4  # 1 prefill token + 3 cycles of 3 drafts + bonus + 3 final drafts = 16
+
+
 def test_speculative_with_draft_vocabulary_is_still_exact(lms):
     model = EarlyExitLM(lms["llama"])
     ids = prompt(seed=7)

@@ -3,9 +3,10 @@
 Draft tokens with the first E layers and the shared exit head, then verify them with the remaining layers
 in one pass. The verification reuses the draft's work: the drafted tokens' hidden states after layer E and
 the K/V caches of layers 1..E are exactly what the full model would compute for them, so only layers
-E+1..L run on the drafts. The longest prefix on which the drafts agree with the full model is kept, plus the
-full model's correction, so the output equals greedy decoding of the full model (up to floating-point
-summation order). Batch size 1.
+E+1..L run on the drafts (the last draft, never fed while drafting, runs layers 1..E first). The longest
+prefix on which the drafts agree with the full model is kept, plus the full model's next token after it (the
+correction, or a bonus token when every draft was accepted), so the output equals greedy decoding of the
+full model (up to floating-point summation order). Batch size 1.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     tokens = [token]  # the last one is always a full-model token not yet fed to the model
     if on_token:
         on_token(token)
-    drafted = accepted = cycles = layer_tokens = 0
+    drafted = accepted = bonus = cycles = layer_tokens = 0
     while len(tokens) < max_new_tokens and token != eos_token_id:
         t = prompt_length + len(tokens) - 1  # position of the last token
         budget = min(int(num_draft), max_new_tokens - len(tokens))
@@ -82,18 +83,25 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
             if draft_threshold is not None and float(torch.softmax(logits.float(), -1).max()) < draft_threshold:
                 break
         k = len(drafts)
-        positions = torch.arange(t, t + k, device=device)
-        deep = adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, k, H)
-        full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (k,) full model's next tokens
+        if drafts[-1] != eos_token_id and len(tokens) + k < max_new_tokens:
+            # d_k joins the verification too, so a fully accepted draft also earns the full model's next token
+            pos = torch.tensor([t + k], device=device)
+            states.append(adapter.run_layers(adapter.embed(torch.tensor([[drafts[-1]]], device=device), pos),
+                                             0, E, pos, cache))
+        m = len(states)  # inputs verified: x_t, d_1..d_{k-1}, and d_k when it was fed
+        positions = torch.arange(t, t + m, device=device)
+        deep = adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, m, H)
+        full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (m,) full model's next tokens
         n = 0
         while n < k and drafts[n] == full[n]:
             n += 1
-        new = drafts[:n] if n == k else drafts[:n] + [full[n]]
+        new = drafts[:n] + full[n:n + 1]  # accepted drafts, then the correction (or the bonus when n == k < m)
         cache.crop(t + n + 1)  # keep inputs x_t, d_1..d_n; forget rejected drafts in every layer
         drafted += k
         accepted += n
+        bonus += int(n == k < m)
         cycles += 1
-        layer_tokens += k * L
+        layer_tokens += m * L  # each verified input ran layers 1..E drafting and E+1..L verifying
         for tok in new:
             tokens.append(tok)
             if on_token:
@@ -103,7 +111,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
         token = tokens[-1]
     seconds = time.perf_counter() - start
     stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": None if head is None else len(head[0]), "num_draft": int(num_draft), "draft_threshold": draft_threshold, "drafted": drafted,
-             "accepted": accepted, "cycles": cycles,
+             "accepted": accepted, "bonus": bonus, "cycles": cycles,
              "acceptance": accepted / drafted if drafted else 0.0,
              "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}
     return Generation(prompt_length, tokens, [], L, seconds, layer_tokens, stats)
