@@ -130,6 +130,8 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--draft-layers", default="10,15,20")
     p.add_argument("--num-draft", type=int, default=4)
+    p.add_argument("--bonus-ablation", action="store_true", help="also measure speculative decoding without "
+                   "verifying the last draft (no bonus token)")
     p.add_argument("--draft-threshold", type=float, default=0.5, help="adaptive draft length: stop below this")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default="benchmarks/results/issue5_smollm2.json")
@@ -238,6 +240,8 @@ def main() -> int:
         specs.append({"strategy": "speculative", "draft_layers": E, "num_draft": args.num_draft, "exits": "trained",
                       "draft_vocab": True, "draft_threshold": args.draft_threshold,
                       "name": f"speculative E={E} {args.exit_kind} exit, draft vocab {len(vocab)}, stop below p={args.draft_threshold}"})
+        if args.bonus_ablation:
+            specs.append({**specs[-1], "bonus": False, "name": specs[-1]["name"] + ", no bonus token"})
     for key, point in points.items():
         if point["rule"] not in args.rules.split(","):
             continue

@@ -210,6 +210,10 @@ def test_speculative_bonus_token_when_every_draft_is_accepted(arch):
     assert out.stats["acceptance"] == 1.0
     assert out.stats["bonus"] == out.stats["cycles"] - 1  # the last cycle stops at max_new_tokens
     assert out.stats["cycles"] == 4  # 1 prefill token + 3 cycles of 3 drafts + bonus + 3 final drafts = 16
+    plain = generate_speculative(model, ids, draft_layers=2, num_draft=3, max_new_tokens=NEW, bonus=False)
+    assert plain.tokens == out.tokens and plain.stats["bonus"] == 0 and plain.stats["cycles"] == 5
+    gated = generate_speculative(model, ids, draft_layers=2, num_draft=3, max_new_tokens=NEW, draft_threshold=1.01)
+    assert gated.tokens == out.tokens and gated.stats["bonus"] == 0  # no draft is confident: no bonus is paid for
 
 
 def test_speculative_with_draft_vocabulary_is_still_exact(lms):

@@ -76,7 +76,7 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
         return generate_speculative(model, input_ids, spec.get("draft_layers", model.num_layers // 2),
                                     spec.get("num_draft", 4), max_new_tokens, eos_token_id, on_token,
                                     draft_vocab=getattr(model, "draft_vocab", None) if spec.get("draft_vocab") else None,
-                                    draft_threshold=spec.get("draft_threshold"))
+                                    draft_threshold=spec.get("draft_threshold"), bonus=spec.get("bonus", True))
     with torch.inference_mode():  # hf: transformers' own greedy generate, timed
         start = time.perf_counter()
         out = model.lm.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
