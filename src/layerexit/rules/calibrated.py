@@ -17,23 +17,20 @@ import torch
 from ..calibration import fit_temperature
 from ..errors import bad_value
 from .base import RULES
-from .confidence import _CONFIDENCE_GRID, _check_threshold
+from .confidence import MaxProb
 from .fitting import CalibratedRule
 
 COSTS = ("layers", "macs")
 
 
 @RULES.register("maxprob-ts", "max-prob after per-exit temperature scaling fitted on validation data (fit first)")
-class TemperatureMaxProb(CalibratedRule):
+class TemperatureMaxProb(CalibratedRule, MaxProb):
     """Max-prob on ``softmax(z_l / T_l)`` (temperature scaling, Guo et al., ICML 2017), one ``T_l`` per exit
-    fitted by NLL on a validation split. Fitted: ``temperatures_`` (L,) float64."""
+    fitted by NLL on a validation split. Fitted: ``temperatures_`` (L,) float64. The threshold, its check,
+    ``params`` and ``grid`` are max-prob's own."""
 
     name = "maxprob-ts"
     fitted_attributes = ("temperatures_",)
-
-    def __init__(self, threshold: float = 0.9):
-        """threshold in [0, 1] on the temperature-scaled max-prob"""
-        self.threshold = _check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
 
     def fit(self, cache) -> "TemperatureMaxProb":
         """Fit one temperature per exit on a split-tagged validation LogitCache; returns self."""
@@ -57,14 +54,6 @@ class TemperatureMaxProb(CalibratedRule):
         other = TemperatureMaxProb(threshold)
         other.__dict__.update({k: v for k, v in vars(self).items() if k.endswith("_")})
         return other
-
-    @property
-    def params(self):
-        return {"threshold": self.threshold}
-
-    @classmethod
-    def grid(cls, num_layers, num_classes):
-        return [{"threshold": t} for t in _CONFIDENCE_GRID if t >= 1.0 / num_classes]
 
 
 def cumulative_layer_costs(num_layers: int) -> list[float]:
