@@ -221,3 +221,33 @@ class _TinyEncoded:
     def collate(self, items):
         assert len(items) == 1
         return items[0]
+
+
+def test_benchmark_cli_times_a_backend_against_its_own_full_model(tmp_path):
+    """`--backend` on the CLI; the saved optimized/<backend>/ beside the checkpoint is used when present."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from layerexit.cli.main import main
+    from layerexit.model import MultiExitModel
+    from tiny_text import write_backbone, write_csv
+
+    write_backbone(tmp_path / "backbone", layers=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "test.csv", 24, seed=3, label_words=True)
+    model = MultiExitModel.from_backbone(str(tmp_path / "backbone"), 2, label_names=["negative", "positive"])
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "backbone"))
+    model.optimize("onnx-int8", exporter="torchscript")
+    model.save_optimized(checkpoint)
+    for backend in ("int8", "onnx-int8"):
+        out = tmp_path / f"{backend}.json"
+        code = main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", backend,
+                     "--param", "threshold=0.6", "--batch-sizes", "1,4", "--examples", "8", "--rounds", "1",
+                     "--output", str(out)])
+        assert code == 0
+        entries = json.loads(out.read_text())["measured"]
+        assert [e["backend"] for e in entries] == [backend, backend] and all(e["seconds_plain"] > 0 for e in entries)
+    assert main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", "int4"]) == 2

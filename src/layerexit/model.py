@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .backbones import EncoderState, adapter_for
-from .config import WEIGHTS_NAME, MultiExitConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, MultiExitConfig
 from .errors import LayerExitError, bad_value
 from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
 from .io import atomic_directory
@@ -184,22 +184,21 @@ class MultiExitModel(nn.Module):
         """Choose where the engine's layers come from: ``eager`` (the backbone's own), ``bf16``, ``int8``,
         ``onnx`` or ``onnx-int8`` (see :mod:`layerexit.execution`); returns the bound backend.
 
-        ``saved`` is a folder written by :meth:`save_optimized`: a checkpoint folder (its
-        ``optimized/<backend>/`` is used) or that subfolder itself; without it the backend is built now
-        (quantized or exported from this model's layers). Call it after moving the model to its device and
+        ``saved`` is where :meth:`save_optimized` wrote the backend: a checkpoint folder (its
+        ``optimized/<backend>/`` is used when present, else the backend is built) or that subfolder itself
+        (it must hold the backend). Without it the backend is built now (quantized or exported from this
+        model's layers). Call it after moving the model to its device and
         dtype. Quantization moves logits: fit rules and thresholds with the backend that serves (the logit
         cache runs through it).
         """
         from .execution import OPTIMIZED_DIR, LayerBackend, make_backend
 
         chosen = backend if isinstance(backend, LayerBackend) else make_backend(str(backend), **options)
-        if saved is not None and chosen.saves_files:
-            folder = Path(saved)
-            if (folder / OPTIMIZED_DIR / chosen.name).is_dir():
-                folder = folder / OPTIMIZED_DIR / chosen.name
-            chosen.bind(self, saved=folder)
-        else:
-            chosen.bind(self)
+        folder = None if saved is None or not chosen.saves_files else Path(saved)
+        if folder is not None and (folder / CONFIG_NAME).is_file():  # a checkpoint: its optimized/<name>/, if any
+            inside = folder / OPTIMIZED_DIR / chosen.name
+            folder = inside if inside.is_dir() else None
+        chosen.bind(self, saved=folder)
         self.eval()
         self.backend = chosen
         return chosen

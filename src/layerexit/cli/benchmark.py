@@ -36,6 +36,8 @@ def add_parser(subparsers):
     p.add_argument("--rule", default="maxprob", choices=RULES.names())
     p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--backend", default="eager", help="layer backend: eager, bf16, int8, onnx, onnx-int8 "
+                   "(docs/backends.md); thresholds are fitted with its own logits")
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--examples", type=int, default=500, help="examples timed per batch size")
     p.add_argument("--rounds", type=int, default=5)
@@ -46,6 +48,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     model, tokenizer = load_checkpoint(args)
+    model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
     data = data_from(args)
     check_labels(data, model.config.num_labels, model.config.label_names)
     encoded = Encoded(data, tokenizer, model.config.max_length)

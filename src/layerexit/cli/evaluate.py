@@ -30,6 +30,8 @@ def add_parser(subparsers):
     p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="test")
     p.add_argument("--output", default="runs/eval", help="report folder")
+    p.add_argument("--backend", default="eager", help="layer backend: eager, bf16, int8, onnx, onnx-int8 "
+                   "(docs/backends.md); thresholds are fitted with its own logits")
     p.add_argument("--rules", default=",".join(DEFAULT_SWEEP), help="rules to sweep, comma separated")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="operating point: most layers saved with accuracy >= full - tolerance")
@@ -46,6 +48,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     model, tokenizer = load_checkpoint(args)
+    model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
     data = data_from(args, label_names=None)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
