@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--backends", default=",".join(LAYER_BACKENDS))
     parser.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"),
                         help="exporter of the per-layer ONNX graphs (the full-model export always uses dynamo)")
+    parser.add_argument("--optimized", help="folder to keep the built backends in (OPTIMIZED/optimized/<backend>/): "
+                        "loaded when present, so a re-run skips the exports")
     parser.add_argument("--output", default="benchmarks/results/cpu_backends.json")
     args = parser.parse_args()
 
@@ -220,7 +222,13 @@ def main() -> None:
         model = MultiExitModel.from_pretrained(args.model).eval()
         options = {"exporter": args.exporter} if name.startswith("onnx") else {}
         built = time.perf_counter()
-        backend = model.optimize(name, **options)
+        saved = Path(args.optimized, "optimized", name) if args.optimized else None
+        if saved is not None and saved.is_dir():  # exported graphs / int8 weights from an earlier run
+            backend = model.optimize(name, saved=saved, **options)
+        else:
+            backend = model.optimize(name, **options)
+            if args.optimized:
+                model.save_optimized(args.optimized)
         build_seconds = time.perf_counter() - built
         dev_cache = collect_logits(model, dev, progress=False)  # calibration with this backend's logits
         test_cache = collect_logits(model, test, progress=False)
