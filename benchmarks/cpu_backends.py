@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
@@ -193,13 +194,15 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=300, help="GLUE validation sentences timed")
     parser.add_argument("--dev-examples", type=int, default=1000, help="dev sentences for threshold choice")
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds; 0: calibrate (and export) only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", default=",".join(LAYER_BACKENDS))
     parser.add_argument("--exporter", default="dynamo", choices=("dynamo", "torchscript"),
                         help="exporter of the per-layer ONNX graphs (the full-model export always uses dynamo)")
     parser.add_argument("--optimized", help="folder to keep the built backends in (OPTIMIZED/optimized/<backend>/): "
                         "loaded when present, so a re-run skips the exports")
+    parser.add_argument("--calibration", help="JSON keeping each backend's dev threshold and per-exit accuracies: "
+                        "read when it matches --model/--examples/--dev-examples, written otherwise (no timing in it)")
     parser.add_argument("--output", default="benchmarks/results/cpu_backends.json")
     args = parser.parse_args()
 
@@ -216,8 +219,14 @@ def main() -> None:
     # layerexit models, one per backend; thresholds chosen on dev with each backend's own logits
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     models, rules, calibration = {}, {}, {}
-    fp32_dev_cache = collect_logits(base, dev, progress=False)
-    fp32_dev_full = per_layer_accuracy(fp32_dev_cache.logits, fp32_dev_cache.labels)[-1]
+    stored = {}  # calibration from an earlier run with the same model, data and sizes (--calibration)
+    key = {"model": args.model, "examples": args.examples, "dev_examples": args.dev_examples}
+    if args.calibration and Path(args.calibration).is_file():
+        loaded = json.loads(Path(args.calibration).read_text())
+        stored = loaded["backends"] if loaded.get("key") == key else {}
+    if not all(name in stored for name in backends):
+        fp32_dev_cache = collect_logits(base, dev, progress=False)
+        fp32_dev_full = per_layer_accuracy(fp32_dev_cache.logits, fp32_dev_cache.labels)[-1]
     for name in backends:
         model = MultiExitModel.from_pretrained(args.model).eval()
         options = {"exporter": args.exporter} if name.startswith("onnx") else {}
@@ -230,19 +239,30 @@ def main() -> None:
             if args.optimized:
                 model.save_optimized(args.optimized)
         build_seconds = time.perf_counter() - built
-        dev_cache = collect_logits(model, dev, progress=False)  # calibration with this backend's logits
-        test_cache = collect_logits(model, test, progress=False)
-        dev_acc = per_layer_accuracy(dev_cache.logits, dev_cache.labels)
-        point = operating_point(sweep(dev_cache, ["maxprob"])["maxprob"], fp32_dev_full, TOLERANCE)
-        if point is None:
-            print(f"{name}: no max-prob threshold within {TOLERANCE} of fp32 on dev; using the last exit")
-            point = {"params": {"threshold": 1.0}}
+        if name in stored:
+            calibration[name] = {**stored[name], "describe": backend.describe(), "build_seconds": build_seconds}
+        else:
+            dev_cache = collect_logits(model, dev, progress=False)  # calibration with this backend's logits
+            test_cache = collect_logits(model, test, progress=False)
+            dev_acc = per_layer_accuracy(dev_cache.logits, dev_cache.labels)
+            point = operating_point(sweep(dev_cache, ["maxprob"])["maxprob"], fp32_dev_full, TOLERANCE)
+            if point is None:
+                print(f"{name}: no max-prob threshold within {TOLERANCE} of fp32 on dev; using the last exit")
+                point = {"params": {"threshold": 1.0}}
+            calibration[name] = {"describe": backend.describe(), "build_seconds": build_seconds,
+                                 "dev_full_accuracy_fp32": fp32_dev_full, "dev_per_exit_accuracy": dev_acc,
+                                 "dev_point": point,
+                                 "test_per_exit_accuracy": per_layer_accuracy(test_cache.logits, test_cache.labels)}
+        point = calibration[name]["dev_point"]
         models[name], rules[name] = model, make_rule("maxprob", **point["params"])
-        calibration[name] = {"describe": backend.describe(), "build_seconds": build_seconds,
-                             "dev_per_exit_accuracy": dev_acc, "dev_point": point,
-                             "test_per_exit_accuracy": per_layer_accuracy(test_cache.logits, test_cache.labels)}
         print(f"{name}: built in {build_seconds:.1f}s, dev threshold {point['params']}, "
               f"test per-exit accuracy {[round(100 * a, 1) for a in calibration[name]['test_per_exit_accuracy']]}")
+    if args.calibration:
+        write_json_atomic(args.calibration, {"key": key, "backends": {
+            n: {k: v for k, v in c.items() if k not in ("describe", "build_seconds")} for n, c in calibration.items()}})
+    if args.rounds == 0:
+        print("--rounds 0: calibration only, nothing timed")
+        return
 
     classifier = Classifier(base).eval()
     variants = {"hf-eager-fp32": torch_stack(classifier)}
