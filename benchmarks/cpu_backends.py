@@ -316,19 +316,19 @@ def main() -> None:
             extra = f"{e['avg_layers']:6.2f} {e['ratio_to_ideal']:10.2f}" if "avg_layers" in e else ""
             print(f"{name:28s} {e['time']['median']:9.3f} {100 * e['time']['range_rel']:6.1f}% "
                   f"{e['speedup_vs_hf_fp32']:7.2f} {100 * e['accuracy']:6.1f} {e['changed_vs_fp32']:4d} {extra}")
+        targets = evaluate_targets(results, calibration)  # written after every batch size: a run cut short
+        for line in targets["lines"]:                       # by its time limit still leaves what it measured
+            print(line)
+        payload = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model,
+            "data": args.data, "examples": args.examples, "dev_examples": args.dev_examples, "rounds": args.rounds,
+            "threads": args.threads, "exporter": args.exporter, "cpu": cpu_info(), "versions": versions(),
+            "loadavg_before": load_before, "loadavg_after": loadavg(), "setup_seconds": setup_seconds,
+            "total_seconds": time.perf_counter() - started, "calibration": calibration, "results": results,
+            "targets": targets,
+        }
+        write_json_atomic(args.output, payload)
 
-    targets = evaluate_targets(results, calibration)
-    for line in targets["lines"]:
-        print(line)
-    payload = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": args.model,
-        "data": args.data, "examples": args.examples, "dev_examples": args.dev_examples, "rounds": args.rounds,
-        "threads": args.threads, "exporter": args.exporter, "cpu": cpu_info(), "versions": versions(),
-        "loadavg_before": load_before, "loadavg_after": loadavg(), "setup_seconds": setup_seconds,
-        "total_seconds": time.perf_counter() - started, "calibration": calibration, "results": results,
-        "targets": targets,
-    }
-    write_json_atomic(args.output, payload)
     print(f"wrote {args.output}")
 
 
