@@ -22,7 +22,7 @@ import torch
 
 from layerexit.data import load_data
 from layerexit.evaluation.evaluate import evaluate
-from layerexit.evaluation.report import format_table
+from layerexit.evaluation.table import format_table
 from layerexit.model import MultiExitModel
 from layerexit.training import TrainConfig
 from layerexit.training.run import train_classifier

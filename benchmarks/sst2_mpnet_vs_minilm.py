@@ -31,7 +31,7 @@ import torch
 from transformers import AutoTokenizer
 
 from layerexit.data import Encoded, load_data
-from layerexit.evaluation.benchmark import Batches, _engine, _plain
+from layerexit.evaluation.benchmark import Batches, engine_forward, plain_forward
 from layerexit.evaluation.cache import LogitCache, collect_logits, tag_split
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.cost import exit_costs, plain_cost, row_costs
@@ -161,11 +161,11 @@ def main() -> None:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         limit = args.batch1_examples if batch_size == 1 else None
         batches = {"minilm-full": Batches.build(mini_enc, batch_size, limit)}
-        variants = {"minilm-full": lambda b: _plain(minilm, b)}
+        variants = {"minilm-full": lambda b: plain_forward(minilm, b)}
         for target in candidates:
             name = f"mpnet-pcee@{target}"
             batches[name] = Batches.build(mp_enc, batch_size, limit)
-            variants[name] = lambda b, r=pcee.with_target(target): _engine(mpnet, b, r)
+            variants[name] = lambda b, r=pcee.with_target(target): engine_forward(mpnet, b, r)
         seconds = time_variants(variants, batches, args.rounds)
         n = len(batches["minilm-full"].labels)
         entries = []

@@ -6,7 +6,9 @@ import copy
 
 import pytest
 
-from layerexit.evaluation.report import area_under_curve, format_table, operating_point, write_report
+from layerexit.evaluation.metrics import area_under_curve, operating_point
+from layerexit.evaluation.report import write_report
+from layerexit.evaluation.table import format_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,7 +15,7 @@ from ..errors import LayerExitError
 from ..evaluation.benchmark import speed_report
 from ..evaluation.cache import collect_logits
 from ..evaluation.evaluate import curve_name, sweep
-from ..evaluation.report import operating_point
+from ..evaluation.metrics import operating_point
 from ..evaluation.simulate import per_layer_accuracy
 from ..io import write_json_atomic
 from ..rules import RULES, make_rule

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..data import load_data
 from ..evaluation.evaluate import evaluate
-from ..evaluation.report import format_table
+from ..evaluation.table import format_table
 from ..resources import DEFAULT_MODEL
 from ..training import TrainConfig
 from ..training.run import train_classifier

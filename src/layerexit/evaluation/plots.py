@@ -18,9 +18,10 @@ matplotlib.use("Agg")  # headless: no display needed, set before pyplot is impor
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .metrics import DEFAULT_TOLERANCE, operating_point  # noqa: E402
+
 FIGSIZE = (8, 5)
 DPI = 120
-DEFAULT_TOLERANCE = 0.01
 
 _ORACLE_STYLE = {
     "gold": {"color": "goldenrod", "label": "gold oracle (bound)"},
@@ -29,13 +30,15 @@ _ORACLE_STYLE = {
 _RULE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
-def _prepare(path: str | Path) -> Path:
+def prepare_path(path: str | Path) -> Path:
+    """``path`` as a Path whose folder exists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` at the report resolution and close it (also on error); return ``path``."""
     try:
         fig.savefig(path, dpi=DPI)
     finally:
@@ -58,9 +61,7 @@ def plot_tradeoff(
     accuracy and a dotted one ``full − tolerance``; ``tolerance`` defaults to ``results["tolerance"]``
     or 0.01. Returns ``path``.
     """
-    from .report import operating_point  # report imports this module lazily; no cycle at import time
-
-    path = _prepare(path)
+    path = prepare_path(path)
     if tolerance is None:
         tolerance = float(results.get("tolerance", DEFAULT_TOLERANCE))
     full = 100.0 * float(results["full"]["accuracy"])
@@ -114,13 +115,13 @@ def plot_tradeoff(
     ax.set_title(title or default_title, fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_layer(results: Mapping[str, Any], path: str | Path) -> Path:
     """Bar chart of each exit's accuracy (%) by exit layer 1..L, with the full model's accuracy as a dashed
     line. Returns ``path``."""
-    path = _prepare(path)
+    path = prepare_path(path)
     accuracies = [100.0 * float(a) for a in results.get("per_layer_accuracy") or []]
     full = 100.0 * float(results["full"]["accuracy"])
     layers = list(range(1, len(accuracies) + 1))
@@ -143,4 +144,4 @@ def plot_per_layer(results: Mapping[str, Any], path: str | Path) -> Path:
     )
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)

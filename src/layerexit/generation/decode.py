@@ -74,7 +74,8 @@ def prefill(model, input_ids: torch.Tensor, cache: LayerKVCache) -> torch.Tensor
     return hidden[0, -1]
 
 
-def _argmax(logits: torch.Tensor) -> int:
+def greedy_token(logits: torch.Tensor) -> int:
+    """(V,) or (1, V) logits of one position -> the greedy token id."""
     return int(logits.argmax(dim=-1))
 
 
@@ -96,7 +97,7 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
     start = time.perf_counter()
     project = adapter.kv_projector() if kv == "propagate" and not full else None
     cache = LayerKVCache(L)
-    token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
+    token = greedy_token(model.exit_logits(L, prefill(model, input_ids, cache)))
     tokens, exits, layer_tokens = [token], [L], 0
     if on_token:
         on_token(token)
@@ -110,7 +111,7 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
         if full:
             flow = adapter.run_layers(flow, 0, L, positions, cache, kwargs)
             layer_tokens += L
-            token = _argmax(model.exit_logits(L, flow[0, -1]))
+            token = greedy_token(model.exit_logits(L, flow[0, -1]))
             tokens.append(token)
             exits.append(L)
             if on_token:
@@ -150,7 +151,7 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
         logits = view.computed_logits if view is not None and view.computed_logits is not None else None
         if logits is None:
             logits = model.exit_logits(exit_layer, hidden)
-        token = _argmax(logits)
+        token = greedy_token(logits)
         tokens.append(token)
         exits.append(exit_layer)
         if on_token:

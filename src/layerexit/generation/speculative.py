@@ -18,7 +18,7 @@ import torch
 
 from ..errors import bad_value
 from .cache import LayerKVCache
-from .decode import Generation, _argmax, check_request, prefill
+from .decode import Generation, greedy_token, check_request, prefill
 
 
 def check_draft_layers(model, draft_layers: int) -> int:
@@ -62,7 +62,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     L, adapter, device = model.num_layers, model.adapter, input_ids.device
     start = time.perf_counter()
     cache = LayerKVCache(L)
-    token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
+    token = greedy_token(model.exit_logits(L, prefill(model, input_ids, cache)))
     tokens = [token]  # the last one is always a full-model token not yet fed to the model
     if on_token:
         on_token(token)
@@ -77,10 +77,10 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
             states.append(h)  # (1, 1, H) after layer E
             if head is None:
                 logits = model.exit_logits(E, h[0, -1])  # (V,)
-                x = _argmax(logits)
+                x = greedy_token(logits)
             else:
                 logits = torch.nn.functional.linear(model.exit_hidden(E, h[0, -1]), head[1], head[2])  # (K,)
-                x = int(head[0][_argmax(logits)])
+                x = int(head[0][greedy_token(logits)])
             drafts.append(x)
             if x == eos_token_id:
                 break
