@@ -127,6 +127,10 @@ def test_evaluate_fits_once_writes_once_and_reports_control(trained, monkeypatch
     assert sorted(writes) == ["report.md", "results.json"]
     results = json.loads((out / "results.json").read_text())
     assert len(results["measured"]) == 1 and len(results["controllability"]["measured"]) == 2
+    for m in results["measured"] + results["controllability"]["measured"]:
+        assert m["speedup_spread"]["min"] <= m["speedup_spread"]["median"] <= m["speedup_spread"]["max"]
+        assert m["num_examples"] == 16 and 0 <= m["simulated_accuracy"] <= 1 and m["load_average"] >= 0
+        assert isinstance(m["warnings"], list) and any("no spread" in w for w in m["warnings"])  # 2 rounds
     text = (out / "report.md").read_text()
     assert "## Accuracy control and budgets" in text and "](controllability.png)" in text
     assert "| pcee |" in text and "At the asked target 80.0%" in text and "](budgets.png)" in text

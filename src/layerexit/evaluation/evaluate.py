@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import Encoded, TextClassificationData, check_labels
+from ..errors import LayerExitError
 from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules import DEFAULT_SWEEP, RULES, AgreementOracle, GoldOracle, make_rule
@@ -77,6 +78,30 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
     return [entry for batch_size in batch_sizes
             for entry in compare_with_simulation(speed_report(model, encoded, rules, batch_size, limit=limit,
                                                               rounds=rounds), cache, rules)]
+
+
+def benchmark(model: MultiExitModel, tokenizer, data: TextClassificationData, rule_name: str,
+              params: dict | None = None, tolerance: float = DEFAULT_TOLERANCE, batch_sizes: tuple[int, ...] = (1, 32),
+              examples: int | None = 500, rounds: int = 5) -> list[dict]:
+    """Time one rule against the full model at each batch size (``speed_report`` entries, ``exit_layers``
+    dropped). Without ``params`` the rule runs at its operating point, found by simulation on the same data:
+    the most layers saved within ``tolerance`` of the full model's accuracy."""
+    check_labels(data, model.config.num_labels, model.config.label_names)
+    encoded = Encoded(data, tokenizer, model.config.max_length)
+    if not params and rule_name != "full":
+        cache = collect_logits(model, encoded)
+        full = per_layer_accuracy(cache.logits, cache.labels)[-1]
+        point = operating_point(sweep(cache, [rule_name])[curve_name(rule_name)], full, tolerance)
+        if point is None:
+            raise LayerExitError(f"--rule={rule_name!r}: no setting stays within --tolerance={tolerance} of "
+                                 "the full model; raise --tolerance or give --param")
+        params = point["params"]
+    rule = make_rule(rule_name, **(params or {}))
+    entries = [entry for batch_size in batch_sizes
+               for entry in speed_report(model, encoded, {rule_name: rule}, batch_size, examples, rounds)]
+    for entry in entries:
+        entry.pop("exit_layers")
+    return entries
 
 
 def evaluate(

@@ -85,6 +85,18 @@ def format_warnings(results: Mapping[str, Any]) -> str:
 
 
 
+def format_measured(entry: Mapping[str, Any], total_layers: int) -> str:
+    """One measured entry as a line (and its warnings, one line each)."""
+    su = entry.get("speedup_spread")
+    spread = f" [rounds {su['min']:.2f}-{su['max']:.2f}x]" if su else ""
+    lines = [f"batch {entry['batch_size']:>3}: {entry['rule']} {entry['params']} accuracy "
+             f"{100 * entry['accuracy']:.1f}% avg layers {entry['avg_layers']:.2f}/{total_layers}  speed-up measured "
+             f"{entry['speedup_measured']:.2f}x{spread} ideal {entry['speedup_ideal']:.2f}x (ratio "
+             f"{entry['ratio_to_ideal']:.2f}); exit heads add {100 * entry['overhead_heads']:.1f}% to the full path"]
+    lines += [f"  WARNING: {w}" for w in entry.get("warnings") or []]
+    return "\n".join(lines)
+
+
 def format_calibration(table: list[Mapping[str, Any]], budget=None, split: str = "") -> str:
     """Per exit: accuracy, confidence, ECE before and after temperature scaling; and the fitted budget rule."""
     lines = [f"{'exit':>4} {'accuracy %':>10} {'confidence %':>12} {'ECE %':>6} {'T':>6} {'ECE after T %':>13}"]
@@ -97,4 +109,4 @@ def format_calibration(table: list[Mapping[str, Any]], budget=None, split: str =
     return "\n".join(lines)
 
 
-__all__ = ["format_calibration", "format_control", "format_summary", "format_table", "format_warnings"]
+__all__ = ["format_calibration", "format_control", "format_measured", "format_summary", "format_table", "format_warnings"]
