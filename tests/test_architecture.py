@@ -1,10 +1,13 @@
 """The package's shape: no import cycle, no module importing another's private names, no library module
-importing the CLI. Read from the source with ``ast`` (function-level imports included), nothing imported."""
+importing the CLI (read from the source with ``ast``, function-level imports included); one helper for
+installed resource packages."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import layerexit
 
@@ -113,3 +116,12 @@ def test_library_modules_do_not_import_the_cli():
 def test_the_checks_see_a_known_import():
     """Guard against a vacuous pass: the graph holds an import we know exists."""
     assert "layerexit.evaluation.metrics" in _graph()["layerexit.evaluation.report"]
+
+
+def test_package_dir_names_what_needs_the_missing_package():
+    from layerexit.errors import LayerExitError
+    from layerexit.resources import package_dir
+
+    with pytest.raises(LayerExitError, match=r"corpus='x' needs its package: pip install --no-deps nope==1\.0"):
+        package_dir("layerexit_no_such_package", "corpus='x'", "nope==1.0")
+    assert (package_dir("layerexit", "test", "-") / "resources.py").is_file()

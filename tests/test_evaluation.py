@@ -93,3 +93,4 @@ def test_measure_keeps_every_round_and_simulation_uses_the_timed_rows(models):
                                        {"maxprob": rule})
     assert entry["matches_simulation"] == 1.0
     assert entry["simulated_avg_layers"] == pytest.approx(float(exit_layer.double().mean()))
+
