@@ -20,7 +20,7 @@ import torch
 
 from ..errors import bad_value
 from .cache import LayerKVCache
-from .rules import ExitView, Never, TokenRule
+from .rules import TokenRule, make_token_rule, token_signals
 
 KV_STRATEGIES = ("propagate", "recompute")
 
@@ -91,8 +91,9 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
     if kv not in KV_STRATEGIES:
         raise bad_value("kv", kv, f"choose one of {', '.join(KV_STRATEGIES)}")
     prompt_length = check_request(model, input_ids, max_new_tokens)
-    rule = (rule or Never()).bind(model.num_layers, max_new_tokens)
-    full = isinstance(rule, Never)
+    rule = (rule or make_token_rule("never")).bind(model.num_layers, model.adapter.vocab_size)
+    rule.with_horizon(max_new_tokens)
+    full = rule.is_full
     L, adapter, device = model.num_layers, model.adapter, input_ids.device
     start = time.perf_counter()
     project = adapter.kv_projector() if kv == "propagate" and not full else None
@@ -117,7 +118,8 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
             if on_token:
                 on_token(token)
             continue
-        flow_start, view, exit_layer = p, None, L
+        flow_start, exit_logits, exit_layer = p, None, L
+        state = {**rule.init_state(1, device=device), "position": torch.tensor([len(tokens)], device=device)}
         for index in range(L):
             have = cache.length(index)
             if have < flow_start:  # recompute: pending tokens missing at this layer join the block
@@ -130,11 +132,11 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
             layer_tokens += flow.shape[1]
             layer = index + 1
             if layer < L and rule.is_candidate(layer):
-                view = ExitView(model, layer, flow[0, -1], previous)
-                if rule.should_exit(view, len(tokens)):
-                    exit_layer = layer
+                logits = model.exit_logits(layer, flow[0, -1]) if rule.reads_logits else None  # (V,)
+                state.update(token_signals(model, rule.rule.needs, layer, flow[0, -1], previous))
+                if bool(rule.should_exit(None if logits is None else logits[None], index, state)[0]):
+                    exit_layer, exit_logits = layer, logits
                     break
-                view = None
         hidden = flow[0, -1]  # (H,)
         if exit_layer < L:
             if kv == "propagate":
@@ -148,10 +150,7 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
                 base = new_base
         elif kv == "recompute":
             pending, base = None, p + 1
-        logits = view.computed_logits if view is not None and view.computed_logits is not None else None
-        if logits is None:
-            logits = model.exit_logits(exit_layer, hidden)
-        token = greedy_token(logits)
+        token = greedy_token(exit_logits if exit_logits is not None else model.exit_logits(exit_layer, hidden))
         tokens.append(token)
         exits.append(exit_layer)
         if on_token:
