@@ -1,4 +1,4 @@
-"""Benchmark for issue 3: ConsistentEE against the classic exit rules on MiniLM-L6 and SST-2.
+"""ConsistentEE benchmark: ConsistentEE against the classic exit rules on MiniLM-L6 and SST-2.
 
 Same backbone (packaged MiniLM-L6), same training data (the first N SST-2 training phrases), same training
 budget in epochs over that data for every method:
