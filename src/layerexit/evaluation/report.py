@@ -48,6 +48,7 @@ _MEASURED_KNOWN_EXTRAS = {
     "seconds_early_exit": "early exit (s)",
     "num_examples": "examples",
     "rounds": "rounds",
+    "load_average": "machine load (1 min)",
 }
 #: keys shown in another form (the ratio and spread columns, the warning notes) or not worth a column
 _MEASURED_HIDDEN = {"ratio_to_ideal", "exit_layers", "speedup_spread", "overhead_spread", "warnings",
