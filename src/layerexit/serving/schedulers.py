@@ -85,6 +85,10 @@ class Scheduler:
             self._cv.notify()
 
     @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
     def queue_depth(self) -> int:
         """Rows accepted and not yet started (waiting in the queue)."""
         return self._queued_rows
