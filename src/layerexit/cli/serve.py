@@ -47,6 +47,11 @@ def add_parser(subparsers):
     net.add_argument("--max-queue", type=int, default=1024, help="rows accepted and unanswered before 503")
     net.add_argument("--max-client-batch", type=int, default=32, help="most inputs in one request (else 413)")
     net.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'layerexit[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas of the same service")
+    ray.add_argument("--replicas", type=int, default=1, help="number of replicas (with --ray)")
+    ray.add_argument("--ray-address", help="Ray cluster to join (e.g. auto); default: start a local Ray")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
     net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
     return p
@@ -55,6 +60,14 @@ def add_parser(subparsers):
 def run(args) -> int:
     from ..serving.service import load_service
 
+    kwargs = dict(rule=args.rule, threshold=args.threshold, params=parse_rule_params(args.param),
+                  calibration=args.calibration, target_accuracy=args.target_accuracy, budget=args.budget,
+                  scheduler=args.scheduler, policy=args.policy, max_batch=args.max_batch,
+                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_client_batch=args.max_client_batch,
+                  threads=args.threads)
+    if args.ray:
+        return _run_ray(args, kwargs)
+
     try:
         from ..serving.app import serve
     except ImportError as err:
@@ -62,13 +75,29 @@ def run(args) -> int:
 
         raise LayerExitError(f"`layerexit serve` needs FastAPI, uvicorn and prometheus-client ({err}): "
                              "pip install 'layerexit[serve]'") from None
-    service = load_service(args.model, rule=args.rule, threshold=args.threshold, params=parse_rule_params(args.param),
-                           calibration=args.calibration, target_accuracy=args.target_accuracy, budget=args.budget,
-                           scheduler=args.scheduler, policy=args.policy, max_batch=args.max_batch,
-                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                           max_client_batch=args.max_client_batch, threads=args.threads)
+    service = load_service(args.model, **kwargs)
     info = service.info()
     print(f"layerexit serve: {info['model_id']} ({info['num_layers']} layers), rule {info['rule']['name']} "
           f"{info['rule']['params']}, scheduler {args.scheduler}; http://{args.host}:{args.port}/docs", flush=True)
     serve(service, args.host, args.port, args.log_level)
+    return 0
+
+
+def _run_ray(args, kwargs: dict) -> int:
+    from pathlib import Path
+
+    from ..errors import LayerExitError, bad_value
+    from ..serving.service import find_default_model
+
+    try:
+        from ..serving import ray_deploy
+    except ImportError as err:  # pragma: no cover - depends on the optional extra
+        raise LayerExitError(f"--ray needs Ray Serve ({err}): pip install 'layerexit[ray]'") from None
+    if args.replicas < 1:
+        raise bad_value("--replicas", args.replicas, "use a whole number of replicas >= 1")
+    model = args.model or find_default_model()
+    if model is None:
+        raise bad_value("--model", None, "no model given and none from `make demo` here: pass --model DIR")
+    ray_deploy.run(args.replicas, args.host, args.port, args.ray_address, args.cpus_per_replica,
+                   model=str(Path(model).resolve()), **kwargs)
     return 0

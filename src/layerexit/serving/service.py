@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -134,7 +135,7 @@ class Service:
 
     def info(self) -> dict:
         s = self.scheduler
-        return {"model_id": self.model_id, "model_type": self.engine.config.model_type,
+        return {"model_id": self.model_id, "process": os.getpid(), "model_type": self.engine.config.model_type,
                 "num_layers": self.engine.num_layers, "labels": self.engine.labels,
                 "exit_feature": self.engine.config.exit_feature, "max_input_length": self.engine.max_length,
                 "max_client_batch_size": self.max_client_batch, "rule": self.rules.info(),
