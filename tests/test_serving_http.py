@@ -256,3 +256,15 @@ def test_sigterm_answers_every_accepted_request_then_exits(checkpoint):
         assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
         with pytest.raises(httpx2.HTTPError):
             httpx2.get(s.url + "/health", timeout=2)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--max-wait-ms", "-1"], "max_wait_ms=-1.0"),
+    (["--max-batch", "0"], "max_batch=0"),
+    (["--rule", "maxprob", "--threshold", "2"], "maxprob.threshold=2.0"),
+    (["--rule", "nosuch"], "nosuch"),
+    (["--budget", "0.5"], "--calibration"),
+])
+def test_serve_refuses_bad_options_with_a_clear_error(checkpoint, capsys, argv, words):
+    assert main(["serve", "--model", str(checkpoint), *argv]) == 2
+    assert words in capsys.readouterr().err

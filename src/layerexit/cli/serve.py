@@ -10,8 +10,7 @@ Needs the `serve` extra: pip install 'layerexit[serve]'.
 
 from __future__ import annotations
 
-from ..rules import RULES
-from .common import Formatter, add_config_option, parse_rule_params
+from .common import Formatter, add_config_option
 
 EXAMPLES = """examples:
   layerexit serve --model runs/rt/best --rule maxprob --threshold 0.9
@@ -27,8 +26,8 @@ def add_parser(subparsers):
     add_config_option(p)
     p.add_argument("--model", help="checkpoint folder (default: the model `make demo` wrote, runs/demo/model/best)")
     rules = p.add_argument_group("exit rule (one source)")
-    rules.add_argument("--rule", choices=RULES.names(), help="exit rule (default maxprob; with --calibration: "
-                       "pcee-ws)")
+    rules.add_argument("--rule", help="exit rule name, as `layerexit list` shows (default maxprob; with "
+                       "--calibration: pcee-ws)")
     rules.add_argument("--threshold", type=float, help="the rule's threshold (default: the rule's own)")
     rules.add_argument("--param", action="append", help="other rule parameter NAME=VALUE (repeatable)")
     rules.add_argument("--calibration", help="folder written by `layerexit calibrate` (rules.json, fit_logits.pt)")
@@ -57,8 +56,9 @@ def add_parser(subparsers):
     return p
 
 
-def run(args) -> int:
+def run(args) -> int:  # heavy imports here, not at parse time
     from ..serving.service import load_service
+    from .common import parse_rule_params
 
     kwargs = dict(rule=args.rule, threshold=args.threshold, params=parse_rule_params(args.param),
                   calibration=args.calibration, target_accuracy=args.target_accuracy, budget=args.budget,

@@ -210,7 +210,21 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
     from transformers import AutoTokenizer
 
     from ..model import MultiExitModel
+    from .schedulers import POLICIES, SCHEDULERS
 
+    # every option is checked before the model loads
+    if scheduler not in SCHEDULERS:
+        raise bad_value("scheduler", scheduler, f"use one of {', '.join(SCHEDULERS)}")
+    if policy not in POLICIES:
+        raise bad_value("policy", policy, f"use one of {', '.join(POLICIES)}")
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_client_batch", max_client_batch)):
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise bad_value(name, value, "use a whole number >= 1")
+    if not max_wait_ms >= 0:
+        raise bad_value("max_wait_ms", max_wait_ms, "use a number of milliseconds >= 0")
+    if calibration is None and budget is None and target_accuracy is None:
+        make_rule(rule or "maxprob", **{**(params or {}), **({"threshold": threshold} if threshold is not None
+                                                              else {})})  # unknown rule or bad value: now
     if model is None:
         model = find_default_model()
         if model is None:
