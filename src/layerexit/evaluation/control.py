@@ -128,7 +128,8 @@ def control_report(model, tokenizer, encoded: Encoded, test: LogitCache, options
             report["measured"] = [entry for batch_size in batch_sizes for entry in compare_with_simulation(
                 speed_report(model, encoded, timed, batch_size, measure_examples, rounds), test, timed)]
     if options.budget is not None:
-        report["asked_budget"] = {unit: _row(b["rows"], "asked", options.budget) for unit, b in report["budgets"].items()}
+        report["asked_budget"] = {unit: _row(b["rows"], "asked", options.budget)
+                                  for unit, b in report["budgets"].items()}
     return out
 
 
