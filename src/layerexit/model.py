@@ -9,21 +9,24 @@ rows that exit leave the batch between layers, so layers past an input's exit ar
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .backbones import EncoderState, adapter_for
-from .config import WEIGHTS_NAME, MultiExitConfig
+from .config import HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json
 from .errors import LayerExitError, bad_value
 from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
 from .io import atomic_directory
 from .resources import resolve_model
+from .rules.base import ExitRule
 
 BACKBONE_DIR = "backbone"
 
@@ -63,9 +66,15 @@ class EarlyExitOutput:
 class MultiExitModel(nn.Module):
     """An encoder with one exit classifier after every layer.
 
+    A plain ``nn.Module`` around an unmodified Hugging Face encoder, registered with ``AutoModel`` for
+    :class:`~layerexit.config.LayerExitConfig` (its ``config.json``), so ``AutoModel.from_pretrained(ckpt)``
+    returns one after ``import layerexit``. ``model.config`` is the :class:`~layerexit.config.MultiExitConfig`.
+
     Exit feature per layer (``exit_feature``): ``pooler`` (ConsistentEE, Zeng et al. AAAI 2024: the shared
     pooler on the layer's first token), ``cls`` or ``mean``; see :data:`layerexit.heads.FEATURES`.
     """
+
+    config_class = LayerExitConfig
 
     def __init__(self, backbone: nn.Module, config: MultiExitConfig):
         super().__init__()
@@ -250,39 +259,90 @@ class MultiExitModel(nn.Module):
         return EarlyExitOutput(out_logits, exit_layer)
 
     # --- persistence ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, tokenizer=None, heads_only: bool = False) -> None:
-        """Write the checkpoint atomically: JSON config + safetensors (+ backbone config and tokenizer).
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (of the first floating-point parameter)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
-        ``heads_only`` saves just the exits (for a frozen backbone); loading it needs the same backbone.
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def to_hf_config(self, heads_only: bool = False, exit_rule=None) -> LayerExitConfig:
+        """This model's ``config.json``: a :class:`~layerexit.config.LayerExitConfig` embedding the backbone's config.
+
+        ``exit_rule`` (an :class:`~layerexit.rules.ExitRule`, fitted ones included, or the dict form of
+        :func:`~layerexit.rules.fitting.rule_to_dict`) is recorded as the checkpoint's default rule.
         """
+        backbone_config = self.backbone.config.to_dict()
+        backbone_config.pop("dtype", None)  # the weights' dtype is recorded once, at the top level
+        return LayerExitConfig(**self.config.to_hf_dict(), backbone_config=backbone_config,
+                               heads_only=bool(heads_only), exit_rule=rule_spec(exit_rule),
+                               architectures=[type(self).__name__], dtype=str(self.dtype).removeprefix("torch."))
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None, heads_only: bool = False, exit_rule=None) -> None:
+        """Write the checkpoint atomically: ``config.json`` + ``model.safetensors`` (+ the tokenizer's files).
+
+        The weights keep their dtype (a bf16 model saves and reloads as bf16). ``heads_only`` saves just the
+        exits (for a frozen backbone); loading it needs the same backbone. ``exit_rule`` is stored as the
+        checkpoint's default rule (:func:`layerexit.pipeline` uses it). ``layerexit_config.json`` is written too,
+        for tools that read the earlier format.
+        """
+        hf_config = self.to_hf_config(heads_only, exit_rule)
         with atomic_directory(directory) as tmp:
+            hf_config.to_json_file(tmp / HF_CONFIG_NAME, use_diff=False)
             self.config.save(tmp)
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             if heads_only:
                 tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-            else:
-                self.backbone.config.save_pretrained(tmp / BACKBONE_DIR)
             save_file(_dedupe(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "heads_only": str(heads_only)})
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, backbone: str | nn.Module | None = None) -> "MultiExitModel":
-        """Load a checkpoint written by :meth:`save_pretrained`.
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, backbone: str | nn.Module | None = None, *,
+                        dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                        revision: str | None = None, cache_dir: str | Path | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False, force_download: bool = False, subfolder: str = "",
+                        **kwargs) -> "MultiExitModel":
+        """Load a checkpoint: a folder written by :meth:`save_pretrained` (or by layerexit 0.1), or a hub id.
 
-        A heads-only checkpoint loads onto ``backbone`` (default: the one it records) after checking that
-        the backbone matches the one it was trained on.
+        A hub id (``"user/name"``) resolves through huggingface_hub's cache (``HF_HUB_CACHE``); with
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` only the cache is used. ``dtype`` (default: as saved)
+        and ``device`` place the model. ``AutoModel.from_pretrained(ckpt)`` calls this after ``import layerexit``.
+
+        The backbone comes from the checkpoint itself. Only a checkpoint saved ``heads_only`` loads an external
+        one: ``backbone`` (a module, hub name or folder; default the one the checkpoint records), refused unless
+        it matches the backbone the exits were trained on. A full checkpoint that lost its backbone weights is
+        refused rather than completed with whatever backbone its config names.
         """
-        directory = Path(directory)
-        config = MultiExitConfig.load(directory)
-        tensors = load_file(str(directory / WEIGHTS_NAME))
-        external = backbone is not None or not (directory / BACKBONE_DIR).is_dir()
+        _check_load_kwargs(kwargs)
+        dtype = _as_dtype(dtype if dtype is not None else kwargs.get("torch_dtype"))
+        directory = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                       token=token, local_files_only=local_files_only, force_download=force_download)
+        if subfolder:
+            directory = directory / subfolder
+        config, hf_config = _read_checkpoint_config(directory)
+        tensors, heads_only = _read_weights(directory, device)
+        backbone_config = _backbone_config(directory, hf_config)
+        has_backbone = backbone_config is not None and any(k.startswith("backbone.") for k in tensors)
+        if backbone is None and not has_backbone and not heads_only:
+            raise bad_value(
+                "backbone", None,
+                f"checkpoint {str(directory)!r} was saved with its fine-tuned backbone, which is missing here (no "
+                f"backbone weights or backbone config); layerexit will not load the backbone its config names "
+                f"({config.backbone!r}) in its place. Restore the complete checkpoint, or pass backbone= explicitly "
+                "(a module, hub name or folder) if you mean to put these exits on another encoder",
+            )
+        external = backbone is not None or not has_backbone
         if external:  # exits only, onto a backbone that must match the recorded one
             module = _load_matching_backbone(backbone or config.backbone, config, directory)
             tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
+            target = dtype or next(p.dtype for p in module.parameters() if p.is_floating_point())
         else:
-            module = AutoModel.from_config(AutoConfig.from_pretrained(directory / BACKBONE_DIR))
-        model = cls(module, config)
+            module = AutoModel.from_config(backbone_config)
+            target = dtype or _saved_dtype(hf_config, tensors)
+        model = cls(module, config).to(target)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if external:
             missing = [k for k in missing if not k.startswith("backbone.")]
@@ -291,9 +351,143 @@ class MultiExitModel(nn.Module):
                 f"checkpoint={str(directory)!r} is invalid: missing weights {missing[:5]}, unexpected "
                 f"{unexpected[:5]}; it was not written by layerexit for this kind of backbone"
             )
+        if device is not None:
+            model.to(device)
         model.eval()
         return model
 
+    def push_to_hub(self, repo_id: str, tokenizer=None, *, exit_rule=None, figures: dict | None = None,
+                    private: bool | None = None, token: str | None = None, commit_message: str | None = None,
+                    revision: str | None = None, create_pr: bool = False):
+        """Save to a temporary folder with a generated model card (``README.md``) and upload it to the hub.
+
+        The card lists the exits, the default ``exit_rule`` and the measured ``figures`` you pass (a flat
+        ``{name: value}`` mapping, e.g. accuracy and measured speed-up). Returns huggingface_hub's commit info.
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, tokenizer=tokenizer, exit_rule=exit_rule, figures=figures, private=private,
+                           token=token, commit_message=commit_message, revision=revision, create_pr=create_pr)
+
+    @classmethod
+    def _from_config(cls, config: LayerExitConfig, **kwargs) -> "MultiExitModel":
+        """``AutoModel.from_config(LayerExitConfig(...))``: a fresh model (random exits, backbone from its config)."""
+        if not config.backbone_config:
+            raise bad_value("config.backbone_config", None, "a layerexit config needs its backbone's config")
+        backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone_config))
+        return cls(backbone, config.to_multi_exit_config())
+
+
+#: keyword arguments transformers' Auto classes pass on (or users pass out of habit) that need nothing here
+_IGNORED_LOAD_KWARGS = {"config", "trust_remote_code", "adapter_kwargs", "_from_auto", "proxies", "torch_dtype",
+                        "low_cpu_mem_usage", "use_safetensors", "code_revision"}
+
+
+def _check_load_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _IGNORED_LOAD_KWARGS)
+    if unknown:
+        raise bad_value("from_pretrained keyword arguments", unknown, "MultiExitModel.from_pretrained takes backbone=, "
+                        "dtype=, device=, revision=, cache_dir=, token=, local_files_only=, force_download=, subfolder=")
+
+
+def _as_dtype(dtype) -> torch.dtype | None:
+    """``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` or ``"auto"``/None (as saved) -> a torch dtype or None."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+            "fp64": "float64", "double": "float64"}.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise bad_value("dtype", dtype, "give a floating-point dtype: float32, bfloat16, float16 (or 'auto': as saved)")
+    return value
+
+
+def resolve_checkpoint(name_or_path: str | Path, *, revision: str | None = None, cache_dir=None, token=None,
+                       local_files_only: bool = False, force_download: bool = False) -> Path:
+    """A checkpoint folder: ``name_or_path`` itself, or a hub id's snapshot from huggingface_hub's cache.
+
+    Hub ids download once (when the network is allowed) into the cache (``HF_HUB_CACHE``); with
+    ``HF_HUB_OFFLINE=1`` or ``local_files_only`` only the cached snapshot is used.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", text) or ".." in text:
+        raise bad_value("pretrained_model_name_or_path", text, "give a checkpoint folder (written by save_pretrained "
+                        "or `layerexit train`) or a hub id such as 'user/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=local_files_only, force_download=force_download,
+                                   library_name="layerexit", library_version=_package_version())
+    except (OSError, HFValidationError) as err:
+        raise bad_value("pretrained_model_name_or_path", text, "it is not a local folder, and the hub snapshot is not "
+                        f"available ({str(err).splitlines()[0]}); check the id and revision, download it once with "
+                        "network access (HF_HUB_OFFLINE unset), or pass a local folder") from None
+    return Path(folder)
+
+
+def _read_checkpoint_config(directory: Path) -> tuple[MultiExitConfig, LayerExitConfig | None]:
+    """(the model's config, the config.json form or None for a layerexit 0.1 checkpoint)."""
+    if (directory / HF_CONFIG_NAME).is_file():
+        data = read_json(directory / HF_CONFIG_NAME, "checkpoint")
+        if data.get("model_type") == LayerExitConfig.model_type:
+            hf_config = LayerExitConfig.from_dict(data)
+            return hf_config.to_multi_exit_config(), hf_config
+    return MultiExitConfig.load(directory), None
+
+
+def _read_weights(directory: Path, device) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors as saved, whether the checkpoint was saved heads_only)."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise bad_value("checkpoint", str(directory), f"it has no {WEIGHTS_NAME}; pass a complete checkpoint folder")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
+    except SafetensorError as err:
+        raise bad_value("checkpoint", str(directory), f"{WEIGHTS_NAME} is unreadable ({err}); it may be truncated: "
+                        "copy or save the checkpoint again") from None
+    return tensors, metadata.get("heads_only") == "True"
+
+
+def _backbone_config(directory: Path, hf_config: LayerExitConfig | None):
+    """The backbone's configuration: embedded in config.json, or ``backbone/config.json`` (layerexit 0.1)."""
+    if hf_config is not None:
+        return AutoConfig.for_model(**hf_config.backbone_config) if hf_config.backbone_config else None
+    if (directory / BACKBONE_DIR / HF_CONFIG_NAME).is_file():
+        return AutoConfig.from_pretrained(directory / BACKBONE_DIR)
+    return None
+
+
+def _saved_dtype(hf_config: LayerExitConfig | None, tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype recorded in config.json, else the most common floating dtype among the weights."""
+    recorded = getattr(hf_config, "dtype", None) if hf_config is not None else None
+    if recorded is not None:
+        return _as_dtype(recorded)
+    counts: dict[torch.dtype, int] = {}
+    for value in tensors.values():
+        if value.is_floating_point():
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def rule_spec(rule) -> dict | None:
+    """An exit rule (instance or dict) -> its JSON form for config.json, or None."""
+    if rule is None:
+        return None
+    from .rules.fitting import rule_from_dict, rule_to_dict
+
+    if isinstance(rule, dict):
+        rule = rule_from_dict(rule)  # validates the name and parameters
+    if not isinstance(rule, ExitRule):
+        raise bad_value("exit_rule", rule, "pass an ExitRule (e.g. layerexit.make_rule('maxprob', threshold=0.9)) "
+                        "or its dict form {'name': ..., 'params': {...}}")
+    return rule_to_dict(rule)
 
 def _load_matching_backbone(backbone: str | nn.Module, config: MultiExitConfig, directory: Path) -> nn.Module:
     module = backbone if isinstance(backbone, nn.Module) else AutoModel.from_pretrained(resolve_model(backbone))
@@ -347,3 +541,6 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[key] = value.clone() if ptr in seen else value
         seen.setdefault(ptr, key)
     return out
+
+
+AutoModel.register(LayerExitConfig, MultiExitModel, exist_ok=True)
