@@ -195,10 +195,74 @@ class MultiExitModel(nn.Module):
             )
         return self.policies[index](feature)
 
+    # --- input checks at the public entry points ----------------------------------------------------
+    def max_positions(self) -> int | None:
+        """The longest sequence the backbone's position embeddings cover (None if it has no such limit)."""
+        config = self.backbone.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit is not None and config.model_type in ("roberta", "xlm-roberta", "mpnet"):
+            limit -= (config.pad_token_id or 0) + 1  # positions start after the padding index
+        return limit
+
+    def check_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None):
+        """Refuse a malformed batch with layerexit's error; returns the attention mask (all ones if None).
+
+        Costs O(B) plus one min/max over the ids: shapes, integer ids in the vocabulary, length within the
+        model's positions, a non-empty batch, and no row that is all padding (right padding is expected, so
+        such a row has ``attention_mask[:, 0] == 0``; its prediction would come from the exit bias alone).
+        """
+        if pixel_values is not None:
+            if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
+                raise bad_value("pixel_values", _describe(pixel_values), "pass a non-empty (batch, channels, "
+                                "height, width) float tensor, e.g. from the model's image processor")
+            return attention_mask
+        if input_ids is None:
+            raise bad_value("input_ids", None, "pass token ids (batch, length), e.g. tokenizer(texts, padding=True, "
+                            "return_tensors='pt')['input_ids'] (or pixel_values for a vision backbone)")
+        if not isinstance(input_ids, torch.Tensor):
+            raise bad_value("input_ids", type(input_ids).__name__, "pass a torch tensor of token ids (batch, length): "
+                            "tokenizer(..., return_tensors='pt')")
+        if input_ids.dim() != 2:
+            raise bad_value("input_ids", _describe(input_ids), "pass a 2-D (batch, length) tensor; for one text "
+                            "add the batch dimension: input_ids.unsqueeze(0)")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise bad_value("input_ids", _describe(input_ids), "token ids must be integers: pass input_ids.long()")
+        batch, length = input_ids.shape
+        if batch == 0 or length == 0:
+            raise bad_value("input_ids", _describe(input_ids), "the batch is empty: pass at least one row with at "
+                            "least one token")
+        limit = self.max_positions()
+        if limit is not None and length > limit:
+            raise bad_value("input_ids", _describe(input_ids), f"sequences of {length} tokens exceed the model's "
+                            f"{limit} positions: tokenize with truncation=True, max_length={limit}")
+        low, high = torch.aminmax(input_ids)
+        vocab = getattr(self.backbone.config, "vocab_size", None)
+        if int(low) < 0 or (vocab is not None and int(high) >= vocab):
+            raise bad_value("input_ids", f"ids from {int(low)} to {int(high)}", f"ids must lie in [0, {vocab}) for "
+                            "this model's vocabulary: tokenize with the checkpoint's own tokenizer "
+                            "(AutoTokenizer.from_pretrained(checkpoint))")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise bad_value("attention_mask", _describe(attention_mask), f"it must have the shape of input_ids "
+                            f"{tuple(input_ids.shape)}: pass the mask the tokenizer returned with these ids")
+        if token_type_ids is not None and (not isinstance(token_type_ids, torch.Tensor)
+                                           or token_type_ids.shape != input_ids.shape):
+            raise bad_value("token_type_ids", _describe(token_type_ids), f"it must have the shape of input_ids "
+                            f"{tuple(input_ids.shape)}, or be None")
+        empty = attention_mask[:, 0] == 0  # (B,) with right padding: the row has no real token
+        if bool(empty.any()):
+            rows = empty.nonzero().flatten().tolist()
+            raise bad_value("attention_mask", f"rows {rows[:10]} all padding (or left-padded)",
+                            "every row needs at least one real token, padded on the right (the tokenizer's "
+                            "default padding_side='right'); drop empty rows before calling the model")
+        return attention_mask
+
     # --- reference path (training, logit cache) ------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, return_features: bool = False,
                 pixel_values=None, **_: object):
         """All layers, all exits: logits (L, B, C); with ``return_features`` also the exit features (L, B, H)."""
+        attention_mask = self.check_inputs(input_ids, attention_mask, token_type_ids, pixel_values)
         state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
         logits, features = [], []
         for index in range(self.config.num_layers):
@@ -217,8 +281,13 @@ class MultiExitModel(nn.Module):
         """Run each row only until ``rule`` lets it exit; exited rows leave the batch between layers.
 
         ``targets`` (B,) feeds the oracles (gold labels, or the full model's predictions); other rules
-        ignore it. The last exit always answers.
+        ignore it. The last exit always answers. Inputs are checked first (shapes, dtypes, id range, length,
+        all-padding rows), so a bad batch gets layerexit's error naming the parameter, not a torch traceback.
+        Works under ``torch.autocast``: the returned logits have the dtype of the model's hidden states.
         """
+        attention_mask = self.check_inputs(input_ids, attention_mask, token_type_ids, pixel_values)
+        batch = (input_ids if pixel_values is None else pixel_values).shape[0]
+        _check_rule(rule, targets, batch, self.config.num_labels)
         if not self.training:  # the usual case: no mode switch (it walks every submodule)
             return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
         self.eval()
@@ -242,13 +311,13 @@ class MultiExitModel(nn.Module):
             feature = self.exit_feature(state)  # (n, H)
             logits = self.exits[index](feature)  # (n, C)
             if index == num_layers - 1:
-                out_logits[rows] = logits
+                out_logits[rows] = logits.to(out_logits.dtype)  # autocast computes exits in lower precision
                 break
             if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
                 rule_state["policy"] = self.policy_probability(index, feature)
             done = rule.should_exit(logits, index, rule_state)  # (n,) bool
             if bool(done.any()):
-                out_logits[rows[done]] = logits[done]
+                out_logits[rows[done]] = logits[done].to(out_logits.dtype)
                 exit_layer[rows[done]] = index + 1
                 keep = ~done
                 if not bool(keep.any()):
@@ -488,6 +557,32 @@ def rule_spec(rule) -> dict | None:
         raise bad_value("exit_rule", rule, "pass an ExitRule (e.g. layerexit.make_rule('maxprob', threshold=0.9)) "
                         "or its dict form {'name': ..., 'params': {...}}")
     return rule_to_dict(rule)
+
+def _describe(value) -> str:
+    """A short description of a tensor argument for error messages (its shape and dtype, not its values)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}, dtype {str(value.dtype).removeprefix('torch.')}"
+    return repr(value) if value is None else type(value).__name__
+
+
+def _check_rule(rule, targets, batch: int, num_labels: int) -> None:
+    """The rule and (for oracles) the targets of an ``early_exit`` call."""
+    if not isinstance(rule, ExitRule):
+        raise bad_value("rule", rule if rule is None or isinstance(rule, str) else type(rule).__name__,
+                        "pass an exit rule object, e.g. rule=layerexit.make_rule('maxprob', threshold=0.9) "
+                        "(names: layerexit.RULES.names())")
+    if targets is None:
+        if rule.needs_targets:
+            raise bad_value("targets", None, f"rule {rule.name!r} is an oracle: pass targets= (one label per row, "
+                            "the gold labels or the full model's predictions)")
+        return
+    targets = torch.as_tensor(targets)
+    if targets.dim() != 1 or targets.shape[0] != batch:
+        raise bad_value("targets", _describe(targets), f"pass one label per row: a 1-D tensor of {batch} entries")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_labels):
+        raise bad_value("targets", f"labels from {int(targets.min())} to {int(targets.max())}",
+                        f"labels must lie in [0, {num_labels}) for this model")
+
 
 def _load_matching_backbone(backbone: str | nn.Module, config: MultiExitConfig, directory: Path) -> nn.Module:
     module = backbone if isinstance(backbone, nn.Module) else AutoModel.from_pretrained(resolve_model(backbone))
