@@ -26,7 +26,7 @@ from ..evaluation.cost import exit_costs
 from ..io import write_json_atomic
 from ..rules import PCEE, PCEEWS, Budget, TemperatureMaxProb
 from ..rules.fitting import check_held_out, is_test_split, load_rules, save_rules
-from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, require
+from .common import load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from, require
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
@@ -51,6 +51,7 @@ def add_parser(subparsers):
     p.add_argument("--cost", default="layers", choices=["layers", "macs"], help="what the budget counts")
     add_bin_options(p)
     p.add_argument("--batch-size", type=int, default=128, help="batch size for caching the exits' logits")
+    add_device_options(p)
     p.set_defaults(run=run)
     return p
 

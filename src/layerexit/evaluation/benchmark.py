@@ -61,8 +61,11 @@ def _engine(model: MultiExitModel, inputs: dict, rule: ExitRule):
 
 
 def _timed(fn) -> tuple[float, object]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA runs asynchronously
+    sync()
     start = time.perf_counter()
     result = fn()
+    sync()
     return time.perf_counter() - start, result
 
 
@@ -103,6 +106,8 @@ def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitR
                  limit: int | None = None, rounds: int = 3) -> list[dict]:
     """One entry per rule: accuracy, avg layers, measured and ideal speed-up, their ratio, head overhead."""
     batches = Batches.build(encoded, batch_size, limit)
+    device = next(model.parameters()).device
+    batches.inputs = [{k: v.to(device) for k, v in inputs.items()} for inputs in batches.inputs]
     result = measure(model, batches, rules, rounds=rounds)
     seconds = result["seconds"]
     num_layers = model.config.num_layers
