@@ -206,18 +206,21 @@ def test_not_a_folder_nor_a_hub_id(tmp_path):
 
 
 def test_import_layerexit_registers_auto_classes_and_honours_hf_hub_cache(saved, tmp_path):
-    """A fresh interpreter: only `import layerexit`, then transformers' Auto classes, with the hub id resolved
-    from HF_HUB_CACHE offline (no cache_dir argument)."""
+    """A fresh interpreter: `import layerexit` (which imports neither transformers nor the model), then
+    transformers' Auto classes, with the hub id resolved from HF_HUB_CACHE offline (no cache_dir argument)."""
     _, ckpt = saved
     cache = fake_hub_cache(tmp_path / "hub", "someone/tiny-layerexit", ckpt)
-    code = ("import layerexit, transformers\n"
-            "m = transformers.AutoModel.from_pretrained('someone/tiny-layerexit')\n"
+    code = ("import sys, layerexit\n"
+            "assert 'transformers' not in sys.modules and 'layerexit.model' not in sys.modules  # import stays light\n"
+            "import transformers\n"
             "c = transformers.AutoConfig.from_pretrained('someone/tiny-layerexit')\n"
-            "print(type(m).__name__, type(c).__name__, m.config.num_layers)\n")
+            "m = transformers.AutoModel.from_pretrained('someone/tiny-layerexit')\n"
+            "s = transformers.AutoModelForSequenceClassification.from_pretrained('someone/tiny-layerexit')\n"
+            "print(type(m).__name__, type(c).__name__, type(s).__name__, m.config.num_layers)\n")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["MultiExitModel", "LayerExitConfig", "4"]
+    assert result.stdout.split() == ["MultiExitModel", "LayerExitConfig", "LayerExitForSequenceClassification", "4"]
 
 
 # --- push_to_hub ----------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def read_texts(args) -> list[str]:
 
 
 def run(args) -> int:
-    from ..pipeline import pipeline
+    from ..pipelines import pipeline
 
     require(args, "model", "--model runs/rt/best")
     texts = read_texts(args)
