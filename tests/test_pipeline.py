@@ -173,3 +173,15 @@ def test_device_and_dtype_resolution(ckpt):
             device_and_dtype(argparse.Namespace(device="cuda", dtype="auto"))
     model, _ = load_checkpoint(argparse.Namespace(model=str(ckpt / "ckpt"), device="cpu", dtype="float16"))
     assert model.dtype == torch.float16
+
+
+def test_benchmark_runs_in_bf16_on_the_chosen_device(ckpt, tmp_path, capsys):
+    """The shared options reach the model: benchmark loads it in bf16 on the CPU and times it end to end."""
+    rows = [f"{text},{LABELS[i % 3]}" for i, text in enumerate(TEXTS * 2) if text]
+    (tmp_path / "test.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--model", str(ckpt / "ckpt"), "--data", str(tmp_path / "test.csv"), "--split", "test",
+                 "--param", "threshold=0.8", "--batch-sizes", "4", "--examples", "8", "--rounds", "1",
+                 "--device", "cpu", "--dtype", "bfloat16", "--output", str(out)]) == 0, capsys.readouterr().err
+    entry = json.loads(out.read_text())["measured"][0]
+    assert entry["num_examples"] == 8 and 1 <= entry["avg_layers"] <= 4
