@@ -364,14 +364,16 @@ class MultiExitModel(nn.Module):
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             if heads_only:
                 tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-            save_file(_dedupe(tensors), str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "heads_only": str(heads_only)})
+            save_file(_dedupe(tensors), str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt", "heads_only": str(heads_only)})
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, backbone: str | nn.Module | None = None, *,
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                        revision: str | None = None, cache_dir: str | Path | None = None, token: str | bool | None = None,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None,
                         local_files_only: bool = False, force_download: bool = False, subfolder: str = "",
                         **kwargs) -> "MultiExitModel":
         """Load a checkpoint: a folder written by :meth:`save_pretrained` (or by layerexit 0.1), or a hub id.
@@ -455,16 +457,18 @@ _IGNORED_LOAD_KWARGS = {"config", "trust_remote_code", "adapter_kwargs", "_from_
 def _check_load_kwargs(kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - _IGNORED_LOAD_KWARGS)
     if unknown:
-        raise bad_value("from_pretrained keyword arguments", unknown, "MultiExitModel.from_pretrained takes backbone=, "
-                        "dtype=, device=, revision=, cache_dir=, token=, local_files_only=, force_download=, subfolder=")
+        raise bad_value("from_pretrained keyword arguments", unknown, "MultiExitModel.from_pretrained takes "
+                        "backbone=, dtype=, device=, revision=, cache_dir=, token=, local_files_only=, "
+                        "force_download=, subfolder=")
 
 
 def _as_dtype(dtype) -> torch.dtype | None:
     """``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` or ``"auto"``/None (as saved) -> a torch dtype or None."""
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return None if dtype == "auto" else dtype
+    name = str(dtype).removeprefix("torch.")
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
-            "fp64": "float64", "double": "float64"}.get(str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+            "fp64": "float64", "double": "float64"}.get(name, name)
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise bad_value("dtype", dtype, "give a floating-point dtype: float32, bfloat16, float16 (or 'auto': as saved)")

@@ -140,4 +140,5 @@ def name_list(text: str | list) -> list[str]:
 
 
 __all__ = ["Formatter", "LayerExitError", "add_config_option", "add_device_options", "apply_config",
-           "add_data_options", "data_from", "device_and_dtype", "load_checkpoint", "parse_rule_params", "require", "int_list", "name_list"]
+           "add_data_options", "data_from", "device_and_dtype", "load_checkpoint", "parse_rule_params", "require",
+           "int_list", "name_list"]
