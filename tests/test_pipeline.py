@@ -57,7 +57,7 @@ def _close(a: list[dict], b: list[dict]) -> None:
 def test_pipeline_answers_label_score_and_exit_layer(ckpt):
     classify = layerexit.pipeline(str(ckpt / "ckpt"))
     assert classify.rule.name == "maxprob" and classify.rule.params == {"threshold": 0.75}  # the stored rule
-    results = classify(TEXTS, batch_size=4)  # batches of 4 then 2: padding differs from one batch, answers do not
+    results = classify(TEXTS, batch_size=4)  # sorted by length into batches of 4 and 2; answers in input order
     _close(results, _engine(ckpt / "ckpt", make_rule("maxprob", threshold=0.75)))
     assert {r["label"] for r in results} <= set(LABELS) and len({r["label"] for r in results}) >= 2
     assert all(1 / 3 <= r["score"] <= 1 and 1 <= r["exit_layer"] <= 4 for r in results)

@@ -35,8 +35,9 @@ DEFAULT_CALIBRATED_RULE = "pcee"
 class EarlyExitPipeline:
     """Texts in, one ``{"label", "score", "exit_layer"}`` per text out (``exit_layer`` 1-based).
 
-    ``score`` is the softmax probability of the label at the exit taken. Texts are tokenized ``batch_size`` at
-    a time (right padding, truncated to the checkpoint's ``max_length``).
+    ``score`` is the softmax probability of the label at the exit taken. Texts are tokenized once (truncated
+    to the checkpoint's ``max_length``), grouped by length into batches of ``batch_size`` (right padding) and
+    answered in their original order.
     """
 
     def __init__(self, model: MultiExitModel, tokenizer, rule: ExitRule, batch_size: int = 32):
@@ -53,17 +54,20 @@ class EarlyExitPipeline:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise bad_value("batch_size", size, "give a whole number of texts per batch, at least 1")
         labels = self.model.config.label_names
-        results = []
-        for start in range(0, len(texts), size):
-            encoded = self.tokenizer(texts[start : start + size], padding=True, truncation=True,
-                                     max_length=self._max_length(), return_tensors="pt")
-            encoded = {k: v.to(self.model.device) for k, v in encoded.items()
-                       if k in ("input_ids", "attention_mask", "token_type_ids")}
-            out = self.model.early_exit(**encoded, rule=self.rule)
+        features = self.tokenizer(texts, truncation=True, max_length=self._max_length())
+        keep = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features]
+        # batches of similar length waste little on padding; answers do not depend on the batching
+        order = sorted(range(len(texts)), key=lambda i: len(features["input_ids"][i]))
+        results: list[dict | None] = [None] * len(texts)
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            batch = self.tokenizer.pad([{k: features[k][i] for k in keep} for i in rows], padding=True,
+                                       return_tensors="pt")
+            out = self.model.early_exit(**{k: batch[k].to(self.model.device) for k in keep}, rule=self.rule)
             probs = out.logits.float().softmax(dim=-1)  # (b, C)
             score, index = probs.max(dim=-1)
-            for i, s, layer in zip(index.tolist(), score.tolist(), out.exit_layer.tolist()):
-                results.append({"label": labels[i], "score": s, "exit_layer": layer})
+            for row, i, s, layer in zip(rows, index.tolist(), score.tolist(), out.exit_layer.tolist()):
+                results[row] = {"label": labels[i], "score": s, "exit_layer": layer}
         return results
 
     def _max_length(self) -> int:
