@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .errors import LayerExitError
+from .errors import LayerExitError, bad_value
 
 #: the Hugging Face configuration file (current format)
 HF_CONFIG_NAME = "config.json"
@@ -144,6 +144,21 @@ def read_json(path: Path, param: str) -> dict:
     if not isinstance(data, dict):
         raise LayerExitError(f"{param}={str(path.parent)!r} is invalid: {path.name} must hold a JSON object")
     return data
+
+
+def rule_spec(rule) -> dict | None:
+    """An exit rule (instance or dict) -> its JSON form for config.json, or None."""
+    if rule is None:
+        return None
+    from .rules.base import ExitRule
+    from .rules.fitting import rule_from_dict, rule_to_dict
+
+    if isinstance(rule, dict):
+        rule = rule_from_dict(rule)  # validates the name and parameters
+    if not isinstance(rule, ExitRule):
+        raise bad_value("exit_rule", rule, "pass an ExitRule (e.g. layerexit.make_rule('maxprob', threshold=0.9)) "
+                        "or its dict form {'name': ..., 'params': {...}}")
+    return rule_to_dict(rule)
 
 
 AutoConfig.register(MODEL_TYPE, LayerExitConfig, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCardData
 
+from .config import rule_spec
 from .errors import bad_value
 
 CARD_NAME = "README.md"
@@ -71,8 +72,6 @@ def push_to_hub(model, repo_id: str, tokenizer=None, *, exit_rule=None, figures:
                 private: bool | None = None, token: str | None = None, commit_message: str | None = None,
                 revision: str | None = None, create_pr: bool = False):
     """Save ``model`` (+ tokenizer) with its model card into a temporary folder and upload it as ``repo_id``."""
-    from .model import rule_spec
-
     if not isinstance(repo_id, str) or not _looks_like_hub_id(repo_id):
         raise bad_value("repo_id", repo_id, "give a hub repository id such as 'user/name'")
     spec = rule_spec(exit_rule)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .backbones import EncoderState, adapter_for
-from .config import HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json
+from .config import HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
 from .errors import LayerExitError, bad_value
 from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
 from .io import atomic_directory
@@ -388,7 +388,7 @@ class MultiExitModel(nn.Module):
         refused rather than completed with whatever backbone its config names.
         """
         _check_load_kwargs(kwargs)
-        dtype = _as_dtype(dtype if dtype is not None else kwargs.get("torch_dtype"))
+        dtype = as_dtype(dtype if dtype is not None else kwargs.get("torch_dtype"))
         directory = resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
                                        token=token, local_files_only=local_files_only, force_download=force_download)
         if subfolder:
@@ -462,7 +462,7 @@ def _check_load_kwargs(kwargs: dict) -> None:
                         "force_download=, subfolder=")
 
 
-def _as_dtype(dtype) -> torch.dtype | None:
+def as_dtype(dtype) -> torch.dtype | None:
     """``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` or ``"auto"``/None (as saved) -> a torch dtype or None."""
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return None if dtype == "auto" else dtype
@@ -541,26 +541,13 @@ def _saved_dtype(hf_config: LayerExitConfig | None, tensors: dict[str, torch.Ten
     """The dtype recorded in config.json, else the most common floating dtype among the weights."""
     recorded = getattr(hf_config, "dtype", None) if hf_config is not None else None
     if recorded is not None:
-        return _as_dtype(recorded)
+        return as_dtype(recorded)
     counts: dict[torch.dtype, int] = {}
     for value in tensors.values():
         if value.is_floating_point():
             counts[value.dtype] = counts.get(value.dtype, 0) + value.numel()
     return max(counts, key=counts.get) if counts else torch.float32
 
-
-def rule_spec(rule) -> dict | None:
-    """An exit rule (instance or dict) -> its JSON form for config.json, or None."""
-    if rule is None:
-        return None
-    from .rules.fitting import rule_from_dict, rule_to_dict
-
-    if isinstance(rule, dict):
-        rule = rule_from_dict(rule)  # validates the name and parameters
-    if not isinstance(rule, ExitRule):
-        raise bad_value("exit_rule", rule, "pass an ExitRule (e.g. layerexit.make_rule('maxprob', threshold=0.9)) "
-                        "or its dict form {'name': ..., 'params': {...}}")
-    return rule_to_dict(rule)
 
 def _describe(value) -> str:
     """A short description of a tensor argument for error messages (its shape and dtype, not its values)."""

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from .config import LayerExitConfig
 from .errors import LayerExitError, bad_value
-from .model import MultiExitModel, resolve_checkpoint
+from .model import MultiExitModel, as_dtype, resolve_checkpoint
 from .rules.base import ExitRule, make_rule
 
 #: the rule used when none is given and the checkpoint stores none
@@ -95,9 +95,7 @@ def pipeline(model: str | Path | MultiExitModel, rule: str | ExitRule | None = N
                             " (or pass the checkpoint folder instead of the model)")
         stored = None
         if dtype is not None or device is not None:
-            from .model import _as_dtype
-
-            model = model.to(device=device, dtype=_as_dtype(dtype))
+            model = model.to(device=device, dtype=as_dtype(dtype))
     else:
         folder = resolve_checkpoint(model)
         loaded = MultiExitModel.from_pretrained(folder, dtype=dtype, device=device)
