@@ -14,7 +14,8 @@ from ..evaluation.evaluate import benchmark
 from ..evaluation.table import format_measured
 from ..io import write_json_atomic
 from ..rules import RULES
-from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, parse_rule_params
+from .common import (load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from,
+                     int_list, parse_rule_params)
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -35,6 +36,7 @@ def add_parser(subparsers):
     p.add_argument("--examples", type=int, default=500, help="examples timed per batch size")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--output", help="write the JSON here")
+    add_device_options(p)
     p.set_defaults(run=run)
     return p
 

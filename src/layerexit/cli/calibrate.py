@@ -18,7 +18,7 @@ from ..errors import bad_value
 from ..evaluation.control import ControlOptions, calibrate
 from ..evaluation.table import format_calibration
 from ..rules.fitting import is_test_split
-from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, require
+from .common import load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from, require
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
@@ -43,6 +43,7 @@ def add_parser(subparsers):
     p.add_argument("--cost", default="layers", choices=["layers", "macs"], help="what the budget counts")
     add_bin_options(p)
     p.add_argument("--batch-size", type=int, default=128, help="batch size for caching the exits' logits")
+    add_device_options(p)
     p.set_defaults(run=run)
     return p
 

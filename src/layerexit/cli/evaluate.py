@@ -6,7 +6,8 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.table import format_summary
 from ..rules import DEFAULT_SWEEP
 from .calibrate import add_control_options, control_options
-from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, name_list
+from .common import (load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from,
+                     int_list, name_list)
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
@@ -33,6 +34,7 @@ def add_parser(subparsers):
     add_control_options(p)
     p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
                    "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
+    add_device_options(p)
     p.set_defaults(run=run)
     return p
 

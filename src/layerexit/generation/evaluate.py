@@ -112,12 +112,12 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
     full = {"tokens": 0, "seconds": 0.0}
     samples = []
     if prompts:  # untimed warm-up of every path (first calls pay for allocations and lazy set-up)
-        ids = tokenizer(prompts[0], return_tensors="pt").input_ids
+        ids = tokenizer(prompts[0], return_tensors="pt").input_ids.to(next(model.parameters()).device)
         for spec in [{"strategy": "full"}] + specs:
             run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id,
                      draft_vocab=draft_vocab)
     for i, text in enumerate(prompts):
-        ids = tokenizer(text, return_tensors="pt").input_ids
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
         best: dict[str, float] = {}
         outputs: dict[str, Generation] = {}
         for _ in range(max(1, int(rounds))):
