@@ -43,6 +43,7 @@ from ..rules.policy import PolicyRule
 from ..training.objectives import Stage
 from ..training.trainer import TrainConfig, seed_everything, train
 from ..training.run import train_classifier
+from ..training.state import load_tensors
 from .rollout import ACTIONS, memorized_layer, rollout_loss
 
 
@@ -225,8 +226,9 @@ def train_consistentee(
 
     # memorized layers --------------------------------------------------------------------------------
     memorized_path = output_dir / "memorized.pt"
-    if memorized_path.is_file() and torch.load(memorized_path)["num_examples"] == len(train_set):
-        memorized = torch.load(memorized_path)["memorized"]
+    saved = load_tensors(memorized_path) if memorized_path.is_file() else None
+    if saved is not None and saved["num_examples"] == len(train_set):
+        memorized = saved["memorized"]
     else:
         memorized = compute_memorized(model, train_set)
         output_dir.mkdir(parents=True, exist_ok=True)
