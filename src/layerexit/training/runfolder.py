@@ -43,6 +43,15 @@ def dataset_digest(encoded) -> str | None:
     return f"{len(encoded)}:{digest.hexdigest()[:16]}"
 
 
+def text_digest(data) -> str | None:
+    """SHA-256 over a data set's texts, text pairs and labels, before tokenization (None for no data)."""
+    if data is None:
+        return None
+    payload = json.dumps([list(data.texts), list(data.pairs) if data.pairs is not None else None,
+                          list(data.labels), list(data.label_names)], default=_plain)
+    return f"{len(data.labels)}:{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
 def _plain(value):
     return value.item() if hasattr(value, "item") else str(value)
 

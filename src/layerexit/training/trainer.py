@@ -187,8 +187,8 @@ def train(
     settings = run_settings(model, train_set, eval_set, stages, config, accelerator.num_processes,
                             accelerator.mixed_precision)
     run = _Run(accelerator, model, tokenizer, config, output_dir)
-    with _locked(output_dir, accelerator):
-        resumable = _prepare_folder(output_dir, settings, resume, accelerator)
+    with locked_run(output_dir, accelerator):
+        resumable = prepare_run_folder(output_dir, settings, resume, accelerator)
         seed_everything(config.seed)
         progress = _load_progress(run) if resumable else Progress()
         finished = _plan(progress, stages, config, accelerator)
@@ -208,7 +208,7 @@ def train(
 
 
 @contextlib.contextmanager
-def _locked(output_dir: Path, accelerator: Accelerator):
+def locked_run(output_dir: Path, accelerator: Accelerator):
     """The main process holds the folder's lock; every process fails together if it cannot."""
     with contextlib.ExitStack() as stack:
         error = None
@@ -228,7 +228,7 @@ def _raise_everywhere(error: str | None, accelerator: Accelerator) -> None:
         raise LayerExitError(error)
 
 
-def _prepare_folder(output_dir: Path, settings: dict, resume: bool, accelerator: Accelerator) -> bool:
+def prepare_run_folder(output_dir: Path, settings: dict, resume: bool, accelerator: Accelerator) -> bool:
     """Discard (``resume=False``) or check the run already in ``output_dir``; True when there is one to resume."""
     error, resumable = None, False
     if accelerator.is_main_process:
