@@ -19,7 +19,7 @@ from layerexit.data import Encoded, load_data
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.cache import LogitCache
 from layerexit.model import MultiExitModel
-from layerexit.training import TrainConfig, make_objective, train
+from layerexit.training import TrainConfig, make_objective, train, training_config
 from layerexit.training import trainer as trainer_module
 from layerexit.training.runfolder import locked
 from layerexit.training.state import flatten, load_tensors, unflatten
@@ -207,7 +207,7 @@ def test_finished_folder_keeps_no_duplicate_weights(task, tmp_path):
     settings = config["settings"]
     assert settings["learning_rate"] == 1e-3 and settings["seed"] == 3 and settings["epochs"] == 2
     assert config["versions"]["torch"] == version("torch") and config["versions"]["transformers"]
-    assert config == json.loads((tmp_path / "run_config.json").read_text())
+    assert config == json.loads((tmp_path / "run_config.json").read_text()) == training_config(tmp_path / "best")
     best = MultiExitModel.from_pretrained(tmp_path / "best")
     progress = json.loads((point / "progress.json").read_text())
     if progress["best_step"] == progress["global_step"]:  # the last epoch was the best: one copy on disk

@@ -116,6 +116,20 @@ def write_run_config(output_dir: Path, settings: dict) -> dict:
     return config
 
 
+def training_config(checkpoint: str | Path) -> dict | None:
+    """The effective training configuration of a checkpoint written by ``layerexit train`` (its
+    ``training_config.json``, else its run folder's ``run_config.json``), e.g. for a results.json; None if
+    there is none."""
+    checkpoint = Path(checkpoint)
+    for path in (checkpoint / "training_config.json", checkpoint.parent / RUN_CONFIG):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                return None
+    return None
+
+
 def discard_run(output_dir: Path) -> list[str]:
     """Remove a previous run's artifacts (for --no-resume); returns what was removed."""
     removed = []
