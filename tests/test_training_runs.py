@@ -258,3 +258,18 @@ def test_cli_eval_split_none_says_what_was_written(task, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "no best/" in out and "/best (best)" not in out
     assert not (tmp_path / "run" / "best").exists() and (tmp_path / "run" / "final").is_dir()
+
+
+def test_consistentee_rerun_with_other_options_is_refused(task, tmp_path):
+    from layerexit.consistentee import ConsistentEEConfig, train_consistentee
+
+    def run(alpha):
+        cee = ConsistentEEConfig(alpha=alpha, copies=2, stage2_epochs=1, stage3_epochs=0, policy_hidden=8)
+        train_consistentee(task["backbone"], load_data(str(task["train_csv"])), None, tmp_path, cee,
+                           TrainConfig(epochs=1, batch_size=32, learning_rate=1e-3, seed=3), exit_feature="mean",
+                           max_length=16)
+
+    run(1.0)
+    run(1.0)  # the same run again: resumes (here: finds every stage done)
+    with pytest.raises(LayerExitError, match="consistentee_alpha"):
+        run(0.5)
