@@ -240,6 +240,8 @@ def prepare_run_folder(output_dir: Path, settings: dict, resume: bool, accelerat
             else:
                 resumable = runfolder.check_resumable(output_dir, settings) is not None and bool(
                     _resume_points(output_dir / "state"))
+                for stale in (output_dir / "state").glob(".step-*"):  # half-written by a killed run
+                    shutil.rmtree(stale, ignore_errors=True)
         except LayerExitError as err:
             error = str(err)
     _raise_everywhere(error, accelerator)
