@@ -58,7 +58,7 @@ TRAINING_CONFIG = "training_config.json"  # the run's effective configuration, c
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run (defaults: the probes of the early-exit literature on MiniLM-L6).
+    """Hyper-parameters of one run (defaults: what short runs on MiniLM-L6 found to work; see docs/methods.md).
 
     ``save_total_limit``: resume points kept while training (each holds the weights and the optimizer's
     moments, about 3x the model). ``keep_optimizer_state``: keep the moments once the run is finished (a
