@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 
 
-from ..data import Encoded, check_labels
-from ..errors import LayerExitError
-from ..evaluation.benchmark import speed_report
-from ..evaluation.cache import collect_logits
-from ..evaluation.evaluate import curve_name, sweep
-from ..evaluation.report import operating_point
-from ..evaluation.simulate import per_layer_accuracy
+from ..evaluation.evaluate import benchmark
+from ..evaluation.table import format_measured
 from ..io import write_json_atomic
-from ..rules import RULES, make_rule
-from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, parse_rule_params
+from ..rules import RULES
+from .common import (load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from,
+                     int_list, parse_rule_params)
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -42,6 +38,7 @@ def add_parser(subparsers):
     p.add_argument("--examples", type=int, default=500, help="examples timed per batch size")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--output", help="write the JSON here")
+    add_device_options(p)
     p.set_defaults(run=run)
     return p
 
@@ -50,28 +47,10 @@ def run(args) -> int:
     model, tokenizer = load_checkpoint(args)
     model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
     data = data_from(args)
-    check_labels(data, model.config.num_labels, model.config.label_names)
-    encoded = Encoded(data, tokenizer, model.config.max_length)
-    params = parse_rule_params(args.param)
-    if not params and args.rule not in ("full",):
-        cache = collect_logits(model, encoded)
-        full = per_layer_accuracy(cache.logits, cache.labels)[-1]
-        point = operating_point(sweep(cache, [args.rule])[curve_name(args.rule)], full, args.tolerance)
-        if point is None:
-            raise LayerExitError(f"--rule={args.rule!r}: no setting stays within --tolerance={args.tolerance} of "
-                                 "the full model; raise --tolerance or give --param")
-        params = point["params"]
-    rule = make_rule(args.rule, **params)
-    entries = []
-    for batch_size in int_list(args.batch_sizes):
-        for entry in speed_report(model, encoded, {args.rule: rule}, batch_size, args.examples, args.rounds):
-            entry.pop("exit_layers")
-            entries.append(entry)
-            print(f"batch {batch_size:>3}: {entry['rule']} {entry['params']} accuracy {100 * entry['accuracy']:.1f}% "
-                  f"avg layers {entry['avg_layers']:.2f}/{model.config.num_layers}  speed-up measured "
-                  f"{entry['speedup_measured']:.2f}x ideal {entry['speedup_ideal']:.2f}x "
-                  f"(ratio {entry['ratio_to_ideal']:.2f}); exit heads add {100 * entry['overhead_heads']:.1f}% "
-                  "to the full path")
+    entries = benchmark(model, tokenizer, data, args.rule, parse_rule_params(args.param), args.tolerance,
+                        tuple(int_list(args.batch_sizes)), args.examples, args.rounds)
+    for entry in entries:
+        print(format_measured(entry, model.config.num_layers))
     payload = {"model": args.model, "data": args.data, "split": args.split, "measured": entries}
     if args.output:
         write_json_atomic(args.output, payload)

@@ -66,13 +66,53 @@ def require(args, name: str, example: str) -> None:
 
 
 def load_checkpoint(args):
-    """The ``--model`` checkpoint and its tokenizer (required, on the command line or in --config)."""
+    """The ``--model`` checkpoint (folder or hub id) and its tokenizer, on ``--device`` in ``--dtype`` if the
+    command has those options (required, on the command line or in --config)."""
     from transformers import AutoTokenizer
 
-    from ..model import MultiExitModel
+    from ..model import MultiExitModel, resolve_checkpoint
 
     require(args, "model", "--model runs/rt/best")
-    return MultiExitModel.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
+    device, dtype = device_and_dtype(args)
+    folder = resolve_checkpoint(args.model)
+    return MultiExitModel.from_pretrained(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
+
+
+#: --dtype choices; "auto" keeps the checkpoint's own dtype (float32 for generate's decoders)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, shared by every command that runs a model."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", help="where the model runs: auto (cuda when available, else "
+                       "cpu), cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="precision of the weights; auto = as saved")
+
+
+def device_and_dtype(args):
+    """(torch.device, torch.dtype or None for "as saved") from ``--device``/``--dtype``; checked before any
+    model loads. Commands without the options get (cpu, None)."""
+    import torch
+
+    name = str(getattr(args, "device", None) or "auto")
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise bad_value("--device", name, "give auto, cpu, cuda, cuda:N or mps") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise bad_value("--device", name, f"no {device.type} device is available here; use --device cpu (or auto)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise bad_value("--device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s): use "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    dtype = str(getattr(args, "dtype", None) or "auto")
+    if dtype not in DTYPES:
+        raise bad_value("--dtype", dtype, f"choose one of {', '.join(DTYPES)}")
+    return device, (None if dtype == "auto" else getattr(torch, dtype))
 
 
 def parse_rule_params(pairs: list[str] | None) -> dict:
@@ -99,5 +139,6 @@ def name_list(text: str | list) -> list[str]:
     return [v.strip() for v in str(text).split(",") if v.strip()]
 
 
-__all__ = ["Formatter", "LayerExitError", "add_config_option", "apply_config", "add_data_options", "data_from",
-           "load_checkpoint", "parse_rule_params", "require", "int_list", "name_list"]
+__all__ = ["Formatter", "LayerExitError", "add_config_option", "add_device_options", "apply_config",
+           "add_data_options", "data_from", "device_and_dtype", "load_checkpoint", "parse_rule_params", "require",
+           "int_list", "name_list"]

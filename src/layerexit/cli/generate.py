@@ -23,7 +23,7 @@ from ..generation.loading import PACKAGED_DECODERS, SMOLLM2, load_causal_lm
 from ..generation.model import EarlyExitLM
 from ..generation.rules import TOKEN_RULES
 from ..io import write_json_atomic
-from .common import Formatter, add_config_option, int_list
+from .common import Formatter, add_config_option, add_device_options, device_and_dtype, int_list
 
 EXAMPLES = """examples:
   layerexit generate --prompt "Once upon a time" --strategy speculative --draft-layers 12
@@ -66,6 +66,7 @@ def add_parser(subparsers):
     p.add_argument("--evaluate", action="store_true", help="compare with the full model (writes --output)")
     p.add_argument("--compare-hf", action="store_true", help="with --evaluate: also time transformers' generate")
     p.add_argument("--output", help="folder for results.json, report.md and plots (--evaluate)")
+    add_device_options(p)
     g = p.add_argument_group("training exits (frozen backbone)")
     g.add_argument("--train-exits", help="train per-exit adapters, save them here, then continue with them")
     g.add_argument("--corpus", default="shakespeare", help=f"{', '.join(CORPORA)} or a local text file")
@@ -157,10 +158,11 @@ def run(args) -> int:
         raise bad_value("--draft-vocab", args.draft_vocab, "give a positive size, with --strategy speculative")
     if args.evaluate and not args.output:
         raise bad_value("--output", None, "--evaluate writes results.json, report.md and plots: give --output DIR")
+    device, dtype = device_and_dtype(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
-    lm, tokenizer = load_causal_lm(args.model)
+    lm, tokenizer = load_causal_lm(args.model, dtype=dtype or torch.float32)
     if args.train_exits:
         model = train_and_save(args, lm, tokenizer)
     elif args.exits:
@@ -170,9 +172,11 @@ def run(args) -> int:
     if not prompts:
         return 0
     model.merge_lora()  # decode at the plain model's cost: LoRA (if any) folded into the weights
+    model.to(device)  # exits are trained and loaded on the CPU; decoding runs on --device
+    draft_vocab = None
     if args.draft_vocab is not None:
-        model.draft_vocab = frequent_tokens(token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
-                                                         max_blocks=400), args.draft_vocab)
+        draft_vocab = frequent_tokens(token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
+                                                   max_blocks=400), args.draft_vocab)
     if args.stop_at_eos:
         require_eos(tokenizer, "--stop-at-eos")
     if args.chat:
@@ -181,7 +185,7 @@ def run(args) -> int:
     if args.evaluate:
         specs = [spec] + ([{"strategy": "hf"}] if args.compare_hf else [])
         payload = compare(model, tokenizer, prompts, specs, args.max_new_tokens, eos=args.stop_at_eos,
-                          log=lambda s: print(s, file=sys.stderr))
+                          log=lambda s: print(s, file=sys.stderr), draft_vocab=draft_vocab)
         payload.update({"model": args.model, "exits": args.exits or args.train_exits})
         out = Path(args.output)
         write_json_atomic(out / "results.json", payload)
@@ -190,7 +194,7 @@ def run(args) -> int:
         return 0
     eos = tokenizer.eos_token_id if args.stop_at_eos else None
     for text in prompts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
         prompt_ids = ids[0].tolist()
         shown = tokenizer.decode(prompt_ids)  # decode prompt + continuation together: spacing stays right
         seen: list[int] = []
@@ -205,7 +209,8 @@ def run(args) -> int:
 
         if not args.no_stream:
             sys.stdout.write(shown)
-        out = run_spec(model, ids, spec, args.max_new_tokens, eos, on_token=None if args.no_stream else stream)
+        out = run_spec(model, ids, spec, args.max_new_tokens, eos, on_token=None if args.no_stream else stream,
+                       draft_vocab=draft_vocab)
         if args.no_stream:
             sys.stdout.write(tokenizer.decode(prompt_ids + out.tokens))
         summary = {"tokens": len(out.tokens), "tokens_per_second": round(out.tokens_per_second, 2),

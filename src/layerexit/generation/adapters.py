@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backbones.base import LayerStackAdapter
 from ..errors import bad_value
 from ..registry import Registry
 from .cache import LayerKVCache
@@ -26,33 +27,23 @@ DECODERS: Registry[type["DecoderAdapter"]] = Registry("decoder")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-class DecoderAdapter:
-    """Base adapter. Subclasses fill in the structure and the per-layer K/V projection."""
+class DecoderAdapter(LayerStackAdapter):
+    """Base adapter. Subclasses fill in the structure and the per-layer K/V projection, and name the modules
+    LoRA adapts (``lora_targets``; ``lora_fan_in_fan_out`` when they store their weight transposed)."""
 
-    model_types: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
+    lora_fan_in_fan_out: bool = False
 
     def __init__(self, lm: nn.Module):
+        super().__init__(lm)
         self.lm = lm
-        self.config = lm.config
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
         if impl not in ATTENTION_IMPLEMENTATIONS:
             raise bad_value("attn_implementation", impl, "load the model with attn_implementation='sdpa' or "
                             "'eager'; the layer-range primitive builds its own causal masks for those two")
         self.attn_implementation = impl
 
-    # --- structure -----------------------------------------------------------------------------------
-    @property
-    def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
+    # --- structure (layers, num_layers, hidden_size: see LayerStackAdapter) --------------------------
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
@@ -139,6 +130,7 @@ class DecoderAdapter:
 @DECODERS.register("llama", "Llama family (also Mistral and Qwen2 layouts): pre-RMSNorm, rotary, GQA")
 class LlamaAdapter(DecoderAdapter):
     model_types = ("llama", "mistral", "qwen2")
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -220,6 +212,8 @@ class LlamaAdapter(DecoderAdapter):
 @DECODERS.register("gpt2", "GPT-2: learned absolute positions, pre-LayerNorm, fused c_attn")
 class GPT2Adapter(DecoderAdapter):
     model_types = ("gpt2",)
+    lora_targets = ("c_attn",)
+    lora_fan_in_fan_out = True  # GPT-2's Conv1D stores W transposed
 
     @property
     def layers(self) -> nn.ModuleList:

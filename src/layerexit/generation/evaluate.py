@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 from ..errors import bad_value
+from ..evaluation.formatting import md_table
+from ..evaluation.timing import timing_warnings
 from .decode import Generation, generate
 from .rules import make_token_rule
 from .speculative import generate_speculative
@@ -61,8 +63,9 @@ def spec_name(spec: dict) -> str:
 
 
 def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eos_token_id: int | None = None,
-             on_token: Callable[[int], None] | None = None) -> Generation:
-    """Run one strategy described by a dict (strategy, rule, params, kv, draft_layers, num_draft)."""
+             on_token: Callable[[int], None] | None = None, draft_vocab: torch.Tensor | None = None) -> Generation:
+    """Run one strategy described by a dict (strategy, rule, params, kv, draft_layers, num_draft, and
+    ``"draft_vocab": True`` to draft over ``draft_vocab``, (K,) token ids)."""
     strategy = spec.get("strategy", "full")
     if strategy not in STRATEGIES:
         raise bad_value("strategy", strategy, f"choose one of {', '.join(STRATEGIES)}")
@@ -75,7 +78,7 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
     if strategy == "speculative":
         return generate_speculative(model, input_ids, spec.get("draft_layers", model.num_layers // 2),
                                     spec.get("num_draft", 4), max_new_tokens, eos_token_id, on_token,
-                                    draft_vocab=getattr(model, "draft_vocab", None) if spec.get("draft_vocab") else None,
+                                    draft_vocab=_draft_vocab(spec, draft_vocab),
                                     draft_threshold=spec.get("draft_threshold"), bonus=spec.get("bonus", True))
     with torch.inference_mode():  # hf: transformers' own greedy generate, timed
         start = time.perf_counter()
@@ -86,9 +89,17 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
     return Generation(input_ids.shape[1], tokens, [model.num_layers] * len(tokens), model.num_layers, seconds)
 
 
+def _draft_vocab(spec: dict, draft_vocab: torch.Tensor | None) -> torch.Tensor | None:
+    if not spec.get("draft_vocab"):
+        return None
+    if draft_vocab is None:
+        raise bad_value("draft_vocab", None, "a spec drafts over a restricted vocabulary: pass its token ids")
+    return draft_vocab
+
+
 def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tokens: int = 48,
             eos: bool = False, log: Callable[[str], None] | None = None, models: dict | None = None,
-            rounds: int = 1) -> dict:
+            rounds: int = 1, draft_vocab: torch.Tensor | None = None) -> dict:
     """Run the full model and every strategy on every prompt (interleaved); aggregate measured figures.
 
     ``models`` maps names to other exit sets on the same backbone; a spec picks one with ``"exits": name``.
@@ -101,17 +112,18 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
     full = {"tokens": 0, "seconds": 0.0}
     samples = []
     if prompts:  # untimed warm-up of every path (first calls pay for allocations and lazy set-up)
-        ids = tokenizer(prompts[0], return_tensors="pt").input_ids
+        ids = tokenizer(prompts[0], return_tensors="pt").input_ids.to(next(model.parameters()).device)
         for spec in [{"strategy": "full"}] + specs:
-            run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id)
+            run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id,
+                     draft_vocab=draft_vocab)
     for i, text in enumerate(prompts):
-        ids = tokenizer(text, return_tensors="pt").input_ids
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
         best: dict[str, float] = {}
         outputs: dict[str, Generation] = {}
         for _ in range(max(1, int(rounds))):
             for name, spec in [("full", {"strategy": "full"})] + list(zip(names, specs)):
                 runner = (models or {}).get(spec.get("exits"), model)
-                out = run_spec(runner, ids, spec, max_new_tokens, eos_id)
+                out = run_spec(runner, ids, spec, max_new_tokens, eos_id, draft_vocab=draft_vocab)
                 outputs.setdefault(name, out)
                 best[name] = min(best.get(name, float("inf")), out.seconds)
         reference = outputs["full"]
@@ -152,6 +164,7 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
             entry["acceptance"] = accepted / drafted if drafted else 0.0
             entry["tokens_per_cycle"] = sum(s["tokens_per_cycle"] for s in row["stats"]) / len(row["stats"])
             entry["draft_vocab"] = row["stats"][0]["draft_vocab"]  # None: the whole vocabulary
+        entry["warnings"] = timing_warnings(entry)  # a measured speed-up above the ideal L/avg_layers is noise
         results.append(entry)
     return {"num_layers": model.num_layers, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "rounds": rounds,
             "full": {"tokens": full["tokens"], "seconds": full["seconds"], "tokens_per_second": full_tps},
@@ -211,16 +224,16 @@ def report(payload: dict, out_dir: str | Path, title: str = "Generation evaluati
              f"(our loop, never exiting): {full['tokens_per_second']:.2f} tokens/s. Exit machinery adds "
              f"{payload['exit_parameters']:,} parameters to {payload['backbone_parameters']:,} "
              f"({100 * payload['exit_parameters'] / payload['backbone_parameters']:.2f}%). All figures measured "
-             f"(fastest of {payload.get('rounds', 1)} interleaved round(s) per prompt and strategy).", "",
-             "| strategy | avg layers | tokens/s | speed-up vs full | token match | ROUGE-L | identical | acceptance |",
-             "|---|---|---|---|---|---|---|---|"]
-    for e in payload["results"]:
-        acceptance = f"{100 * e['acceptance']:.0f}%" if "acceptance" in e else ""
-        avg = f"{e['avg_layers']:.2f}" if "avg_layers" in e else "—"
-        lines.append(f"| {e['name']} | {avg} | {e['tokens_per_second']:.2f} | "
-                     f"{e['speedup_measured']:.2f}x | {100 * e['token_match']:.1f}% | {e['rouge_l']:.3f} | "
-                     f"{e['identical_prompts']}/{payload['prompts']} | "
-                     f"{acceptance} |")
+             f"(fastest of {payload.get('rounds', 1)} interleaved round(s) per prompt and strategy).", ""]
+    rows = [[e["name"], f"{e['avg_layers']:.2f}" if "avg_layers" in e else "—", f"{e['tokens_per_second']:.2f}",
+             f"{e['speedup_measured']:.2f}x", f"{e['speedup_ideal']:.2f}x" if "speedup_ideal" in e else "—",
+             f"{100 * e['token_match']:.1f}%", f"{e['rouge_l']:.3f}", f"{e['identical_prompts']}/{payload['prompts']}",
+             f"{100 * e['acceptance']:.0f}%" if "acceptance" in e else ""] for e in payload["results"]]
+    lines.append(md_table(["strategy", "avg layers", "tokens/s", "speed-up vs full", "ideal (L/avg layers)",
+                           "token match", "ROUGE-L", "identical", "acceptance"], rows))
+    warnings = [f"- {e['name']}: {w}" for e in payload["results"] for w in e.get("warnings") or []]
+    if warnings:
+        lines += ["", "**Timing warnings** (re-run these on a quiet machine before quoting them):", *warnings]
     lines += ["", "![speed vs agreement](speed_vs_agreement.png)", ""]
     if any("exit_histogram" in e for e in payload["results"]):
         lines += ["![exit layers](exit_layers.png)", ""]

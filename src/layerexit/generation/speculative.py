@@ -12,13 +12,14 @@ full model (up to floating-point summation order). Batch size 1.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..errors import bad_value
 from .cache import LayerKVCache
-from .decode import Generation, _argmax, check_request, prefill
+from .decode import Generation, greedy_token, check_request, prefill
 
 
 def check_draft_layers(model, draft_layers: int) -> int:
@@ -26,6 +27,40 @@ def check_draft_layers(model, draft_layers: int) -> int:
     if not 1 <= int(draft_layers) < L:
         raise bad_value("draft_layers", draft_layers, f"draft with between 1 and {L - 1} of the model's {L} layers")
     return int(draft_layers)
+
+
+@dataclass
+class DraftHead:
+    """The exit head that drafts: the whole LM head (``vocab`` None), or only its rows for ``vocab`` (K,) ids,
+    so that drafting costs K/V of the head's time."""
+
+    vocab: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # (K, H) rows of the LM head
+    bias: torch.Tensor | None = None  # (K,)
+
+    @classmethod
+    def build(cls, model, draft_vocab: torch.Tensor | None) -> "DraftHead":
+        if draft_vocab is None:
+            return cls()
+        vocab = torch.as_tensor(draft_vocab, dtype=torch.long)
+        size = model.adapter.vocab_size
+        if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= size:
+            raise bad_value("draft_vocab", f"{vocab.numel()} ids", f"give a 1-D tensor of ids in 0..{size - 1}")
+        lm_head = model.adapter.lm_head
+        bias = lm_head.bias[vocab] if getattr(lm_head, "bias", None) is not None else None
+        return cls(vocab, lm_head.weight[vocab], bias)
+
+    @property
+    def size(self) -> int | None:
+        return None if self.vocab is None else len(self.vocab)
+
+    def draft(self, model, layer: int, hidden: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(H,) hidden state after ``layer`` -> (drafted token id, the head's logits over its vocabulary)."""
+        if self.vocab is None:
+            logits = model.exit_logits(layer, hidden)  # (V,)
+            return greedy_token(logits), logits
+        logits = torch.nn.functional.linear(model.exit_hidden(layer, hidden), self.weight, self.bias)  # (K,)
+        return int(self.vocab[greedy_token(logits)]), logits
 
 
 @torch.inference_mode()
@@ -44,25 +79,17 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     through layers 1..E too, so that verification also yields the full model's token after it: one extra
     token when every draft is accepted, for E/L of a token's cost every cycle. With a ``draft_threshold`` this
     is done only when the last draft was confident (drafting stopped at ``num_draft``), since an unconfident
-    last draft is usually rejected; measured on SmolLM2 with 20% acceptance, always doing it cost 7-22% speed.
+    last draft is usually rejected (docs/benchmarks.md has the measured cost of always doing it).
     """
     E = check_draft_layers(model, draft_layers)
-    head = None
-    if draft_vocab is not None:
-        vocab = torch.as_tensor(draft_vocab, dtype=torch.long)
-        if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= model.adapter.vocab_size:
-            raise bad_value("draft_vocab", f"{vocab.numel()} ids", f"give a 1-D tensor of ids in 0..{model.adapter.vocab_size - 1}")
-        lm_head = model.adapter.lm_head
-        weight = lm_head.weight[vocab]  # (K, H) rows of the head
-        bias = lm_head.bias[vocab] if getattr(lm_head, "bias", None) is not None else None
-        head = (vocab, weight, bias)
+    head = DraftHead.build(model, draft_vocab)
     if int(num_draft) < 1:
         raise bad_value("num_draft", num_draft, "draft at least one token per step")
     prompt_length = check_request(model, input_ids, max_new_tokens)
-    L, adapter, device = model.num_layers, model.adapter, input_ids.device
+    L = model.num_layers
     start = time.perf_counter()
     cache = LayerKVCache(L)
-    token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
+    token = greedy_token(model.exit_logits(L, prefill(model, input_ids, cache)))
     tokens = [token]  # the last one is always a full-model token not yet fed to the model
     if on_token:
         on_token(token)
@@ -70,39 +97,14 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     while len(tokens) < max_new_tokens and token != eos_token_id:
         t = prompt_length + len(tokens) - 1  # position of the last token
         budget = min(int(num_draft), max_new_tokens - len(tokens))
-        drafts, states, x, confident = [], [], token, True
-        for i in range(budget):  # draft: layers 1..E and the exit head, one token at a time
-            pos = torch.tensor([t + i], device=device)
-            h = adapter.run_layers(adapter.embed(torch.tensor([[x]], device=device), pos), 0, E, pos, cache)
-            states.append(h)  # (1, 1, H) after layer E
-            if head is None:
-                logits = model.exit_logits(E, h[0, -1])  # (V,)
-                x = _argmax(logits)
-            else:
-                logits = torch.nn.functional.linear(model.exit_hidden(E, h[0, -1]), head[1], head[2])  # (K,)
-                x = int(head[0][_argmax(logits)])
-            drafts.append(x)
-            if x == eos_token_id:
-                break
-            if draft_threshold is not None:
-                confident = float(torch.softmax(logits.float(), -1).max()) >= draft_threshold
-                if not confident:
-                    break
+        drafts, states, confident = _draft(model, head, E, cache, token, t, budget, eos_token_id, draft_threshold,
+                                           input_ids.device)
         k = len(drafts)
         if bonus and confident and drafts[-1] != eos_token_id and len(tokens) + k < max_new_tokens:
             # d_k joins the verification too, so a fully accepted draft also earns the full model's next token
-            pos = torch.tensor([t + k], device=device)
-            states.append(adapter.run_layers(adapter.embed(torch.tensor([[drafts[-1]]], device=device), pos),
-                                             0, E, pos, cache))
+            states.append(_run_shallow(model, E, cache, drafts[-1], t + k, input_ids.device))
         m = len(states)  # inputs verified: x_t, d_1..d_{k-1}, and d_k when it was fed
-        positions = torch.arange(t, t + m, device=device)
-        deep = adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, m, H)
-        full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (m,) full model's next tokens
-        n = 0
-        while n < k and drafts[n] == full[n]:
-            n += 1
-        new = drafts[:n] + full[n:n + 1]  # accepted drafts, then the correction (or the bonus when n == k < m)
-        cache.crop(t + n + 1)  # keep inputs x_t, d_1..d_n; forget rejected drafts in every layer
+        n, new = _verify(model, E, cache, drafts, states, t)
         drafted += k
         accepted += n
         bonuses += int(n == k < m)
@@ -116,8 +118,52 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
                 break
         token = tokens[-1]
     seconds = time.perf_counter() - start
-    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": None if head is None else len(head[0]), "num_draft": int(num_draft), "draft_threshold": draft_threshold, "bonus_enabled": bool(bonus), "drafted": drafted,
+    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": head.size, "num_draft": int(num_draft),
+             "draft_threshold": draft_threshold, "bonus_enabled": bool(bonus), "drafted": drafted,
              "accepted": accepted, "bonus": bonuses, "cycles": cycles,
              "acceptance": accepted / drafted if drafted else 0.0,
              "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}
     return Generation(prompt_length, tokens, [], L, seconds, layer_tokens, stats)
+
+
+def _run_shallow(model, E: int, cache: LayerKVCache, token: int, position: int, device) -> torch.Tensor:
+    """Feed ``token`` at ``position`` through layers 1..E (writing their cache): (1, 1, H) after layer E."""
+    pos = torch.tensor([position], device=device)
+    return model.adapter.run_layers(model.adapter.embed(torch.tensor([[token]], device=device), pos), 0, E, pos, cache)
+
+
+def _draft(model, head: DraftHead, E: int, cache: LayerKVCache, token: int, t: int, budget: int,
+           eos_token_id: int | None, draft_threshold: float | None,
+           device) -> tuple[list[int], list[torch.Tensor], bool]:
+    """Draft up to ``budget`` tokens after ``token`` (at position t) with layers 1..E and the draft head.
+
+    Returns the drafts, the (1, 1, H) states after layer E of the inputs fed (``token``, then every draft but
+    the last) and whether the last draft was confident (always, without ``draft_threshold``)."""
+    drafts, states, x, confident = [], [], token, True
+    for i in range(budget):
+        h = _run_shallow(model, E, cache, x, t + i, device)
+        states.append(h)
+        x, logits = head.draft(model, E, h[0, -1])
+        drafts.append(x)
+        if x == eos_token_id:
+            break
+        if draft_threshold is not None:
+            confident = float(torch.softmax(logits.float(), -1).max()) >= draft_threshold
+            if not confident:
+                break
+    return drafts, states, confident
+
+
+def _verify(model, E: int, cache: LayerKVCache, drafts: list[int], states: list[torch.Tensor],
+            t: int) -> tuple[int, list[int]]:
+    """Run layers E+1..L on the fed inputs in one pass; returns how many drafts the full model accepts and the
+    tokens to emit (the accepted drafts, then the full model's next token: the correction, or a bonus)."""
+    L, m = model.num_layers, len(states)
+    positions = torch.arange(t, t + m, device=states[0].device)
+    deep = model.adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, m, H)
+    full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (m,) full model's next tokens
+    n = 0
+    while n < len(drafts) and drafts[n] == full[n]:
+        n += 1
+    cache.crop(t + n + 1)  # keep inputs x_t, d_1..d_n; forget rejected drafts in every layer
+    return n, drafts[:n] + full[n:n + 1]

@@ -8,9 +8,8 @@ the trained exits costs memory; restrict ``layers`` to the exits you will use (e
 With ``lora_rank > 0`` peft's LoRA is injected into the attention projections and trained too, and the last
 exit joins the loss so the full model is held in place: under ``weighted`` by its own next-token loss, under
 ``distill`` by distillation, every exit's teacher then being the *original* model (LoRA bypassed). Letting the
-adapted model's own last layer teach instead collapses: on SmolLM2-135M (120 steps) every exit agreed with
-the last layer 97-99% of the time because all of them, the last included, had degenerated (held-out perplexity
-180 -> 1,930).
+adapted model's own last layer teach instead collapses: every exit then agrees with a last layer that has
+degenerated with them (docs/benchmarks.md, generation section).
 
 The policy follows ConsistentEE's decoder version (Zeng et al., AAAI 2024): per-layer
 ``sigmoid(Linear(hidden -> 1))``, K copies of every token with the first never exiting, decaying ε-greedy
@@ -65,9 +64,11 @@ def add_lora(model, rank: int, alpha: int | None = None) -> None:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise bad_value("lora_rank", rank, "LoRA needs peft: pip install peft==0.21.2, or use lora_rank=0") from None
-    targets = ["c_attn"] if model.config.model_type == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj"]
-    config = LoraConfig(r=int(rank), lora_alpha=int(alpha or 2 * rank), target_modules=targets, lora_dropout=0.0,
-                        fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W transposed
+    adapter = model.adapter
+    if not adapter.lora_targets:
+        raise bad_value("lora_rank", rank, f"the {type(adapter).__name__} names no LoRA target modules; use lora_rank=0")
+    config = LoraConfig(r=int(rank), lora_alpha=int(alpha or 2 * rank), target_modules=list(adapter.lora_targets),
+                        lora_dropout=0.0, fan_in_fan_out=adapter.lora_fan_in_fan_out)
     inject_adapter_in_model(config, model.lm)
     model.config.training["lora_rank"] = int(rank)
 
