@@ -202,7 +202,6 @@ def main() -> int:
     log(f"operating points (simulated, trained exits): {points}")
     train_ids = token_blocks(tok, load_passages("shakespeare", "train"), 128, 400)
     vocab = frequent_tokens(train_ids, args.draft_vocab)
-    shared.draft_vocab = trained.draft_vocab = vocab
     coverage = float(torch.isin(test_blocks, vocab).float().mean())
     log(f"draft vocabulary: {len(vocab)} ids cover {coverage:.3f} of held-out tokens")
 
@@ -258,7 +257,7 @@ def main() -> int:
     costs = micro_costs(trained, tok, vocab)
     log(f"micro costs (ms, fastest of 20): {costs}")
     payload = compare(trained, tok, prompts, specs, args.max_new_tokens, log=log,
-                      models={"shared": shared, "trained": trained}, rounds=args.rounds)
+                      models={"shared": shared, "trained": trained}, rounds=args.rounds, draft_vocab=vocab)
     payload["micro_costs_ms"] = costs
     payload["exit_parameters"] = added_parameters
     payload.update({

@@ -82,7 +82,9 @@ def test_evaluate_refuses_fitting_on_the_evaluation_split(trained, capsys):
                  "--output", str(trained / "same")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "fit(cache.split)='test' is invalid" in err and "Traceback" not in err
+    # refused while checking the options, before the model is loaded or any logit computed
+    assert "--fit-split='test' is invalid" in err and "validation" in err and "Traceback" not in err
+    assert not (trained / "same").exists()
 
 
 def test_target_accuracy_needs_fitted_rules(trained, capsys):
@@ -98,4 +100,6 @@ def test_evaluate_refuses_rules_fitted_on_the_split_it_reports(trained, capsys):
                  "--split", "validation", "--rules", "maxprob", "--measure-rules", "", "--fit-split", "validation",
                  "--output", str(trained / "same-name")])
     assert code == 2
-    assert "fitted on split 'validation' and would be evaluated on split 'validation'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused while checking the options, before any model is loaded
+    assert "--fit-split='validation' is invalid: it is the split being evaluated" in err
+    assert not (trained / "same-name").exists()

@@ -32,35 +32,8 @@ from ..evaluation.cache import collect_logits
 from ..evaluation.simulate import per_layer_accuracy
 from ..io import atomic_directory, write_json_atomic
 from ..model import MultiExitModel
+from .config import TrainConfig
 from .objectives import Objective, Stage, weighted_exit_loss
-
-SELECT_METRICS = ("mean_exit_accuracy", "final_accuracy")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one run (defaults: ALGORITHMS.md section 7's probes on MiniLM-L6)."""
-
-    epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_batch_size: int = 128
-    save_steps: int = 200
-    select_metric: str = "mean_exit_accuracy"
-    seed: int = 42
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "save_steps"):
-            if int(getattr(self, name)) < 1:
-                raise bad_value(name, getattr(self, name), "use a whole number >= 1")
-        if not self.learning_rate > 0:
-            raise bad_value("learning_rate", self.learning_rate, "use a positive learning rate, e.g. 5e-5")
-        if self.select_metric not in SELECT_METRICS:
-            raise bad_value("select_metric", self.select_metric, f"choose one of {', '.join(SELECT_METRICS)}")
-
 
 @dataclass
 class Progress:
