@@ -125,6 +125,12 @@ def load_data(
     return TextClassificationData(texts, labels, names, pairs, source, split, info)
 
 
+def is_test_split(split: str) -> bool:
+    """Whether a split name says it is test data: its base name starts with "test"."""
+    base = Path(str(split)).name.lower()
+    return base.startswith("test")
+
+
 def _numbered(rows: list[dict]) -> list[tuple[str, dict]]:
     return [(f"row {i}", r) for i, r in enumerate(rows, start=1)]
 

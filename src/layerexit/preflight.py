@@ -73,12 +73,19 @@ def check_safetensors(path: Path) -> None:
 REQUIRED_KEYS = ("num_layers", "num_labels", "model_type", "hidden_size", "exit_feature")
 
 
-def checkpoint_config(flag: str, folder: str | Path) -> dict:
-    """The layerexit configuration of a classifier checkpoint folder, with its files checked cheaply."""
+def checkpoint_config(flag: str, folder: str | Path) -> dict | None:
+    """The layerexit configuration of a classifier checkpoint folder, with its files checked cheaply (None for
+    a hub id, which the loader checks)."""
     path = Path(folder)
     if not path.is_dir():
+        if is_hub_id(str(folder)):
+            return None  # a hub id: the loader fetches (or finds in the cache) and checks it
         raise bad_value(flag, str(folder), "no such checkpoint folder; give a folder written by `layerexit train` "
                         "(e.g. runs/rt/best)")
+    if not (path / CONFIG_NAME).is_file() and (path / "config.json").is_file():
+        hf = read_json(path / "config.json", "model config")
+        if str(hf.get("model_type", "")).startswith("layerexit"):
+            return hf  # a checkpoint in the transformers layout (config.json carries layerexit's fields)
     if not (path / CONFIG_NAME).is_file():
         raise bad_value(flag, str(folder), f"it has no {CONFIG_NAME}, so it is not a layerexit checkpoint; give "
                         "a folder written by `layerexit train` or MultiExitModel.save_pretrained")
@@ -91,6 +98,12 @@ def checkpoint_config(flag: str, folder: str | Path) -> dict:
         raise bad_value(flag, str(folder), f"it has no {WEIGHTS_NAME}; the checkpoint is incomplete")
     check_safetensors(path / WEIGHTS_NAME)
     return config
+
+
+def is_hub_id(name: str) -> bool:
+    """``owner/name``: one slash, no leading ``.``, ``/`` or ``~`` (a path that does not exist is not one)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
 
 
 def backbone_config(name_or_path: str | Path) -> dict | None:

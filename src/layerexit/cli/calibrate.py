@@ -62,7 +62,7 @@ def add_bin_options(p) -> None:
 
 def check(args) -> None:
     """Every option, the checkpoint's files and the output folder, before any model is loaded or logit computed."""
-    from ..rules.fitting import is_test_split
+    from ..data import is_test_split
 
     require(args, "model", "--model runs/rt/best")
     if is_test_split(args.split):
@@ -159,7 +159,7 @@ def add_control_options(p) -> None:
 
 def check_control(args) -> None:
     """The control options of `layerexit evaluate`, before any model is loaded."""
-    from ..rules.fitting import is_test_split
+    from ..data import is_test_split
 
     wanted = args.calibration or args.fit_split or args.target_accuracy is not None or args.budget is not None
     if wanted and not (args.calibration or args.fit_split):

@@ -63,19 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerexit {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"layerexit {command}: interrupted; {_where(args)}", file=sys.stderr)
+        print(f"layerexit {command}: interrupted; {_where(command, args)}", file=sys.stderr)
         return 130
     except OSError as err:  # disk full, permissions, a file removed under us
         place = f" ({err.filename})" if getattr(err, "filename", None) else ""
-        print(f"layerexit {command}: error: {err.strerror or err}{place}; {_where(args)}", file=sys.stderr)
+        print(f"layerexit {command}: error: {err.strerror or err}{place}; {_where(command, args)}", file=sys.stderr)
         return 1
 
 
-def _where(args) -> str:
+def _where(command: str, args) -> str:
     """What an interrupted command leaves behind, in one sentence."""
     from ..preflight import resume_hint
 
-    if args.command == "train":
+    if command == "train":
         return resume_hint(getattr(args, "output", None))
     return "nothing is resumed: run the command again"
 
