@@ -56,6 +56,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     a_file.write_text("not a folder\n")
     data = root / "data.csv"
     data.write_text("text,label\ngood,1\nbad,0\n")
+    (root / "bad-label.csv").write_text("text,label\ngood,1\nbad,\nfun,1\n")
+    (root / "latin.csv").write_bytes("text,label\ngood,1\ncaf\xe9,0\n".encode("latin-1"))
+    (root / "ones.csv").write_text("text,label\ngood,1\nfun,1\n")
     yaml_dir = root / "yaml"
     yaml_dir.mkdir()
     configs = {"epochs": "epochs: 1.5\n", "limit": "limit: -1\n", "method": "method: magic\n",
@@ -63,7 +66,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, text in configs.items():
         (yaml_dir / f"{name}.yaml").write_text(text)
     return {"CKPT": str(ckpt), "TRUNC": str(truncated), "BROKEN": str(broken), "BACKBONE": str(backbone),
-            "FILE": str(a_file), "DATA": str(data), "YAML": str(yaml_dir), "OUT": str(root / "out"),
+            "FILE": str(a_file), "DATA": str(data), "BADLABEL": str(root / "bad-label.csv"),
+            "LATIN": str(root / "latin.csv"), "ONES": str(root / "ones.csv"), "YAML": str(yaml_dir), "OUT": str(root / "out"),
             "ROOT": str(root)}
 
 
@@ -124,6 +128,13 @@ CASES = [
      "layerexit calibrate"),
     (["calibrate", "--model", "CKPT", "--budget", "1.5", "--output", "OUT/c"], "--budget=1.5", "(0, 1]"),
     (["calibrate", "--model", "CKPT", "--split", "test", "--output", "OUT/c"], "--split='test'", "validation"),
+    # data files: read (without torch) before the model loads
+    (["evaluate", "--model", "CKPT", "--data", "BADLABEL", "--output", "OUT/e"], "bad-label.csv",
+     "1 row(s) have an empty or missing text or label (line 3)"),
+    (["train", "--model", "BACKBONE", "--data", "LATIN", "--output", "OUT/t"], "latin.csv",
+     "line 3 is not UTF-8"),
+    (["train", "--model", "BACKBONE", "--data", "ONES", "--output", "OUT/t"], "labels=['1']", "at least two"),
+    (["calibrate", "--model", "CKPT", "--data", "BADLABEL", "--output", "OUT/c"], "bad-label.csv", "--skip-bad-rows"),
     # checkpoint files
     (["evaluate", "--model", "TRUNC", "--output", "OUT/e"], "model.safetensors", "truncated or damaged"),
     (["benchmark", "--model", "BROKEN"], "layerexit_config.json", "cannot be read as JSON"),

@@ -49,6 +49,7 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    data = data_from(args)  # data errors (bad rows, encodings) before torch or the model loads
     from ..data import Encoded, check_labels
     from ..evaluation.benchmark import speed_report
     from ..evaluation.cache import collect_logits
@@ -59,7 +60,6 @@ def run(args) -> int:
     from ..rules import make_rule
 
     model, tokenizer = load_checkpoint(args)
-    data = data_from(args)
     check_labels(data, model.config.num_labels, model.config.label_names)
     encoded = Encoded(data, tokenizer, model.config.max_length)
     params = parse_rule_params(args.param)

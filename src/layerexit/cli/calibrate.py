@@ -102,6 +102,7 @@ def fit_all(fit: "LogitCache", target: float, num_bins: int, binning: str, smoot
 
 
 def run(args) -> int:
+    data = data_from(args, label_names=None)  # data errors (bad rows, encodings) before torch or the model loads
     from ..evaluation.calibration_plots import plot_reliability, plot_reliability_exit
     from ..evaluation.controllability import calibration_table
     from ..evaluation.cost import exit_costs
@@ -109,7 +110,6 @@ def run(args) -> int:
     from ..rules.fitting import save_rules
 
     model, tokenizer = load_checkpoint(args)
-    data = data_from(args, label_names=None)
     fit, encoded = cache_split(model, tokenizer, data, args.batch_size)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    data = data_from(args, label_names=None)  # data errors (bad rows, encodings) before torch or the model loads
     from ..consistentee.sweep import alpha_sweep_curve
     from ..evaluation.evaluate import evaluate
     from ..evaluation.report import format_table, operating_point, write_report
@@ -60,7 +61,6 @@ def run(args) -> int:
     from .calibrate import apply_control
 
     model, tokenizer = load_checkpoint(args)
-    data = data_from(args, label_names=None)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,

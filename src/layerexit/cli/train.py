@@ -85,12 +85,12 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    from ..training.run import train_classifier
-
-    train_data = data_from(args)
+    train_data = data_from(args)  # data errors (bad rows, encodings) before torch or the model loads
     eval_data = None
     if args.eval_split and args.eval_split != "none":
         eval_data = data_from(args, split=args.eval_split, limit=args.eval_limit, label_names=train_data.label_names)
+    from ..training.run import train_classifier
+
     config, cee = configs(args)
     if args.method == "consistentee":
         from ..consistentee import train_consistentee
