@@ -48,6 +48,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     (truncated / "model.safetensors").write_bytes(weights[: len(weights) - 16])
     broken = _checkpoint(root / "broken-config")
     (broken / "layerexit_config.json").write_text('{"num_layers": 2, ')
+    hf_layout = root / "hf-layout"  # a checkpoint in the transformers layout: config.json, model_type layerexit
+    hf_layout.mkdir()
+    (hf_layout / "config.json").write_text(json.dumps({"model_type": "layerexit", "num_layers": 2}))
+    (hf_layout / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # cut short
     backbone = root / "backbone"
     backbone.mkdir()
     (backbone / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 256}))
@@ -66,7 +70,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, text in configs.items():
         (yaml_dir / f"{name}.yaml").write_text(text)
     return {"CKPT": str(ckpt), "TRUNC": str(truncated), "BROKEN": str(broken), "BACKBONE": str(backbone),
-            "FILE": str(a_file), "DATA": str(data), "BADLABEL": str(root / "bad-label.csv"),
+            "HFLAYOUT": str(hf_layout), "FILE": str(a_file), "DATA": str(data), "BADLABEL": str(root / "bad-label.csv"),
             "LATIN": str(root / "latin.csv"), "ONES": str(root / "ones.csv"), "YAML": str(yaml_dir), "OUT": str(root / "out"),
             "ROOT": str(root)}
 
@@ -117,6 +121,8 @@ CASES = [
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens=0", ">= 1"),
     (["generate", "--prompt", "hi", "--model", "CKPT"], "--model=", "generate needs a decoder"),
     (["generate", "--prompt", "hi", "--model", "BACKBONE"], "--model=", "it is an encoder (bert)"),
+    (["generate", "--prompt", "hi", "--model", "HFLAYOUT"], "--model=", "layerexit classifier checkpoint"),
+    (["evaluate", "--model", "HFLAYOUT", "--output", "OUT/e"], "hf-layout/model.safetensors", "truncated or damaged"),
     # accuracy targets and budgets
     (["evaluate", "--model", "CKPT", "--budget", "1.5", "--fit-split", "validation", "--output", "OUT/e"],
      "--budget=1.5", "(0, 1]"),

@@ -84,8 +84,10 @@ def checkpoint_config(flag: str, folder: str | Path) -> dict | None:
                         "(e.g. runs/rt/best)")
     if not (path / CONFIG_NAME).is_file() and (path / "config.json").is_file():
         hf = read_json(path / "config.json", "model config")
-        if str(hf.get("model_type", "")).startswith("layerexit"):
-            return hf  # a checkpoint in the transformers layout (config.json carries layerexit's fields)
+        if str(hf.get("model_type", "")).startswith("layerexit"):  # the transformers layout: config.json
+            if (path / WEIGHTS_NAME).is_file():
+                check_safetensors(path / WEIGHTS_NAME)
+            return hf
     if not (path / CONFIG_NAME).is_file():
         raise bad_value(flag, str(folder), f"it has no {CONFIG_NAME}, so it is not a layerexit checkpoint; give "
                         "a folder written by `layerexit train` or MultiExitModel.save_pretrained")
@@ -155,15 +157,16 @@ def check_decoder(flag: str, model: str | Path) -> None:
     path = Path(str(model))
     if not path.is_dir():
         return  # a packaged name or a hub id: the loader says what is wrong
-    if (path / CONFIG_NAME).is_file():
+    model_type = ""
+    if (path / "config.json").is_file():
+        model_type = str(read_json(path / "config.json", "model config").get("model_type", ""))
+    if (path / CONFIG_NAME).is_file() or model_type.startswith("layerexit"):
         raise bad_value(flag, str(model), "it is a layerexit classifier checkpoint (an encoder with exits); "
                         "generate needs a decoder language model (packaged smollm2-135m, a Llama/Mistral/Qwen2/GPT-2 "
                         "folder); use `layerexit evaluate` or `benchmark` for classifiers")
-    if (path / "config.json").is_file():
-        model_type = read_json(path / "config.json", "model config").get("model_type", "")
-        if model_type in ENCODER_MODEL_TYPES and model_type not in DECODER_MODEL_TYPES:
-            raise bad_value(flag, str(model), f"it is an encoder ({model_type}); generate needs a decoder language "
-                            f"model of a supported family ({', '.join(sorted(DECODER_MODEL_TYPES))})")
+    if model_type in ENCODER_MODEL_TYPES and model_type not in DECODER_MODEL_TYPES:
+        raise bad_value(flag, str(model), f"it is an encoder ({model_type}); generate needs a decoder language "
+                        f"model of a supported family ({', '.join(sorted(DECODER_MODEL_TYPES))})")
 
 
 def resume_hint(output: str | Path | None) -> str:
