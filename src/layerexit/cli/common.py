@@ -101,7 +101,9 @@ def add_fields(parser, config_cls, names: list[str], flags: dict[str, str] | Non
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for name in names:
         f = fields[name]
-        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        if kind is None:
+            raise TypeError(f"{config_cls.__name__}.{name}: only int, float and str fields become options")
         choices = f.metadata.get("choices")
         arg(parser, (flags or {}).get(name, "--" + name.replace("_", "-")), dest=name, type=kind, default=f.default,
             choices=list(choices) if choices else None, help=f.metadata.get("help"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..catalog import FEATURES, OBJECTIVES
@@ -24,13 +25,10 @@ EXAMPLES = """examples:
   accelerate launch -m layerexit.cli.main train --model bert-base-uncased --data glue/sst2 --output runs/bert
 """
 
-#: TrainConfig fields offered as options, in help order
-TRAIN_FIELDS = ["epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm",
-                "eval_batch_size", "save_steps", "select_metric", "seed"]
-#: ConsistentEEConfig fields offered as options (hardness is --no-hardness); the learning rates keep short flags
-CEE_FIELDS = ["alpha", "copies", "action", "epsilon", "rounds", "policy_hidden", "stage2_epochs",
-              "stage2_batch_size", "stage2_learning_rate", "stage3_epochs", "stage3_batch_size",
-              "stage3_learning_rate"]
+#: every TrainConfig field is an option, in field order (a field added there appears here with its help)
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+#: every ConsistentEEConfig field but hardness (which is --no-hardness); the learning rates keep short flags
+CEE_FIELDS = [f.name for f in dataclasses.fields(ConsistentEEConfig) if f.name != "hardness"]
 CEE_FLAGS = {"stage2_learning_rate": "--stage2-lr", "stage3_learning_rate": "--stage3-lr"}
 
 
