@@ -104,13 +104,13 @@ CASES = [
     (["train", "--config", "YAML/resume.yaml"], "no_resume (in --config", "true or false"),
     (["train", "--config", "YAML/lr.yaml"], "learning_rate (in --config", "use a number"),
     # training hyper-parameters
-    (["train", "--model", "BACKBONE", "--data", "DATA", "--warmup-ratio", "5"], "warmup_ratio=5.0", "[0, 1)"),
-    (["train", "--model", "BACKBONE", "--data", "DATA", "--epochs", "0"], "epochs=0", ">= 1"),
-    (["train", "--model", "BACKBONE", "--data", "DATA", "--learning-rate", "-1"], "learning_rate=-1.0", "positive"),
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--warmup-ratio", "5"], "--warmup-ratio=5.0", "[0, 1)"),
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--epochs", "0"], "--epochs=0", ">= 1"),
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--learning-rate", "-1"], "--learning-rate=-1.0", "positive"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--limit", "0"], "--limit=0", ">= 1"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--limit", "-1"], "--limit=-1", ">= 1"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--objective", "custom"], "--layer-weights", "one weight"),
-    (["train", "--model", "BACKBONE", "--data", "DATA", "--method", "consistentee", "--copies", "1"], "copies=1",
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--method", "consistentee", "--copies", "1"], "--copies=1",
      "K >= 2"),
     # generation thresholds and kinds of model
     (["generate", "--prompt", "hi", "--threshold", "1.5"], "--threshold=1.5", "[0, 1]"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..catalog import FEATURES, OBJECTIVES
 from ..consistentee.config import ConsistentEEConfig
-from ..errors import bad_value
+from ..errors import LayerExitError, bad_value
 from ..preflight import check_max_length, writable_folder
 from ..resources import DEFAULT_MODEL
 from ..training.config import TrainConfig
@@ -64,12 +64,22 @@ def configs(args) -> tuple[TrainConfig, ConsistentEEConfig]:
     return config_from(args, TrainConfig), config_from(args, ConsistentEEConfig, hardness=not args.no_hardness)
 
 
+def validate_as_flags(config) -> None:
+    """``config.validate()``, its message naming the option (``--warmup-ratio``) instead of the field."""
+    try:
+        config.validate()
+    except LayerExitError as err:
+        field, _, rest = str(err).partition("=")
+        flag = CEE_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise LayerExitError(f"{flag}={rest}") from None
+
+
 def check(args) -> None:
     """Every option, the backbone's positions and the output folder, before any data or model is loaded."""
     train_config, cee_config = configs(args)
-    train_config.validate()
+    validate_as_flags(train_config)
     if args.method == "consistentee":
-        cee_config.validate()
+        validate_as_flags(cee_config)
         if args.no_resume and Path(args.output).exists():
             raise bad_value("--no-resume", True, f"{args.output} exists; ConsistentEE resumes stage by stage, so "
                             "choose a new --output to start over")
