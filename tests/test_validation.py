@@ -231,3 +231,7 @@ def test_yaml_lists_and_numbers_are_converted_like_flags(files, tmp_path):
     args = apply_config(parser, argv, parser.parse_args(argv))
     assert (args.epochs, args.learning_rate, args.layer_weights, args.no_resume, args.batch_size) == \
         (5, 1e-4, [1.0, 2.0], True, 16)
+    bench = cli_main.build_parser().subparsers["benchmark"]
+    config.write_text("param: {threshold: 0.9, patience: 2}\nbatch_sizes: [1, 8]\n")
+    args = apply_config(bench, ["--config", str(config)], bench.parse_args(["--config", str(config)]))
+    assert args.param == ["threshold=0.9", "patience=2"] and args.batch_sizes == "1,8"

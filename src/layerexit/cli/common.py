@@ -164,6 +164,8 @@ def _coerce(action: argparse.Action, value, where: str):
         if not isinstance(value, bool):
             raise bad_value(where, value, "use true or false")
         return value  # the option's destination takes the YAML value as it is
+    if isinstance(action, argparse._AppendAction) and isinstance(value, dict):  # param: {threshold: 0.9}
+        value = [f"{k}={v}" for k, v in value.items()]
     if action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else [value]
         return [_coerce_one(action, v, where) for v in items]
