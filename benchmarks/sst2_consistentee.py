@@ -1,4 +1,4 @@
-"""Benchmark for issue 3: ConsistentEE against the classic exit rules on MiniLM-L6 and SST-2.
+"""ConsistentEE benchmark: ConsistentEE against the classic exit rules on MiniLM-L6 and SST-2.
 
 Same backbone (packaged MiniLM-L6), same training data (the first N SST-2 training phrases), same training
 budget in epochs over that data for every method:
@@ -38,7 +38,7 @@ from layerexit.consistentee import ConsistentEEConfig, train_consistentee  # noq
 from layerexit.data import Encoded, load_data  # noqa: E402
 from layerexit.evaluation.cache import collect_logits  # noqa: E402
 from layerexit.evaluation.evaluate import simulated_results  # noqa: E402
-from layerexit.evaluation.report import area_under_curve, operating_point  # noqa: E402
+from layerexit.evaluation.metrics import area_under_curve, operating_point  # noqa: E402
 from layerexit.evaluation.simulate import simulate  # noqa: E402
 from layerexit.model import MultiExitModel  # noqa: E402
 from layerexit.rules import DEFAULT_SWEEP, make_rule  # noqa: E402

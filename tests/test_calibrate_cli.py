@@ -103,3 +103,56 @@ def test_evaluate_refuses_rules_fitted_on_the_split_it_reports(trained, capsys):
     err = capsys.readouterr().err  # refused while checking the options, before any model is loaded
     assert "--fit-split='validation' is invalid: it is the split being evaluated" in err
     assert not (trained / "same-name").exists()
+
+
+def test_evaluate_fits_once_writes_once_and_reports_control(trained, monkeypatch, capsys):
+    """PCEE and PCEE-WS are fitted once per evaluate, results.json and report.md written once, and the report
+    shows the controllability results."""
+    import layerexit.evaluation.evaluate as evaluation
+    import layerexit.evaluation.report as report_module
+    from layerexit.rules import PCEEWS
+
+    fits, writes = [], []
+    real_fit, real_fit_ws = PCEE.fit, PCEEWS.fit
+    monkeypatch.setattr(PCEE, "fit", lambda self, cache: (fits.append("pcee"), real_fit(self, cache))[1])
+    monkeypatch.setattr(PCEEWS, "fit", lambda self, cache: (fits.append("pcee-ws"), real_fit_ws(self, cache))[1])
+    real_json, real_report = evaluation.write_json_atomic, report_module.write_report
+    monkeypatch.setattr(evaluation, "write_json_atomic", lambda path, data: (writes.append(path.name),
+                                                                              real_json(path, data))[1])
+    monkeypatch.setattr(evaluation, "write_report", lambda *a, **k: (writes.append("report.md"),
+                                                                      real_report(*a, **k))[1])
+    out = trained / "eval-once"
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--rules", "maxprob", "--measure-rules", "maxprob", "--batch-sizes", "4", "--measure-examples", "16",
+                 "--rounds", "2", "--fit-split", "validation", "--target-accuracy", "0.8", "--budget", "0.6",
+                 "--output", str(out)])
+    assert code == 0
+    assert sorted(fits) == ["pcee", "pcee-ws"]
+    assert sorted(writes) == ["report.md", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["measured"]) == 1 and len(results["controllability"]["measured"]) == 2
+    for m in results["measured"] + results["controllability"]["measured"]:
+        assert m["speedup_spread"]["min"] <= m["speedup_spread"]["median"] <= m["speedup_spread"]["max"]
+        assert m["num_examples"] == 16 and 0 <= m["simulated_accuracy"] <= 1 and m["load_average"] >= 0
+        assert isinstance(m["warnings"], list) and any("no spread" in w for w in m["warnings"])  # 2 rounds
+    text = (out / "report.md").read_text()
+    assert "## Accuracy control and budgets" in text and "](controllability.png)" in text
+    assert "| pcee |" in text and "At the asked target 80.0%" in text and "](budgets.png)" in text
+    assert "accuracy control" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_most_of_the_fitting_rows_under_another_name(trained, capsys):
+    """60 of the 96 validation rows copied into a file named like a test split: compared row by row."""
+    cal = trained / "cal-rows"
+    assert main(["calibrate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--split", "validation", "--output", str(cal)]) == 0
+    lines = (trained / "data" / "validation.csv").read_text().splitlines()
+    subset = trained / "renamed"
+    subset.mkdir()
+    (subset / "test.csv").write_text("\n".join(lines[:61]) + "\n")  # header + 60 of the fitting rows
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(subset), "--rules", "maxprob",
+                 "--measure-rules", "", "--calibration", str(cal), "--target-accuracy", "0.8",
+                 "--output", str(trained / "rows-eval")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "60 of the 60 evaluated rows" in err and "compared row by row" in err and "Traceback" not in err

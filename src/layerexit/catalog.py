@@ -79,7 +79,7 @@ TOKEN_RULES = {
     "margin": "exit when top-1 minus top-2 probability >= threshold (CALM softmax response)",
     "maxprob": "exit when max softmax probability >= threshold (EE-LLM)",
     "never": "never exit: the full model (reference path)",
-    "policy": "ConsistentEE per-token policy: exit when pi_l(h) >= threshold (default 0.5)",
+    "policy": "ConsistentEE per-token policy: exit when pi_l(h) > threshold (default 0.5)",
     "saturation": "exit when cos(h_{l-1}, h_l) >= threshold (CALM hidden-state saturation)",
     "static": "always exit at min_layer (a truncated model)",
 }

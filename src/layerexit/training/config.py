@@ -16,7 +16,7 @@ def option(default, help: str | None = None, choices=None):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run (defaults: probes on MiniLM-L6 with a CPU budget)."""
+    """Hyper-parameters of one run (defaults: what short runs on MiniLM-L6 found to work; see docs/methods.md)."""
 
     epochs: int = option(2, "passes over the training data")
     batch_size: int = option(32, "examples per optimizer step")
