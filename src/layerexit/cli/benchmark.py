@@ -11,8 +11,8 @@ import json
 
 from ..catalog import RULES
 from ..preflight import checkpoint_config, writable_file
-from .common import (Formatter, add_config_option, add_data_options, arg, at_least, data_from, in_range, int_list,
-                     load_checkpoint, parse_rule_params, positive_int_list, require)
+from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
+                     in_range, int_list, load_checkpoint, parse_rule_params, positive_int_list, require)
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -34,6 +34,7 @@ def add_parser(subparsers):
     arg(p, "--examples", type=int, default=500, check=at_least(1), help="examples timed per batch size")
     arg(p, "--rounds", type=int, default=5, check=at_least(1), help="timing rounds (median is reported)")
     p.add_argument("--output", help="write the JSON here")
+    add_device_options(p)
     p.set_defaults(run=run, check=check)
     return p
 

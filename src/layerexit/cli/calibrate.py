@@ -19,8 +19,8 @@ from ..catalog import BINNINGS, COSTS, SMOOTHINGS
 from ..data import is_test_split
 from ..errors import bad_value
 from ..preflight import checkpoint_config, read_json, writable_folder
-from .common import (Formatter, add_config_option, add_data_options, arg, at_least, data_from, in_range,
-                     load_checkpoint, require)
+from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
+                     in_range, load_checkpoint, require)
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
@@ -50,6 +50,7 @@ def add_parser(subparsers):
     p.add_argument("--cost", default="layers", choices=list(COSTS), help="what the budget counts")
     add_bin_options(p)
     arg(p, "--batch-size", type=int, default=128, check=at_least(1), help="batch size for caching the exits' logits")
+    add_device_options(p)
     p.set_defaults(run=run, check=check)
     return p
 

@@ -101,11 +101,17 @@ def add_fields(parser, config_cls, names: list[str], flags: dict[str, str] | Non
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for name in names:
         f = fields[name]
-        kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        if type_name == "bool" and f.default is False:  # a switch: --keep-optimizer-state
+            parser.add_argument(flag, dest=name, action="store_true", help=f.metadata.get("help"))
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(type_name)
         if kind is None:
-            raise TypeError(f"{config_cls.__name__}.{name}: only int, float and str fields become options")
+            raise TypeError(f"{config_cls.__name__}.{name}: only int, float, str and false-by-default bool fields "
+                            "become options")
         choices = f.metadata.get("choices")
-        arg(parser, (flags or {}).get(name, "--" + name.replace("_", "-")), dest=name, type=kind, default=f.default,
+        arg(parser, flag, dest=name, type=kind, default=f.default,
             choices=list(choices) if choices else None, help=f.metadata.get("help"),
             check=(checks or {}).get(name))
 
@@ -238,13 +244,53 @@ def require(args, name: str, example: str) -> None:
 
 
 def load_checkpoint(args):
-    """The ``--model`` checkpoint and its tokenizer (required, on the command line or in --config)."""
+    """The ``--model`` checkpoint (folder or hub id) and its tokenizer, on ``--device`` in ``--dtype`` if the
+    command has those options (required, on the command line or in --config)."""
     from transformers import AutoTokenizer
 
-    from ..model import MultiExitModel
+    from ..model import MultiExitModel, resolve_checkpoint
 
     require(args, "model", "--model runs/rt/best")
-    return MultiExitModel.from_pretrained(args.model), AutoTokenizer.from_pretrained(args.model)
+    device, dtype = device_and_dtype(args)
+    folder = resolve_checkpoint(args.model)
+    return MultiExitModel.from_pretrained(folder, dtype=dtype, device=device), AutoTokenizer.from_pretrained(folder)
+
+
+#: --dtype choices; "auto" keeps the checkpoint's own dtype (float32 for generate's decoders)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``, shared by every command that runs a model."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", help="where the model runs: auto (cuda when available, else "
+                       "cpu), cpu, cuda, cuda:N or mps")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="precision of the weights; auto = as saved")
+
+
+def device_and_dtype(args):
+    """(torch.device, torch.dtype or None for "as saved") from ``--device``/``--dtype``; checked before any
+    model loads. Commands without the options get (cpu, None)."""
+    import torch
+
+    name = str(getattr(args, "device", None) or "auto")
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise bad_value("--device", name, "give auto, cpu, cuda, cuda:N or mps") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise bad_value("--device", name, f"no {device.type} device is available here; use --device cpu (or auto)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise bad_value("--device", name, f"this machine has {torch.cuda.device_count()} CUDA device(s): use "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    dtype = str(getattr(args, "dtype", None) or "auto")
+    if dtype not in DTYPES:
+        raise bad_value("--dtype", dtype, f"choose one of {', '.join(DTYPES)}")
+    return device, (None if dtype == "auto" else getattr(torch, dtype))
 
 
 #: rule parameters that take a word, not a number
@@ -304,6 +350,7 @@ def known_names(flag: str, known) -> Check:
     return check
 
 
-__all__ = ["Formatter", "LayerExitError", "add_config_option", "add_data_options", "add_fields", "apply_config",
-           "arg", "at_least", "config_from", "data_from", "in_range", "int_list", "known_names", "load_checkpoint",
-           "name_list", "parse_rule_params", "positive_int_list", "require", "run_checks"]
+__all__ = ["Formatter", "LayerExitError", "add_config_option", "add_data_options", "add_device_options", "add_fields",
+           "apply_config", "arg", "at_least", "config_from", "data_from", "device_and_dtype", "in_range", "int_list",
+           "known_names", "load_checkpoint", "name_list", "parse_rule_params", "positive_int_list", "require",
+           "run_checks"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ..catalog import DEFAULT_SWEEP, RULES
 from ..preflight import checkpoint_config, writable_folder
 from .calibrate import add_control_options, check_control, control_options
-from .common import (Formatter, add_config_option, add_data_options, arg, at_least, data_from, in_range, int_list,
-                     known_names, load_checkpoint, name_list, positive_int_list, require)
+from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
+                     in_range, int_list, known_names, load_checkpoint, name_list, positive_int_list, require)
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
@@ -36,6 +36,7 @@ def add_parser(subparsers):
     add_control_options(p)
     p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
                    "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
+    add_device_options(p)
     p.set_defaults(run=run, check=check)
     return p
 

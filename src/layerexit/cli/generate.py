@@ -17,7 +17,8 @@ from pathlib import Path
 from ..catalog import CORPORA, DEFAULT_DECODER, GENERATION_OBJECTIVES, KV_STRATEGIES, PACKAGED_DECODERS, TOKEN_RULES
 from ..errors import bad_value
 from ..preflight import check_decoder, writable_folder
-from .common import Formatter, add_config_option, arg, at_least, in_range, int_list, positive_int_list
+from .common import (Formatter, add_config_option, add_device_options, arg, at_least, device_and_dtype, in_range,
+                     int_list, positive_int_list)
 
 #: a rule threshold, a draft probability: probabilities or cosine similarities in [0, 1]
 PROBABILITY = in_range(0, 1, example="0.9")
@@ -64,6 +65,7 @@ def add_parser(subparsers):
     p.add_argument("--evaluate", action="store_true", help="compare with the full model (writes --output)")
     p.add_argument("--compare-hf", action="store_true", help="with --evaluate: also time transformers' generate")
     p.add_argument("--output", help="folder for results.json, report.md and plots (--evaluate)")
+    add_device_options(p)
     g = p.add_argument_group("training exits (frozen backbone)")
     g.add_argument("--train-exits", help="train per-exit adapters, save them here, then continue with them")
     g.add_argument("--corpus", default="shakespeare", help=f"{', '.join(CORPORA)} or a local text file")
@@ -184,9 +186,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args) if (args.prompt or args.prompts_file or not args.train_exits) else []
+    device, dtype = device_and_dtype(args)
 
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
-    lm, tokenizer = load_causal_lm(args.model)
+    lm, tokenizer = load_causal_lm(args.model, dtype=dtype or torch.float32)
     if args.train_exits:
         model = train_and_save(args, lm, tokenizer)
     elif args.exits:
@@ -196,6 +199,7 @@ def run(args) -> int:
     if not prompts:
         return 0
     model.merge_lora()  # decode at the plain model's cost: LoRA (if any) folded into the weights
+    model.to(device)  # exits are trained and loaded on the CPU; decoding runs on --device
     draft_vocab = None
     if args.draft_vocab is not None:
         draft_vocab = frequent_tokens(token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
@@ -217,7 +221,7 @@ def run(args) -> int:
         return 0
     eos = tokenizer.eos_token_id if args.stop_at_eos else None
     for text in prompts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(device)
         prompt_ids = ids[0].tolist()
         shown = tokenizer.decode(prompt_ids)  # decode prompt + continuation together: spacing stays right
         seen: list[int] = []

@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import LayerExitError
-from . import benchmark, calibrate, demo, evaluate, generate, list as list_cmd, serve, train
+from . import benchmark, calibrate, demo, evaluate, generate, list as list_cmd, predict, serve, train
 from .common import apply_config, run_checks
 
 DESCRIPTION = """layerexit: early exiting for transformer encoders.
@@ -29,7 +29,7 @@ EXAMPLES = """examples:
   layerexit list
 """
 
-COMMANDS = (train, evaluate, calibrate, benchmark, demo, generate, list_cmd, serve)
+COMMANDS = (train, evaluate, calibrate, benchmark, demo, generate, list_cmd, serve, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,8 @@ def add_parser(subparsers):
     p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input (at least 2, at most "
                    "the backbone's positions)")
     add_fields(p, TrainConfig, TRAIN_FIELDS)
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT/state exists")
+    p.add_argument("--no-resume", action="store_true", help="discard a previous run in OUTPUT and start over "
+                   "(without it, a run resumes only when its options and data match the folder's run_config.json)")
     cee = p.add_argument_group("ConsistentEE (--method consistentee; Zeng et al., AAAI 2024)")
     cee.add_argument("--method", default="joint", choices=["joint", "consistentee"],
                      help="joint: the --objective alone; consistentee: stage 1 (weighted) + RL policy stages")
@@ -105,9 +106,25 @@ def run(args) -> int:
 
         train_consistentee(args.model, train_data, eval_data, args.output, cee, config, args.exit_feature,
                            args.max_length, stage1_dir=args.stage1)
-        print(f"saved: {args.output}/final (ConsistentEE model with policies; evaluate with --rules consistentee)")
+        if _is_main_process():
+            print(f"saved: {args.output}/final (ConsistentEE model with policies; evaluate with --rules consistentee)")
         return 0
     train_classifier(args.model, train_data, eval_data, args.output, args.objective, args.layer_weights,
                      args.exit_feature, args.max_length, config, resume=not args.no_resume)
-    print(f"saved: {args.output}/best (best), {args.output}/final (last epoch)")
+    if _is_main_process():  # one line, also when several processes train
+        print(_saved_line(Path(args.output), eval_data is not None))
     return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _saved_line(output: Path, evaluated: bool) -> str:
+    """What the run folder holds, as written (no best/ without an evaluation set)."""
+    if evaluated:
+        return f"saved: {output}/best (best), {output}/final (last epoch), {output}/run_config.json"
+    return (f"saved: {output}/final (last epoch; no best/: no evaluation set, --eval-split none), "
+            f"{output}/run_config.json")

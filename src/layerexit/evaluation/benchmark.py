@@ -75,8 +75,11 @@ def engine_forward(model: MultiExitModel, inputs: dict, rule: ExitRule):
 
 
 def _timed(fn) -> tuple[float, object]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA runs asynchronously
+    sync()
     start = time.perf_counter()
     result = fn()
+    sync()
     return time.perf_counter() - start, result
 
 
@@ -129,6 +132,8 @@ def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitR
     the spread of the per-round speed-up and overhead, the machine's load, and ``warnings`` where the timing
     is implausible (see ``layerexit.evaluation.timing``)."""
     batches = Batches.build(encoded, batch_size, limit)
+    device = next(model.parameters()).device
+    batches.inputs = [{k: v.to(device) for k, v in inputs.items()} for inputs in batches.inputs]
     result = measure(model, batches, rules, rounds=rounds, progress=progress)
     seconds, per_round = result["seconds"], result["rounds"]
     overhead_rounds = [h / p - 1.0 for h, p in zip(per_round["all_heads"], per_round["plain"])]

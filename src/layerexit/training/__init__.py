@@ -7,6 +7,8 @@ from .._lazy import lazy_attributes
 from .config import TrainConfig
 
 _ATTRIBUTES = {"OBJECTIVES": ".objectives", "Objective": ".objectives", "Stage": ".objectives",
-               "make_objective": ".objectives", "weighted_exit_loss": ".objectives", "train": ".trainer"}
+               "make_objective": ".objectives", "weighted_exit_loss": ".objectives", "train": ".trainer",
+               "training_config": ".runfolder"}
 __getattr__ = lazy_attributes(__name__, _ATTRIBUTES)
-__all__ = ["OBJECTIVES", "Objective", "Stage", "TrainConfig", "make_objective", "train", "weighted_exit_loss"]
+__all__ = ["OBJECTIVES", "Objective", "Stage", "TrainConfig", "make_objective", "train", "training_config",
+           "weighted_exit_loss"]
