@@ -414,7 +414,7 @@ class MultiExitModel(nn.Module):
         else:
             module = AutoModel.from_config(backbone_config)
             target = dtype or _saved_dtype(hf_config, tensors)
-        model = cls(module, config).to(target)
+        model = cls(module, config).to(device=device, dtype=target)  # the weights were read onto `device`
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if external:
             missing = [k for k in missing if not k.startswith("backbone.")]
@@ -423,8 +423,6 @@ class MultiExitModel(nn.Module):
                 f"checkpoint={str(directory)!r} is invalid: missing weights {missing[:5]}, unexpected "
                 f"{unexpected[:5]}; it was not written by layerexit for this kind of backbone"
             )
-        if device is not None:
-            model.to(device)
         model.eval()
         return model
 
