@@ -134,4 +134,5 @@ def test_evaluate_fits_once_writes_once_and_reports_control(trained, monkeypatch
     text = (out / "report.md").read_text()
     assert "## Accuracy control and budgets" in text and "](controllability.png)" in text
     assert "| pcee |" in text and "At the asked target 80.0%" in text and "](budgets.png)" in text
+    assert "| rule | mean \\|target − achieved\\| (pt) |" in text  # one escape per pipe, not two
     assert "accuracy control" in capsys.readouterr().out

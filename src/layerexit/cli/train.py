@@ -45,7 +45,12 @@ def add_parser(subparsers):
     p.add_argument("--save-steps", type=int, default=200, help="resume point every N steps (and every epoch)")
     p.add_argument("--select-metric", default="mean_exit_accuracy", choices=["mean_exit_accuracy", "final_accuracy"])
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT/state exists")
+    p.add_argument("--no-resume", action="store_true", help="discard a previous run in OUTPUT and start over "
+                   "(without it, a run resumes only when its options and data match the folder's run_config.json)")
+    p.add_argument("--save-total-limit", type=int, default=1, help="resume points kept while training (each holds "
+                   "weights and optimizer moments, ~3x the model); a finished run keeps only a light one")
+    p.add_argument("--keep-optimizer-state", action="store_true", help="keep the optimizer moments (2x the model) "
+                   "after the run finishes, so a rerun with more --epochs continues them")
     cee = p.add_argument_group("ConsistentEE (--method consistentee; Zeng et al., AAAI 2024)")
     cee.add_argument("--method", default="joint", choices=["joint", "consistentee"],
                      help="joint: the --objective alone; consistentee: stage 1 (weighted) + RL policy stages")
@@ -73,7 +78,8 @@ def run(args) -> int:
         eval_data = data_from(args, split=args.eval_split, limit=args.eval_limit, label_names=train_data.label_names)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, save_steps=args.save_steps,
-                         select_metric=args.select_metric, seed=args.seed)
+                         select_metric=args.select_metric, seed=args.seed,
+                         save_total_limit=args.save_total_limit, keep_optimizer_state=args.keep_optimizer_state)
     if args.method == "consistentee":
         cee = ConsistentEEConfig(alpha=args.alpha, hardness=not args.no_hardness, copies=args.copies,
                                  action=args.action, epsilon=args.epsilon, rounds=args.rounds,
@@ -85,9 +91,25 @@ def run(args) -> int:
                             "choose a new --output to start over")
         train_consistentee(args.model, train_data, eval_data, args.output, cee, config, args.exit_feature,
                            args.max_length, stage1_dir=args.stage1)
-        print(f"saved: {args.output}/final (ConsistentEE model with policies; evaluate with --rules consistentee)")
+        if _is_main_process():
+            print(f"saved: {args.output}/final (ConsistentEE model with policies; evaluate with --rules consistentee)")
         return 0
     train_classifier(args.model, train_data, eval_data, args.output, args.objective, args.layer_weights,
                      args.exit_feature, args.max_length, config, resume=not args.no_resume)
-    print(f"saved: {args.output}/best (best), {args.output}/final (last epoch)")
+    if _is_main_process():  # one line, also when several processes train
+        print(_saved_line(Path(args.output), eval_data is not None))
     return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _saved_line(output: Path, evaluated: bool) -> str:
+    """What the run folder holds, as written (no best/ without an evaluation set)."""
+    if evaluated:
+        return f"saved: {output}/best (best), {output}/final (last epoch), {output}/run_config.json"
+    return (f"saved: {output}/final (last epoch; no best/: no evaluation set, --eval-split none), "
+            f"{output}/run_config.json")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -41,8 +42,12 @@ from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules.policy import PolicyRule
 from ..training.objectives import Stage
-from ..training.trainer import TrainConfig, seed_everything, train
+from ..training import runfolder
+from ..training.distributed import EncodedShard, average_gradients, gather_rows, shard_rows
 from ..training.run import train_classifier
+from ..training.state import load_tensors
+from ..training.trainer import (TrainConfig, locked_run, make_accelerator, prepare_run_folder, seed_everything,
+                                train)
 from .rollout import ACTIONS, memorized_layer, rollout_loss
 
 
@@ -91,49 +96,64 @@ def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: t
                         config.epsilon, generator)
 
 
-def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> torch.Tensor:
-    """(N,) memorized layer of every training instance under ``model`` (eval mode)."""
-    cache = collect_logits(model, train_set, batch_size)
-    correct = cache.logits.argmax(dim=-1) == cache.labels  # (L, N)
-    return memorized_layer(correct)
+def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int = 128,
+                      accelerator=None) -> torch.Tensor:
+    """(N,) memorized layer of every training instance under ``model`` (eval mode); with several processes
+    each computes its shard and all get every row."""
+    rows = shard_rows(len(train_set), accelerator)
+    shard = train_set if len(rows) == len(train_set) else EncodedShard(train_set, rows)
+    cache = collect_logits(model, shard, batch_size)
+    correct = cache.logits.argmax(dim=-1) == cache.labels  # (L, n)
+    return gather_rows(memorized_layer(correct), len(train_set), accelerator)
 
 
 @torch.no_grad()
-def cached_features(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> torch.Tensor:
-    """(N, L, H) exit features of every training instance under the frozen model (eval mode)."""
+def cached_features(model: MultiExitModel, train_set: Encoded, batch_size: int = 128,
+                    rows: list[int] | None = None) -> torch.Tensor:
+    """(n, L, H) exit features of training instances ``rows`` (default: all) under the frozen model (eval)."""
     model.eval()
-    out = torch.empty(len(train_set), model.config.num_layers, model.config.hidden_size)
-    for start in range(0, len(train_set), batch_size):
-        idx = list(range(start, min(start + batch_size, len(train_set))))
+    rows = list(range(len(train_set))) if rows is None else list(rows)
+    out = torch.empty(len(rows), model.config.num_layers, model.config.hidden_size)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
         batch = model_inputs(train_set.collate([train_set[i] for i in idx]))
         _, features = model(**batch, return_features=True)  # (L, b, H)
-        out[idx] = features.transpose(0, 1).float()
+        out[start : start + len(idx)] = features.transpose(0, 1).float()
     return out
 
 
 def run_stage2(model: MultiExitModel, features: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor,
-               config: ConsistentEEConfig, seed: int) -> list[dict]:
-    """Policy-only REINFORCE on cached features of the frozen model; returns one log record per epoch."""
+               config: ConsistentEEConfig, seed: int, accelerator=None) -> list[dict]:
+    """Policy-only REINFORCE on cached features of the frozen model; returns one log record per epoch.
+
+    With several processes, ``features``, ``labels`` and ``memorized`` are this process's shard; every
+    process takes a batch of its shard per step and the policies' gradients are averaged over processes.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.policies.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.policies.parameters(), lr=config.stage2_learning_rate)
-    generator = torch.Generator().manual_seed(seed)
+    rank = accelerator.process_index if accelerator is not None else 0
+    generator = torch.Generator().manual_seed(seed + 7919 * rank)
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    largest = max(gather_object([len(labels)])) if distributed else len(labels)  # steps: the largest shard's
     model.train()  # dropout on, as in the reference's stage 2
     history = []
     for epoch in range(config.stage2_epochs):
         order = torch.randperm(len(labels), generator=generator)
         records = []
-        for start in tqdm(range(0, len(order), config.stage2_batch_size), desc=f"stage2 epoch {epoch + 1}",
-                          leave=False):
+        for start in tqdm(range(0, int(largest), config.stage2_batch_size), desc=f"stage2 epoch {epoch + 1}",
+                          leave=False, disable=rank != 0):
             idx = order[start : start + config.stage2_batch_size]
-            loss, _, stats = rollout_on_features(model, features[idx].transpose(0, 1), labels[idx], memorized[idx],
-                                                 config, generator)
             optimizer.zero_grad()
-            loss.backward()
+            if len(idx):  # a process whose shard is used up joins the gradient average with no rows
+                loss, _, stats = rollout_on_features(model, features[idx].transpose(0, 1), labels[idx],
+                                                     memorized[idx], config, generator)
+                loss.backward()
+                records.append(stats)
+            average_gradients(model.policies.parameters(), len(idx), accelerator)
             optimizer.step()
-            records.append(stats)
         history.append(_epoch_record("stage2", epoch, records))
     model.eval()
     return history
@@ -189,11 +209,31 @@ def train_consistentee(
     stage1_dir: str | Path | None = None,
 ):
     """The whole schedule; returns (ConsistentEE model, tokenizer). ``stage1_dir`` reuses a finished stage 1
-    (e.g. shared by an alpha sweep)."""
+    (e.g. shared by an alpha sweep).
+
+    The output folder is locked while it runs and resumes only a run with the same options and data. With
+    several processes (``torchrun``, ``accelerate launch``) the memorized-layer pass, the feature cache and
+    stage 2 are sharded over them, stages 1 and 3 are data parallel, and only the main process writes.
+    """
     config = config or ConsistentEEConfig()
     config.validate()
     train_config = train_config or TrainConfig()
     output_dir = Path(output_dir)
+    accelerator = make_accelerator()
+    settings = {**asdict(train_config), **{f"consistentee_{k}": v for k, v in asdict(config).items()},
+                "backbone": backbone, "exit_feature": exit_feature, "max_length": max_length,
+                "stage1_dir": str(stage1_dir) if stage1_dir else None, "num_processes": accelerator.num_processes,
+                "train_data": runfolder.text_digest(train_data), "eval_data": runfolder.text_digest(eval_data)}
+    with locked_run(output_dir, accelerator):
+        prepare_run_folder(output_dir, settings, True, accelerator)
+        if accelerator.is_main_process:
+            runfolder.write_run_config(output_dir, settings)
+        return _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature,
+                                   max_length, stage1_dir, accelerator)
+
+
+def _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature, max_length,
+                        stage1_dir, accelerator):
     history_path = output_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     logged = {(h["round"], h["stage"], h["epoch"]) for h in history if "round" in h}
@@ -203,7 +243,8 @@ def train_consistentee(
             record["round"] = round_index
             if (round_index, record["stage"], record["epoch"]) not in logged:
                 history.append(record)
-        write_json_atomic(history_path, history)
+        if accelerator.is_main_process:
+            write_json_atomic(history_path, history)
 
     # stage 1 (joint, weighted) -----------------------------------------------------------------------
     stage1 = Path(stage1_dir) if stage1_dir else output_dir / "stage1"
@@ -225,13 +266,17 @@ def train_consistentee(
 
     # memorized layers --------------------------------------------------------------------------------
     memorized_path = output_dir / "memorized.pt"
-    if memorized_path.is_file() and torch.load(memorized_path)["num_examples"] == len(train_set):
-        memorized = torch.load(memorized_path)["memorized"]
+    saved = load_tensors(memorized_path) if memorized_path.is_file() else None
+    if saved is not None and saved["num_examples"] == len(train_set):
+        memorized = saved["memorized"]
     else:
-        memorized = compute_memorized(model, train_set)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
+        memorized = compute_memorized(model, train_set, accelerator=accelerator)
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
+        accelerator.wait_for_everyone()
     labels = torch.tensor(train_set.labels)
+    rows = shard_rows(len(train_set), accelerator)  # this process's share of the feature cache and stage 2
 
     # alternating stages 2 and 3 -----------------------------------------------------------------------
     for round_index in range(1, config.rounds + 1):
@@ -239,11 +284,14 @@ def train_consistentee(
         if (round_dir / "stage2" / "layerexit_config.json").is_file():
             model = MultiExitModel.from_pretrained(round_dir / "stage2")
         else:
-            features = cached_features(model, train_set)
-            records = run_stage2(model, features, labels, memorized, config, train_config.seed + round_index)
+            features = cached_features(model, train_set, rows=rows)
+            records = run_stage2(model, features, labels[rows], memorized[rows], config,
+                                 train_config.seed + round_index, accelerator)
             records[-1].update(policy_summary(model, eval_set))
-            model.save_pretrained(round_dir / "stage2", tokenizer=tokenizer)
+            if accelerator.is_main_process:
+                model.save_pretrained(round_dir / "stage2", tokenizer=tokenizer)
             log(records, round_index)
+            accelerator.wait_for_everyone()
         if config.stage3_epochs == 0:
             continue
         stage3_dir = round_dir / "stage3"
@@ -259,8 +307,10 @@ def train_consistentee(
         records[-1].update(policy_summary(model, eval_set))
         log(records, round_index)
 
-    model.save_pretrained(output_dir / "final", tokenizer=tokenizer)
-    (output_dir / "final" / "consistentee.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir / "final", tokenizer=tokenizer)
+        (output_dir / "final" / "consistentee.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    accelerator.wait_for_everyone()
     return model, tokenizer
 
 

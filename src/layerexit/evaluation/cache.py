@@ -47,7 +47,7 @@ class LogitCache:
 
     @classmethod
     def load(cls, path: str | Path) -> "LogitCache":
-        data = torch.load(path)
+        data = torch.load(path, weights_only=True)  # never unpickle objects from a file on disk
         return cls(data["logits"], data["labels"], data.get("policy"), split=data.get("split", ""),
                    data_id=data.get("data_id", ""))
 
