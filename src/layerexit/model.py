@@ -235,12 +235,6 @@ class MultiExitModel(nn.Module):
         if limit is not None and length > limit:
             raise bad_value("input_ids", _describe(input_ids), f"sequences of {length} tokens exceed the model's "
                             f"{limit} positions: tokenize with truncation=True, max_length={limit}")
-        low, high = torch.aminmax(input_ids)
-        vocab = getattr(self.backbone.config, "vocab_size", None)
-        if int(low) < 0 or (vocab is not None and int(high) >= vocab):
-            raise bad_value("input_ids", f"ids from {int(low)} to {int(high)}", f"ids must lie in [0, {vocab}) for "
-                            "this model's vocabulary: tokenize with the checkpoint's own tokenizer "
-                            "(AutoTokenizer.from_pretrained(checkpoint))")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -251,7 +245,14 @@ class MultiExitModel(nn.Module):
             raise bad_value("token_type_ids", _describe(token_type_ids), f"it must have the shape of input_ids "
                             f"{tuple(input_ids.shape)}, or be None")
         empty = attention_mask[:, 0] == 0  # (B,) with right padding: the row has no real token
-        if bool(empty.any()):
+        low, high = torch.aminmax(input_ids)
+        low, high, empty_rows = torch.stack([low, high, empty.sum().to(low.dtype)]).tolist()  # one device sync
+        vocab = getattr(self.backbone.config, "vocab_size", None)
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise bad_value("input_ids", f"ids from {low} to {high}", f"ids must lie in [0, {vocab}) for "
+                            "this model's vocabulary: tokenize with the checkpoint's own tokenizer "
+                            "(AutoTokenizer.from_pretrained(checkpoint))")
+        if empty_rows:
             rows = empty.nonzero().flatten().tolist()
             raise bad_value("attention_mask", f"rows {rows[:10]} all padding (or left-padded)",
                             "every row needs at least one real token, padded on the right (the tokenizer's "
@@ -413,7 +414,7 @@ class MultiExitModel(nn.Module):
         else:
             module = AutoModel.from_config(backbone_config)
             target = dtype or _saved_dtype(hf_config, tensors)
-        model = cls(module, config).to(target)
+        model = cls(module, config).to(device=device, dtype=target)  # the weights were read onto `device`
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if external:
             missing = [k for k in missing if not k.startswith("backbone.")]
@@ -422,8 +423,6 @@ class MultiExitModel(nn.Module):
                 f"checkpoint={str(directory)!r} is invalid: missing weights {missing[:5]}, unexpected "
                 f"{unexpected[:5]}; it was not written by layerexit for this kind of backbone"
             )
-        if device is not None:
-            model.to(device)
         model.eval()
         return model
 
