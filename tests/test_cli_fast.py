@@ -107,6 +107,7 @@ def test_train_options_come_from_the_dataclasses():
 def test_catalog_mirrors_every_live_registry():
     """A rule, backbone, objective or decoder registered without its entry in the torch-free index fails here."""
     from layerexit.backbones import ADAPTERS
+    from layerexit.execution import BACKENDS
     from layerexit.generation.adapters import DECODERS
     from layerexit.generation.corpus import CORPORA
     from layerexit.generation.decode import KV_STRATEGIES
@@ -117,6 +118,7 @@ def test_catalog_mirrors_every_live_registry():
     from layerexit.training import OBJECTIVES
 
     assert dict(RULES.describe()) == catalog.RULES
+    assert dict(BACKENDS.describe()) == catalog.BACKENDS
     assert list(DEFAULT_SWEEP) == list(catalog.DEFAULT_SWEEP)
     assert dict(OBJECTIVES.describe()) == catalog.OBJECTIVES
     assert dict(TOKEN_RULES.describe()) == catalog.TOKEN_RULES

@@ -68,6 +68,14 @@ BACKBONES = {
     "roberta": (("roberta", "xlm-roberta"), "RoBERTa (and XLM-R with the same layout); pooler exit feature"),
     "vit": (("vit",), "ViT: images as patch tokens, no padding; final LayerNorm shared by all exits; cls feature"),
 }
+#: ``execution.BACKENDS``: name -> description
+BACKENDS = {
+    "bf16": "layers in bfloat16 (hidden states travel in bf16); exit heads and rules on fp32 features",
+    "eager": "the backbone's own layers in their own dtype (the default)",
+    "int8": "dynamic int8 linear layers (FBGEMM, per-channel weights, per-tensor activations)",
+    "onnx": "each layer an ONNX Runtime session (float32, dynamic rows and length)",
+    "onnx-int8": "each layer an ONNX Runtime session with dynamic int8 MatMuls (per-channel weights)",
+}
 #: ``generation.DECODERS``: name -> (config.model_type values, description)
 DECODERS = {
     "gpt2": (("gpt2",), "GPT-2: learned absolute positions, pre-LayerNorm, fused c_attn"),

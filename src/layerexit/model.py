@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .backbones import EncoderState, adapter_for
-from .config import HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
+from .config import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
 from .errors import LayerExitError, bad_value
 from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
 from .io import atomic_directory
@@ -93,6 +93,9 @@ class MultiExitModel(nn.Module):
         self.policies: nn.ModuleList | None = None
         if config.policy_hidden:
             self.add_policies(config.policy_hidden)
+        from .execution import EagerBackend
+
+        self.backend = EagerBackend().bind(self)  # where run_layers' layers come from; see optimize()
 
     def add_policies(self, hidden_size: int = 32) -> "MultiExitModel":
         """Attach one ConsistentEE policy network per layer (saved and loaded with the model)."""
@@ -163,23 +166,73 @@ class MultiExitModel(nn.Module):
             state = self.adapter.start_images(pixel_values)
         else:
             state = self.adapter.start(input_ids, attention_mask, token_type_ids)
+        dtype = self.backend.hidden_dtype
+        if dtype is not None and state.hidden.dtype != dtype:  # the backend's layers take another dtype (bf16)
+            state.hidden = state.hidden.to(dtype)
+            state.layer_kwargs = state.prepare(state.hidden, state.attention_mask)
         if self.config.exit_feature == "mean":  # averaging weights travel with the rows
-            prepare = self.adapter.prepare
-            state.prepare = lambda h, m: {**prepare(h, m), "exit_weights": mean_weights(m, h.dtype)}
+            prepare, head_dtype = self.adapter.prepare, self._head_dtype()
+            state.prepare = lambda h, m: {**prepare(h, m), "exit_weights": mean_weights(m, head_dtype)}
             state.layer_kwargs = state.prepare(state.hidden, state.attention_mask)
         return state
 
     def run_layers(self, state: EncoderState, start: int, stop: int) -> EncoderState:
         """Run layers ``start..stop-1`` (0-based) for the rows of ``state``; returns the new state."""
         hidden = state.hidden
+        if self.backend.name != "eager" and self.training:
+            raise LayerExitError(f"backend={self.backend.name!r} is for inference: call model.eval(), or "
+                                 "model.optimize('eager') before training")
+        run_layer = self.backend.run_layer
         for index in range(start, stop):
-            hidden = self.adapter.run_layer(index, hidden, state.layer_kwargs)  # (n, T, H)
+            hidden = run_layer(index, hidden, state)  # (n, T, H)
         return EncoderState(hidden, state.attention_mask, state.prepare, state.layer_kwargs)
+
+    # --- layer backends ------------------------------------------------------------------------------
+    def optimize(self, backend: "str | LayerBackend" = "eager", saved: str | Path | None = None,
+                 **options) -> "LayerBackend":
+        """Choose where the engine's layers come from: ``eager`` (the backbone's own), ``bf16``, ``int8``,
+        ``onnx`` or ``onnx-int8`` (see :mod:`layerexit.execution`); returns the bound backend.
+
+        ``saved`` is where :meth:`save_optimized` wrote the backend: a checkpoint folder (its
+        ``optimized/<backend>/`` is used when present, else the backend is built) or that subfolder itself
+        (it must hold the backend). Without it the backend is built now (quantized or exported from this
+        model's layers). Call it after moving the model to its device and
+        dtype. Quantization moves logits: fit rules and thresholds with the backend that serves (the logit
+        cache runs through it).
+        """
+        from .execution import OPTIMIZED_DIR, LayerBackend, make_backend
+
+        chosen = backend if isinstance(backend, LayerBackend) else make_backend(str(backend), **options)
+        folder = None if saved is None or not chosen.saves_files else Path(saved)
+        if folder is not None and ((folder / CONFIG_NAME).is_file() or (folder / HF_CONFIG_NAME).is_file()):
+            # a checkpoint folder: its optimized/<name>/ when present, else build
+            inside = folder / OPTIMIZED_DIR / chosen.name
+            folder = inside if inside.is_dir() else None
+        chosen.bind(self, saved=folder)
+        self.eval()
+        self.backend = chosen
+        return chosen
+
+    def save_optimized(self, checkpoint: str | Path) -> Path | None:
+        """Write the current backend's exported graphs or int8 weights to ``<checkpoint>/optimized/<backend>/``
+        (atomically); returns that folder, or None for backends that have nothing to save (eager, bf16)."""
+        from .execution import OPTIMIZED_DIR
+
+        if not self.backend.saves_files:
+            return None
+        target = Path(checkpoint) / OPTIMIZED_DIR / self.backend.name
+        with atomic_directory(target) as tmp:
+            self.backend.save(tmp)
+        return target
+
+    def _head_dtype(self) -> torch.dtype:
+        return self.exits[0].linear.weight.dtype
 
     def exit_feature(self, state: EncoderState) -> torch.Tensor:
         """(n, T, H) hidden states -> (n, H) exit feature."""
         kind = self.config.exit_feature
-        hidden = self.adapter.normalize(state.hidden)  # (n, T, H); identity except for pre-norm models (ViT)
+        hidden = state.hidden.to(self._head_dtype())  # (n, T, H); heads and rules see their own dtype (bf16 layers)
+        hidden = self.adapter.normalize(hidden)  # identity except for pre-norm models (ViT)
         if kind == "mean":
             return torch.bmm(state.layer_kwargs["exit_weights"].unsqueeze(1), hidden).squeeze(1)
         if kind == "cls":
@@ -305,7 +358,7 @@ class MultiExitModel(nn.Module):
         batch, device = state.hidden.shape[0], state.hidden.device
         rule_state = rule.init_state(batch, targets=targets, device=device)
         rows = torch.arange(batch, device=device)  # original index of each running row
-        out_logits = state.hidden.new_zeros(batch, self.config.num_labels)
+        out_logits = torch.zeros(batch, self.config.num_labels, dtype=self._head_dtype(), device=device)
         exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
         for index in range(num_layers):
             state = self.run_layers(state, index, index + 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ..catalog import RULES
+from ..catalog import BACKENDS, RULES
 from ..preflight import checkpoint_config, writable_file
 from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
                      in_range, int_list, load_checkpoint, parse_rule_params, positive_int_list, require)
@@ -30,6 +30,8 @@ def add_parser(subparsers):
     p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
     arg(p, "--tolerance", type=float, default=0.01, check=in_range(0, 1, example="0.01"),
         help="without --param: the operating point keeps accuracy >= full - tolerance")
+    arg(p, "--backend", default="eager", choices=sorted(BACKENDS),
+        help="layer backend (docs/backends.md); thresholds are fitted with its own logits")
     arg(p, "--batch-sizes", default="1,32", check=positive_int_list("--batch-sizes"), help="batch sizes timed")
     arg(p, "--examples", type=int, default=500, check=at_least(1), help="examples timed per batch size")
     arg(p, "--rounds", type=int, default=5, check=at_least(1), help="timing rounds (median is reported)")
@@ -55,6 +57,7 @@ def run(args) -> int:
     from ..io import write_json_atomic
 
     model, tokenizer = load_checkpoint(args)
+    model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
     entries = benchmark(model, tokenizer, data, args.rule, parse_rule_params(args.param), args.tolerance,
                         tuple(int_list(args.batch_sizes)), args.examples, args.rounds)
     for entry in entries:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..catalog import DEFAULT_SWEEP, RULES
+from ..catalog import BACKENDS, DEFAULT_SWEEP, RULES
 from ..preflight import checkpoint_config, writable_folder
 from .calibrate import add_control_options, check_control, control_options
 from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
@@ -23,6 +23,8 @@ def add_parser(subparsers):
     p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="test")
     p.add_argument("--output", default="runs/eval", help="report folder")
+    arg(p, "--backend", default="eager", choices=sorted(BACKENDS),
+        help="layer backend (docs/backends.md); thresholds are fitted with its own logits")
     arg(p, "--rules", default=",".join(DEFAULT_SWEEP), check=known_names("--rules", RULES),
         help="rules to sweep, comma separated")
     arg(p, "--tolerance", type=float, default=0.01, check=in_range(0, 1, example="0.01"),
@@ -60,6 +62,7 @@ def run(args) -> int:
     from ..evaluation.table import format_summary
 
     model, tokenizer = load_checkpoint(args)
+    model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,
