@@ -10,12 +10,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data import load_data
-from ..evaluation.evaluate import evaluate
-from ..evaluation.table import format_summary
+from ..preflight import writable_folder
 from ..resources import DEFAULT_MODEL
-from ..training import TrainConfig
-from ..training.run import train_classifier
 from .common import Formatter
 
 EXAMPLES = """examples:
@@ -37,12 +33,18 @@ def add_parser(subparsers):
     p.add_argument("--quick", action="store_true", help="small slice, about a minute")
     p.add_argument("--output", default="runs/demo", help="report folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help="backbone")
-    p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(run=run)
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.set_defaults(run=run, check=lambda args: writable_folder("--output", args.output))
     return p
 
 
 def run(args) -> int:
+    from ..data import load_data
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.table import format_summary
+    from ..training import TrainConfig
+    from ..training.run import train_classifier
+
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     output = Path(args.output)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import bad_value
 
-ACTIONS = ("bernoulli", "greedy", "eps_greedy")
+from ..catalog import ACTIONS  # names kept in the torch-free index
 
 
 def memorized_layer(correct: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ Run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,40 +48,8 @@ from ..training.run import train_classifier
 from ..training.state import load_tensors
 from ..training.trainer import (TrainConfig, locked_run, make_accelerator, prepare_run_folder, seed_everything,
                                 train)
-from .rollout import ACTIONS, memorized_layer, rollout_loss
-
-
-@dataclass
-class ConsistentEEConfig:
-    """ConsistentEE's own hyper-parameters (defaults: the reference code's, scaled to a CPU budget)."""
-
-    alpha: float = 1.0
-    hardness: bool = True
-    copies: int = 8
-    action: str = "bernoulli"
-    epsilon: float = 0.1
-    rounds: int = 1
-    policy_hidden: int = 32
-    stage2_epochs: int = 2
-    stage2_batch_size: int = 32
-    stage2_learning_rate: float = 3e-4
-    stage3_epochs: int = 1
-    stage3_batch_size: int = 32
-    stage3_learning_rate: float = 3e-5
-
-    def validate(self) -> None:
-        if self.action not in ACTIONS:
-            raise bad_value("action", self.action, f"choose one of {', '.join(ACTIONS)}")
-        if not self.alpha >= 0:
-            raise bad_value("alpha", self.alpha, "use alpha >= 0 (0 turns the layer cost off)")
-        if int(self.copies) < 2:
-            raise bad_value("copies", self.copies, "use K >= 2: the baseline is the mean reward of the K copies, "
-                            "so one copy has zero advantage and learns nothing")
-        if not 0 <= self.epsilon <= 1:
-            raise bad_value("epsilon", self.epsilon, "use a probability in [0, 1]")
-        for name in ("rounds", "stage2_epochs", "stage3_epochs", "stage2_batch_size", "stage3_batch_size"):
-            if int(getattr(self, name)) < (0 if name == "stage3_epochs" else 1):
-                raise bad_value(name, getattr(self, name), "use a whole number >= 1")
+from .config import ConsistentEEConfig
+from .rollout import memorized_layer, rollout_loss
 
 
 def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: torch.Tensor,
