@@ -32,6 +32,12 @@ class MultiExitConfig:
     max_length: int = 128
     #: hidden width of the per-layer ConsistentEE policies; 0 = the model has no policies
     policy_hidden: int = 0
+    #: the policies' inputs beside the exit feature (layerexit.heads.POLICY_INPUTS); [] = the paper's form
+    policy_inputs: list[str] = field(default_factory=list)
+    #: [low, high] of the layer cost alpha an alpha-conditioned policy was trained on ([] = one fixed alpha)
+    policy_alpha_range: list[float] = field(default_factory=list)
+    #: the alpha an alpha-conditioned policy uses when the rule gives none
+    policy_alpha: float = 1.0
     layerexit_version: str = ""
 
     def save(self, directory: str | Path) -> None:

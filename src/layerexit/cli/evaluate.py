@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from ..consistentee.sweep import alpha_sweep_curve
+from ..consistentee.sweep import alpha_sweep_curve, set_alpha
 from ..evaluation.report import operating_point, write_report
 from ..io import write_json_atomic
 
@@ -38,6 +38,8 @@ def add_parser(subparsers):
     p.add_argument("--measure-examples", type=int, default=500, help="examples timed per batch size")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (median is reported)")
     add_control_options(p)
+    p.add_argument("--alpha", type=float, help="alpha-conditioned ConsistentEE model: the layer-cost dial its "
+                   "policy uses (default: the one it was trained with); larger alpha, earlier exits")
     p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
                    "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
     p.set_defaults(run=run)
@@ -46,6 +48,8 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     model, tokenizer = load_checkpoint(args)
+    if args.alpha is not None:
+        set_alpha(model, args.alpha)
     data = data_from(args, label_names=None)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)

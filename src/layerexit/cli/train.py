@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..consistentee import ConsistentEEConfig, train_consistentee
+from ..consistentee.schedule import DEFAULT_POLICY_INPUTS
 from ..errors import bad_value
-from ..heads import FEATURES
+from ..heads import FEATURES, POLICY_INPUTS
 from ..resources import DEFAULT_MODEL
 from ..training import OBJECTIVES, TrainConfig
 from ..training.run import train_classifier
@@ -61,6 +62,17 @@ def add_parser(subparsers):
     cee.add_argument("--stage2-lr", type=float, default=3e-4)
     cee.add_argument("--stage3-epochs", type=int, default=1, help="0 skips stage 3 (policies only)")
     cee.add_argument("--stage3-lr", type=float, default=3e-5)
+    cee.add_argument("--policy-inputs", default=",".join(DEFAULT_POLICY_INPUTS),
+                     help="policy inputs beside the exit feature, comma separated, from "
+                     f"{','.join(POLICY_INPUTS)}; 'none' for the paper's policy on the feature alone")
+    cee.add_argument("--alpha-range", help="LOW,HIGH: alpha-conditioned policy (alpha drawn per instance, given "
+                     "to the policy, a dial at inference with `evaluate --alpha`); --alpha is its default")
+    cee.add_argument("--reward", default="paper", choices=["paper", "ce"],
+                     help="paper: -CE - layer cost; ce: -CE alone (the released reference code)")
+    cee.add_argument("--all-exits-weight", type=float, default=0.0,
+                     help="stage 3: add this multiple of the weighted loss over all exits (feeds unchosen exits)")
+    cee.add_argument("--policy-entropy", type=float, default=0.0,
+                     help="reward the policies' entropy with this weight (keeps them exploring)")
     cee.add_argument("--stage1", help="reuse a finished stage-1 (joint) run folder instead of training one")
     p.set_defaults(run=run)
     return p
@@ -79,7 +91,11 @@ def run(args) -> int:
                                  action=args.action, epsilon=args.epsilon, rounds=args.rounds,
                                  policy_hidden=args.policy_hidden, stage2_epochs=args.stage2_epochs,
                                  stage2_learning_rate=args.stage2_lr, stage3_epochs=args.stage3_epochs,
-                                 stage3_learning_rate=args.stage3_lr)
+                                 stage3_learning_rate=args.stage3_lr, reward=args.reward,
+                                 policy_inputs=_policy_inputs(args.policy_inputs),
+                                 alpha_range=_alpha_range(args.alpha_range),
+                                 all_exits_weight=args.all_exits_weight, policy_entropy=args.policy_entropy)
+        cee.validate()
         if args.no_resume and Path(args.output).exists():
             raise bad_value("--no-resume", True, f"{args.output} exists; ConsistentEE resumes stage by stage, so "
                             "choose a new --output to start over")
@@ -91,3 +107,17 @@ def run(args) -> int:
                      args.exit_feature, args.max_length, config, resume=not args.no_resume)
     print(f"saved: {args.output}/best (best), {args.output}/final (last epoch)")
     return 0
+
+
+def _policy_inputs(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() in ("", "none") else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _alpha_range(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise bad_value("--alpha-range", text, "give LOW,HIGH, e.g. 0.1,3") from None
+    return low, high

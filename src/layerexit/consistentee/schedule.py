@@ -7,6 +7,18 @@
    standing in for the backbone dropout that gives the reference code its diversity across copies.
 4. Stage 3, everything: cross-entropy of the exit each copy chose plus the policy loss. One backbone pass
    per batch; the K copies share it and differ by dropout on the exit features and by their actions.
+
+Beyond the paper (each an option; the paper's form is ``policy_inputs=()``, ``alpha_range=None``, and the
+released reference code's reward is ``reward="ce"``):
+
+- ``policy_inputs``: the policy also sees its exit's max probability, margin, entropy and depth, so it can at
+  least do what max-prob does (the paper's policy sees the exit feature alone).
+- ``alpha_range``: alpha is drawn per instance, uniformly from the range, in stages 2 and 3 and given to the
+  policy as an input; at inference alpha is a dial (``make_rule("consistentee", alpha=...)``), so one model
+  traces the whole accuracy-versus-cost curve.
+- Exits that stage 3 would starve (it trains only the exit each copy chose): ``all_exits_weight`` adds that
+  multiple of the weighted average loss over all exits (stage 1's objective) in stage 3; ``policy_entropy``
+  rewards the policies' Bernoulli entropy so they keep exploring; ``rounds`` repeats stages 2 and 3.
 Stages 2 and 3 alternate for ``rounds`` rounds. Every stage writes its result into the run folder and is
 skipped when the run is started again, so an interrupted run resumes (stages 1 and 3 also resume inside
 an epoch, through the training loop).
@@ -37,13 +49,17 @@ from ..data import Encoded, TextClassificationData, check_labels, model_inputs
 from ..errors import bad_value
 from ..evaluation.cache import collect_logits
 from ..evaluation.simulate import simulate
+from ..heads import POLICY_INPUTS, policy_extras
 from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules.policy import PolicyRule
 from ..training.objectives import Stage
 from ..training.trainer import TrainConfig, seed_everything, train
 from ..training.run import train_classifier
-from .rollout import ACTIONS, memorized_layer, rollout_loss
+from .rollout import ACTIONS, REWARDS, memorized_layer, rollout_loss
+
+#: the default policy inputs beside the exit feature (see ConsistentEEConfig.policy_inputs)
+DEFAULT_POLICY_INPUTS = ("maxprob", "margin", "entropy", "layer")
 
 
 @dataclass
@@ -52,6 +68,16 @@ class ConsistentEEConfig:
 
     alpha: float = 1.0
     hardness: bool = True
+    #: "paper" (-CE - layer cost) or "ce" (-CE alone, the released reference code)
+    reward: str = "paper"
+    #: the policies' inputs beside the exit feature (layerexit.heads.POLICY_INPUTS); () = the paper's form
+    policy_inputs: tuple[str, ...] = DEFAULT_POLICY_INPUTS
+    #: (low, high): alpha drawn per instance and given to the policy (a dial at inference); None = fixed alpha
+    alpha_range: tuple[float, float] | None = None
+    #: stage 3: weight of the weighted average loss over all exits added to the chosen exits' loss
+    all_exits_weight: float = 0.0
+    #: stages 2 and 3: weight of the policies' Bernoulli entropy subtracted from the policy loss
+    policy_entropy: float = 0.0
     copies: int = 8
     action: str = "bernoulli"
     epsilon: float = 0.1
@@ -65,6 +91,21 @@ class ConsistentEEConfig:
     stage3_learning_rate: float = 3e-5
 
     def validate(self) -> None:
+        if self.reward not in REWARDS:
+            raise bad_value("reward", self.reward, f"choose one of {', '.join(REWARDS)}")
+        unknown = [name for name in self.policy_inputs if name not in POLICY_INPUTS]
+        if unknown or len(set(self.policy_inputs)) != len(self.policy_inputs):
+            raise bad_value("policy_inputs", list(self.policy_inputs), f"choose distinct names from "
+                            f"{', '.join(POLICY_INPUTS)} (none: the paper's policy on the exit feature alone)")
+        if self.alpha_range is not None:
+            low, high = (float(v) for v in self.alpha_range)
+            if not 0 <= low < high:
+                raise bad_value("alpha_range", list(self.alpha_range), "give low < high, both >= 0, e.g. 0.1,3")
+            if not low <= self.alpha <= high:
+                raise bad_value("alpha", self.alpha, f"the default dial must lie in alpha_range [{low}, {high}]")
+        for name in ("all_exits_weight", "policy_entropy"):
+            if not getattr(self, name) >= 0:
+                raise bad_value(name, getattr(self, name), "use a weight >= 0 (0 turns it off)")
         if self.action not in ACTIONS:
             raise bad_value("action", self.action, f"choose one of {', '.join(ACTIONS)}")
         if not self.alpha >= 0:
@@ -79,6 +120,14 @@ class ConsistentEEConfig:
                 raise bad_value(name, getattr(self, name), "use a whole number >= 1")
 
 
+def sample_alpha(config: ConsistentEEConfig, batch: int, device=None, generator=None) -> float | torch.Tensor:
+    """The layer cost of each instance: ``config.alpha``, or (B,) uniform draws from ``config.alpha_range``."""
+    if config.alpha_range is None:
+        return config.alpha
+    low, high = (float(v) for v in config.alpha_range)
+    return low + (high - low) * torch.rand(batch, generator=generator).to(device)
+
+
 def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: torch.Tensor,
                         memorized: torch.Tensor, config: ConsistentEEConfig, generator=None):
     """K copies of a batch's exit features (L, B, H) -> (policy loss, CE at chosen exits, stats)."""
@@ -86,9 +135,13 @@ def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: t
     copies = features.transpose(0, 1).unsqueeze(0).expand(config.copies, batch, num_layers, hidden)  # (K, B, L, H)
     logits = torch.stack([model.exits[l](copies[:, :, l]) for l in range(num_layers)], dim=2)  # (K, B, L, C)
     noisy = F.dropout(copies, model.config.dropout, training=model.training)
-    probs = torch.stack([model.policies[l](noisy[:, :, l]) for l in range(num_layers)], dim=2)  # (K, B, L)
-    return rollout_loss(logits, probs, labels, memorized, config.alpha, config.hardness, config.action,
-                        config.epsilon, generator)
+    alpha = sample_alpha(config, batch, features.device, generator)  # float or (B,)
+    policy_alpha = alpha if model.alpha_conditioned else None
+    probs = torch.stack([model.policies[l](noisy[:, :, l], policy_extras(
+        logits[:, :, l], l, num_layers, model.config.policy_inputs, policy_alpha)) for l in range(num_layers)],
+        dim=2)  # (K, B, L)
+    return rollout_loss(logits, probs, labels, memorized, alpha, config.hardness, config.action,
+                        config.epsilon, generator, config.reward, config.policy_entropy)
 
 
 def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> torch.Tensor:
@@ -156,10 +209,20 @@ def stage3(memorized: torch.Tensor, config: ConsistentEEConfig, num_layers: int)
         logits_all, features = model(**batch, return_features=True)  # (L, B, C), (L, B, H)
         policy_loss, ce, stats = rollout_on_features(_unwrap(model), features, labels, memorized[index.cpu()].to(
             labels.device), config)
-        return ce + policy_loss, {"reward": stats.reward, "exit_layer": stats.exit_layer,
-                                  "accuracy_at_exit": stats.accuracy}
+        loss = ce + policy_loss
+        if config.all_exits_weight:  # keep every exit learning, not only those the policy picks
+            loss = loss + config.all_exits_weight * weighted_exit_loss(logits_all, labels)
+        return loss, {"reward": stats.reward, "exit_layer": stats.exit_layer, "accuracy_at_exit": stats.accuracy}
 
     return Stage("consistentee", [1.0] * num_layers, train_backbone=True, train_policies=True, loss=loss)
+
+
+def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PABEE's weighted average of the exits' losses, sum_l l * CE_l / sum_l l, for logits (L, B, C)."""
+    num_layers, batch, num_classes = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, num_classes), labels.repeat(num_layers), reduction="none")
+    weights = torch.arange(1, num_layers + 1, device=logits.device, dtype=ce.dtype)  # (L,)
+    return (ce.view(num_layers, batch).mean(dim=1) * weights).sum() / weights.sum()
 
 
 def _unwrap(model):
@@ -221,7 +284,7 @@ def train_consistentee(
     eval_set = Encoded(eval_data, tokenizer, model.config.max_length) if eval_data is not None else None
     seed_everything(train_config.seed)
     if model.policies is None:
-        model.add_policies(config.policy_hidden)
+        model.add_policies(config.policy_hidden, config.policy_inputs, config.alpha_range, config.alpha)
 
     # memorized layers --------------------------------------------------------------------------------
     memorized_path = output_dir / "memorized.pt"
