@@ -28,7 +28,6 @@ import argparse
 import json
 import platform
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -130,14 +129,11 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
         t = time.perf_counter()
         config = ConsistentEEConfig(**{"copies": args.copies, "stage2_epochs": args.stage2_epochs,
                                        "stage3_epochs": args.stage3_epochs, **VARIANTS[name]})
-        shared = seed_dir / "memorized.pt"  # the stage-1 model's memorized layers: the same for every variant
-        if shared.is_file() and not (seed_dir / name / "memorized.pt").is_file():
-            (seed_dir / name).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shared, seed_dir / name / "memorized.pt")
-        model, _ = train_consistentee(args.model, train, dev, seed_dir / name, config, train_config,
-                                      max_length=args.max_length, stage1_dir=stage1)
-        if not shared.is_file():
-            shutil.copyfile(seed_dir / name / "memorized.pt", shared)
+        # the stage-1 pass (memorized layers, exit features) is shared by every variant of the seed; the dev
+        # split only picks the stage-1 checkpoint, which a one-epoch stage 1 does not need (best = final)
+        model, _ = train_consistentee(args.model, train, dev if args.stage1 or args.stage1_epochs > 1 else None, seed_dir / name, config,
+                                      train_config, max_length=args.max_length, stage1_dir=stage1,
+                                      cache_dir=seed_dir)
         cache = collect_logits(model, test_set, progress=False)
         entry = model_entry(cache, full, args.tolerance, ["consistentee", "maxprob"])
         entry["config"] = asdict(config)

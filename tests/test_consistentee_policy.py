@@ -207,3 +207,30 @@ def test_cli_trains_an_alpha_conditioned_model_and_evaluates_its_dial(tmp_path, 
     assert main(["train", "--method", "consistentee", *common, "--alpha-range", "3", "--output",
                  str(tmp_path / "x")]) != 0
     assert "--alpha-range='3' is invalid" in capsys.readouterr().err
+
+
+def test_one_stage1_pass_gives_memorized_layers_and_features_and_is_shared(task, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from layerexit.consistentee import schedule
+    from layerexit.data import Encoded
+
+    model = MultiExitModel.from_backbone(task["backbone"], 2)
+    train_set = Encoded(task["train"], AutoTokenizer.from_pretrained(task["backbone"]), 16)
+    memorized, features = schedule.stage1_pass(model, train_set, batch_size=40)
+    assert torch.equal(memorized, schedule.compute_memorized(model, train_set))
+    torch.testing.assert_close(features, schedule.cached_features(model, train_set), rtol=1e-5, atol=1e-6)
+
+    config = ConsistentEEConfig(copies=4, stage2_epochs=1, stage3_epochs=0, stage2_batch_size=16)
+    train_config = TrainConfig(epochs=1, batch_size=16, learning_rate=2e-3, seed=3)
+    train_consistentee(task["backbone"], task["train"], None, tmp_path / "a", config, train_config, max_length=16,
+                       cache_dir=tmp_path / "shared")
+    assert (tmp_path / "shared" / "stage1_pass.pt").is_file()
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the shared stage-1 pass was computed again")
+
+    monkeypatch.setattr(schedule, "stage1_pass", no_second_pass)
+    train_consistentee(task["backbone"], task["train"], None, tmp_path / "b",
+                       ConsistentEEConfig(**{**vars(config), "alpha": 2.0}), train_config, max_length=16,
+                       stage1_dir=tmp_path / "a" / "stage1", cache_dir=tmp_path / "shared")

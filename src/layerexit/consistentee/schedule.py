@@ -47,7 +47,7 @@ from transformers import AutoTokenizer
 
 from ..data import Encoded, TextClassificationData, check_labels, model_inputs
 from ..errors import bad_value
-from ..evaluation.cache import collect_logits
+from ..evaluation.cache import collect_logits, data_digest
 from ..evaluation.simulate import simulate
 from ..heads import POLICY_INPUTS, policy_extras
 from ..io import write_json_atomic
@@ -152,6 +152,41 @@ def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int
 
 
 @torch.no_grad()
+def stage1_pass(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the frozen model (eval mode) over the training set: (N,) memorized layers and (N, L, H) exit
+    features, the two things stages 2 and 3 need from stage 1."""
+    model.eval()
+    correct = torch.empty(model.config.num_layers, len(train_set), dtype=torch.bool)
+    out = torch.empty(len(train_set), model.config.num_layers, model.config.hidden_size)
+    labels = torch.tensor(train_set.labels)
+    for start in range(0, len(train_set), batch_size):
+        idx = list(range(start, min(start + batch_size, len(train_set))))
+        batch = model_inputs(train_set.collate([train_set[i] for i in idx]))
+        logits, features = model(**batch, return_features=True)  # (L, b, C), (L, b, H)
+        correct[:, idx] = logits.argmax(-1).cpu() == labels[idx]
+        out[idx] = features.transpose(0, 1).float().cpu()
+    return memorized_layer(correct), out
+
+
+def _shared_stage1(model, train_set, cache_dir, stage1: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stage1_pass``, kept in ``cache_dir`` for runs that share the stage-1 model and the training data."""
+    if cache_dir is None:
+        return stage1_pass(model, train_set)
+    path = Path(cache_dir) / "stage1_pass.pt"
+    key = {"stage1": str(Path(stage1).resolve()), "data_id": data_digest(train_set)}
+    if path.is_file():
+        saved = torch.load(path)
+        if saved["key"] == key:
+            return saved["memorized"], saved["features"]
+    memorized, features = stage1_pass(model, train_set)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "memorized": memorized, "features": features}, tmp)
+    tmp.replace(path)  # atomic
+    return memorized, features
+
+
+@torch.no_grad()
 def cached_features(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> torch.Tensor:
     """(N, L, H) exit features of every training instance under the frozen model (eval mode)."""
     model.eval()
@@ -250,9 +285,11 @@ def train_consistentee(
     exit_feature: str | None = None,
     max_length: int = 128,
     stage1_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ):
     """The whole schedule; returns (ConsistentEE model, tokenizer). ``stage1_dir`` reuses a finished stage 1
-    (e.g. shared by an alpha sweep)."""
+    (e.g. shared by an alpha sweep); ``cache_dir`` keeps the stage-1 model's memorized layers and exit features
+    there, so runs sharing that stage 1 and training data compute them once."""
     config = config or ConsistentEEConfig()
     config.validate()
     train_config = train_config or TrainConfig()
@@ -288,10 +325,11 @@ def train_consistentee(
 
     # memorized layers --------------------------------------------------------------------------------
     memorized_path = output_dir / "memorized.pt"
+    first_features = None  # round 1's exit features, from the same pass as the memorized layers
     if memorized_path.is_file() and torch.load(memorized_path)["num_examples"] == len(train_set):
         memorized = torch.load(memorized_path)["memorized"]
     else:
-        memorized = compute_memorized(model, train_set)
+        memorized, first_features = _shared_stage1(model, train_set, cache_dir, stage1)
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
     labels = torch.tensor(train_set.labels)
@@ -302,7 +340,9 @@ def train_consistentee(
         if (round_dir / "stage2" / "layerexit_config.json").is_file():
             model = MultiExitModel.from_pretrained(round_dir / "stage2")
         else:
-            features = cached_features(model, train_set)
+            if round_index == 1 and first_features is None:
+                first_features = _shared_stage1(model, train_set, cache_dir, stage1)[1]
+            features = first_features if round_index == 1 else cached_features(model, train_set)
             records = run_stage2(model, features, labels, memorized, config, train_config.seed + round_index)
             records[-1].update(policy_summary(model, eval_set))
             model.save_pretrained(round_dir / "stage2", tokenizer=tokenizer)
