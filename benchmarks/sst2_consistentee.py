@@ -131,9 +131,9 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
                                        "stage3_epochs": args.stage3_epochs, **VARIANTS[name]})
         # the stage-1 pass (memorized layers, exit features) is shared by every variant of the seed; the dev
         # split only picks the stage-1 checkpoint, which a one-epoch stage 1 does not need (best = final)
-        model, _ = train_consistentee(args.model, train, dev if args.stage1 or args.stage1_epochs > 1 else None, seed_dir / name, config,
-                                      train_config, max_length=args.max_length, stage1_dir=stage1,
-                                      cache_dir=seed_dir)
+        pick = dev if args.stage1 or args.stage1_epochs > 1 else None
+        model, _ = train_consistentee(args.model, train, pick, seed_dir / name, config, train_config,
+                                      max_length=args.max_length, stage1_dir=stage1, cache_dir=seed_dir)
         cache = collect_logits(model, test_set, progress=False)
         entry = model_entry(cache, full, args.tolerance, ["consistentee", "maxprob"])
         entry["config"] = asdict(config)
