@@ -40,7 +40,8 @@ from transformers import AutoTokenizer
 from layerexit.consistentee import ConsistentEEConfig, train_consistentee
 from layerexit.consistentee.evidence import compare, dial_coverage, dial_versus_runs, summarize
 from layerexit.data import Encoded, load_data
-from layerexit.evaluation.cache import collect_logits
+from layerexit.data import model_inputs
+from layerexit.evaluation.cache import LogitCache, collect_logits, default_dial, policy_probabilities
 from layerexit.evaluation.evaluate import sweep
 from layerexit.evaluation.report import area_under_curve, operating_point
 from layerexit.evaluation.simulate import per_layer_accuracy, simulate
@@ -84,6 +85,36 @@ def policy_histogram(cache, threshold: float = 0.5) -> list[float]:
     return (torch.bincount(sim.exit_layer - 1, minlength=cache.num_layers).double() / sim.exit_layer.numel()).tolist()
 
 
+@torch.no_grad()
+def logits_and_features(model, encoded, batch_size: int = 128):
+    """(L, N, C) logits, (L, N, H) exit features and (N,) labels of ``model`` (eval mode) over ``encoded``."""
+    model.eval()
+    logits, features = [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded.collate([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
+        z, h = model(**model_inputs(batch), return_features=True)  # (L, b, C), (L, b, H)
+        logits.append(z.float())
+        features.append(h.float())
+    return torch.cat(logits, 1), torch.cat(features, 1), torch.tensor(encoded.labels)
+
+
+def same_exits(model, baseline) -> bool:
+    """Whether ``model`` has ``baseline``'s backbone and exits (stage 2 only trains the policies)."""
+    theirs = baseline.state_dict()
+    return all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items() if not k.startswith("policies."))
+
+
+@torch.no_grad()
+def policy_cache(model, logits, features, labels) -> LogitCache:
+    """The cache ``collect_logits`` would give for a model that shares the cached ``logits`` and ``features``
+    and differs only by its policies (computed here, at its default alpha and along its dial)."""
+    model.eval()
+    policy = policy_probabilities(model, features, logits, None)
+    dial = default_dial(model.config.policy_alpha_range) if model.alpha_conditioned else []
+    by_alpha = {a: policy_probabilities(model, features, logits, a) for a in dial} or None
+    return LogitCache(logits, labels, policy, by_alpha)
+
+
 def model_entry(cache, full: float, tolerance: float, rules: list[str]) -> dict:
     """Curves, areas, operating points (against the baseline's full accuracy ``full``) of one model."""
     curves = sweep(cache, rules)
@@ -117,7 +148,8 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
     baseline = MultiExitModel.from_pretrained(stage1 / "best")
     tokenizer = AutoTokenizer.from_pretrained(stage1 / "best")
     test_set = Encoded(test, tokenizer, baseline.config.max_length)
-    base_cache = collect_logits(baseline, test_set, progress=False)
+    base_logits, base_features, labels = logits_and_features(baseline, test_set)
+    base_cache = LogitCache(base_logits, labels)
     full = per_layer_accuracy(base_cache.logits, base_cache.labels)[-1]
     done["models"]["baseline"] = model_entry(base_cache, full, args.tolerance, CLASSIC)
     done["baseline_full_accuracy"] = full
@@ -134,7 +166,10 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
         pick = dev if args.stage1 or args.stage1_epochs > 1 else None
         model, _ = train_consistentee(args.model, train, pick, seed_dir / name, config, train_config,
                                       max_length=args.max_length, stage1_dir=stage1, cache_dir=seed_dir)
-        cache = collect_logits(model, test_set, progress=False)
+        if same_exits(model, baseline):  # policies only: reuse the baseline's test pass
+            cache = policy_cache(model, base_logits, base_features, labels)
+        else:
+            cache = collect_logits(model, test_set, progress=False)
         entry = model_entry(cache, full, args.tolerance, ["consistentee", "maxprob"])
         entry["config"] = asdict(config)
         entry["policy_exit_fractions"] = policy_histogram(cache)

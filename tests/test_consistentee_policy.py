@@ -14,7 +14,7 @@ from layerexit.consistentee import ConsistentEEConfig, reward, rollout_loss, tra
 from layerexit.consistentee.schedule import sample_alpha, weighted_exit_loss
 from layerexit.data import load_data
 from layerexit.errors import LayerExitError
-from layerexit.evaluation.cache import _policy
+from layerexit.evaluation.cache import policy_probabilities
 from layerexit.evaluation.evaluate import sweep
 from layerexit.evaluation.cache import LogitCache
 from layerexit.evaluation.simulate import simulate
@@ -60,8 +60,8 @@ def test_engine_feeds_the_policy_what_the_simulator_does(inputs, alpha_range):
     with torch.no_grad():
         reference, features = model(*inputs_, return_features=True)  # (L, N, C), (L, N, H)
     alphas = ALPHAS if alpha_range else [None]
-    signals = {policy_key(a): _policy(model, features, reference, a) for a in alphas}
-    signals["policy"] = _policy(model, features, reference, None)
+    signals = {policy_key(a): policy_probabilities(model, features, reference, a) for a in alphas}
+    signals["policy"] = policy_probabilities(model, features, reference, None)
     spread = set()
     for alpha in alphas:
         for threshold in (0.2, 0.5, 0.8):

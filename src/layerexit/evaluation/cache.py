@@ -82,9 +82,10 @@ def collect_logits(model, encoded: Encoded, batch_size: int = 64, progress: bool
         logits, features = model(**inputs, return_features=True)  # (L, b, C), (L, b, H)
         chunks.append(logits.float().cpu())
         if model.policies is not None:
-            policy_chunks.append(_policy(model, features, logits, None))  # (L, b)
+            policy_chunks.append(policy_probabilities(model, features, logits, None))  # (L, b)
             if alphas:
-                dial_chunks.append(torch.stack([_policy(model, features, logits, a) for a in alphas], -1))  # (L, b, A)
+                dial = [policy_probabilities(model, features, logits, a) for a in alphas]
+                dial_chunks.append(torch.stack(dial, -1))  # (L, b, A)
     model.train(was_training)
     by_alpha = None
     if dial_chunks:
@@ -100,7 +101,7 @@ def default_dial(alpha_range, points: int = 21) -> list[float]:
     return [round(low + (high - low) * i / (points - 1), 6) for i in range(points)]
 
 
-def _policy(model, features: torch.Tensor, logits: torch.Tensor, alpha) -> torch.Tensor:
+def policy_probabilities(model, features: torch.Tensor, logits: torch.Tensor, alpha=None) -> torch.Tensor:
     """(L, b, H) features and (L, b, C) logits -> (L, b) policy probabilities at ``alpha``."""
     return torch.stack([model.policy_probability(i, f, z, alpha)
                         for i, (f, z) in enumerate(zip(features, logits))]).float().cpu()
