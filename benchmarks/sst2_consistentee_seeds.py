@@ -14,6 +14,10 @@ model) are written per seed and as mean +- std, with a difference to max-prob cl
 spread (``layerexit.consistentee.evidence.compare``). The alpha-conditioned model's dial is checked for
 coverage (20%-70% saved, no gap over 10 points) and against the separately trained fixed-alpha runs.
 
+A variant named ``NAME@P`` is NAME trained with policy seed P on the same stage 1 (stage 2's initialisation,
+data order and sampled actions change, stage 1 does not): ``--policy-seeds`` aggregates those as a cheaper,
+weaker spread (the policy's own variability only), reported apart from the full-pipeline seeds.
+
 Each seed's results are written to ``RUN_DIR/seed<N>/results.json`` and reused, so seeds can be run one
 process at a time (each under the heavy lock) and aggregated by a last call that trains nothing:
 
@@ -159,12 +163,14 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
     write_json_atomic(out_path, done)
     for name in todo:
         t = time.perf_counter()
+        base_name, _, policy_seed = name.partition("@")
         config = ConsistentEEConfig(**{"copies": args.copies, "stage2_epochs": args.stage2_epochs,
-                                       "stage3_epochs": args.stage3_epochs, **VARIANTS[name]})
+                                       "stage3_epochs": args.stage3_epochs, **VARIANTS[base_name]})
+        run_config = TrainConfig(**{**asdict(train_config), "seed": int(policy_seed)}) if policy_seed else train_config
         # the stage-1 pass (memorized layers, exit features) is shared by every variant of the seed; the dev
         # split only picks the stage-1 checkpoint, which a one-epoch stage 1 does not need (best = final)
         pick = dev if args.stage1 or args.stage1_epochs > 1 else None
-        model, _ = train_consistentee(args.model, train, pick, seed_dir / name, config, train_config,
+        model, _ = train_consistentee(args.model, train, pick, seed_dir / name, config, run_config,
                                       max_length=args.max_length, stage1_dir=stage1, cache_dir=seed_dir)
         if same_exits(model, baseline):  # policies only: reuse the baseline's test pass
             cache = policy_cache(model, base_logits, base_features, labels)
@@ -244,11 +250,13 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/bench-cee-seeds")
     parser.add_argument("--output", default="benchmarks/results/sst2_consistentee_seeds.json")
     parser.add_argument("--tolerance", type=float, default=0.005, help="0.5 accuracy point")
+    parser.add_argument("--policy-seeds", help="also aggregate NAME@P variants of the (single) stage-1 seed over "
+                        "these policy seeds (the stage-1 seed itself stands for its own policy seed)")
     parser.add_argument("--aggregate-only", action="store_true", help="train nothing; aggregate finished seeds")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v.partition("@")[0] not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if args.stage1 and len(seeds) != 1:
@@ -258,13 +266,27 @@ def main() -> None:
     for seed in seeds:
         path = Path(args.run_dir) / f"seed{seed}" / "results.json"
         per_seed.append(json.loads(path.read_text()) if args.aggregate_only else run_seed(args, seed, variants))
+    if args.policy_seeds:  # one stage-1 seed, several policy seeds: pseudo-seeds over the policy's variability
+        policy_seeds = [int(s) for s in args.policy_seeds.split(",")]
+        pseudo = []
+        for ps in policy_seeds:
+            models = {"baseline": per_seed[0]["models"]["baseline"]}
+            for name, entry in per_seed[0]["models"].items():
+                base_name, _, tag = name.partition("@")
+                if (tag and int(tag) == ps) or (not tag and ps == per_seed[0]["seed"] and name != "baseline"):
+                    models[base_name] = entry
+            pseudo.append({**per_seed[0], "seed": ps, "models": models})
+        policy_summary = aggregate(pseudo, args.tolerance)
+    else:
+        policy_summary = None
     payload = {
         "benchmark": "sst2_consistentee_seeds", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "loadavg": loadavg()},
-        "args": vars(args), "seconds": time.perf_counter() - started, "variants": {v: VARIANTS[v] for v in variants},
+        "args": vars(args), "seconds": time.perf_counter() - started, "variants": {v: VARIANTS[v.partition("@")[0]] for v in variants},
         "per_seed": per_seed, "summary": aggregate(per_seed, args.tolerance),
+        "policy_seed_summary": policy_summary,
     }
     write_json_atomic(Path(args.output), payload)
     summary = payload["summary"]
