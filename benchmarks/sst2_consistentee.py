@@ -1,25 +1,19 @@
-"""ConsistentEE against max-prob on the weighted baseline, over several seeds (MiniLM-L6, SST-2).
+"""ConsistentEE benchmark: ConsistentEE against the classic exit rules on MiniLM-L6 and SST-2.
 
-Per seed (the training seed and the data order): stage 1 is PABEE's weighted objective on the first N SST-2
-training phrases (that model is also the weighted baseline the classic rules run on); every ConsistentEE
-variant starts from it. Variants (see ``VARIANTS``):
+Same backbone (packaged MiniLM-L6), same training data (the first N SST-2 training phrases), same training
+budget in epochs over that data for every method:
 
-- ``*-s2``: stages 2 only (policies trained on the frozen stage-1 model, cached features): the exits are the
-  baseline's, so the policy is compared with max-prob on the very same exits;
-- without ``-s2``: stage 2 + stage 3 (one epoch, everything trained), with the remedies for starving exits.
+- baseline: PABEE's weighted objective for ``stage1 + stage3`` epochs (3 by default); the classic rules
+  (max-prob, margin, entropy, patience, patience + confidence, static) run on it;
+- ConsistentEE: stage 1 (the weighted objective for 2 epochs, shared by all ConsistentEE runs), stage 2
+  (policies only, on cached features) and stage 3 (1 epoch), for each alpha in the sweep and the ablations
+  (no hardness, alpha = 0, greedy actions).
 
-Every curve is simulated over cached logits on GLUE SST-2 validation (``test.tsv``); areas under accuracy
-versus saved layers and operating points (most layers saved within ``--tolerance`` of the baseline's full
-model) are written per seed and as mean +- std, with a difference to max-prob claimed only beyond the seeds'
-spread (``layerexit.consistentee.evidence.compare``). The alpha-conditioned model's dial is checked for
-coverage (20%-70% saved, no gap over 10 points) and against the separately trained fixed-alpha runs.
+Choices are made on the dev split (``dev.tsv``, a part of GLUE's training set) and reported on GLUE SST-2
+validation (``test.tsv``), then again on the packaged movie-review test split without any re-selection.
+Writes ``benchmarks/results/sst2_consistentee.json`` and a report folder with the paper's analyses as plots.
 
-Each seed's results are written to ``RUN_DIR/seed<N>/results.json`` and reused, so seeds can be run one
-process at a time (each under the heavy lock) and aggregated by a last call that trains nothing:
-
-    flock /tmp/layerexit-heavy.lock python benchmarks/sst2_consistentee.py --data DATA --seeds 1
-    ...                                                                           --seeds 2, then 3
-    python benchmarks/sst2_consistentee.py --data DATA --seeds 1,2,3      # aggregates, writes the JSON
+    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_consistentee.py --data ../shared/data/sst2
 """
 
 from __future__ import annotations
@@ -27,256 +21,240 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer
+import matplotlib
 
-from layerexit.consistentee import ConsistentEEConfig, train_consistentee
-from layerexit.consistentee.evidence import compare, dial_coverage, dial_versus_runs, summarize
-from layerexit.data import Encoded, load_data
-from layerexit.data import model_inputs
-from layerexit.evaluation.cache import LogitCache, collect_logits, default_dial, policy_probabilities
-from layerexit.evaluation.evaluate import sweep
-from layerexit.evaluation.report import area_under_curve, operating_point
-from layerexit.evaluation.simulate import per_layer_accuracy, simulate
-from layerexit.io import write_json_atomic
-from layerexit.model import MultiExitModel
-from layerexit.rules import make_rule
-from layerexit.training import TrainConfig
-from layerexit.training.run import train_classifier
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
-CLASSIC = ["maxprob", "margin", "entropy", "patience-confidence", "static"]
-DIAL = (0.1, 3.0)
-#: variant -> ConsistentEEConfig overrides ("-s2": stage 2 only on the frozen stage-1 model)
-VARIANTS = {
-    "paper-s2": dict(policy_inputs=(), alpha=1.0, stage3_epochs=0),
-    "inputs-s2": dict(alpha=1.0, stage3_epochs=0),
-    "alpha0.5-s2": dict(alpha=0.5, stage3_epochs=0),
-    "alpha2-s2": dict(alpha=2.0, stage3_epochs=0),
-    "dial-s2": dict(alpha_range=DIAL, stage3_epochs=0),
-    "dial-entropy-s2": dict(alpha_range=DIAL, policy_entropy=0.01, stage3_epochs=0),
-    "ce-reward-s2": dict(reward="ce", stage3_epochs=0),
-    "dial": dict(alpha_range=DIAL),
-    "dial-allexits": dict(alpha_range=DIAL, all_exits_weight=0.3),
-    "dial-entropy": dict(alpha_range=DIAL, policy_entropy=0.01),
-    "dial-rounds2": dict(alpha_range=DIAL, rounds=2),
-    "paper": dict(policy_inputs=(), alpha=1.0),
-}
-#: fixed-alpha runs the dial of each dial variant is compared with
-FIXED_FOR_DIAL = {"dial-s2": ["alpha0.5-s2", "inputs-s2", "alpha2-s2"]}
+from layerexit.consistentee import ConsistentEEConfig, train_consistentee  # noqa: E402
+from layerexit.data import Encoded, load_data  # noqa: E402
+from layerexit.evaluation.cache import collect_logits  # noqa: E402
+from layerexit.evaluation.evaluate import simulated_results  # noqa: E402
+from layerexit.evaluation.metrics import area_under_curve, operating_point  # noqa: E402
+from layerexit.evaluation.simulate import simulate  # noqa: E402
+from layerexit.model import MultiExitModel  # noqa: E402
+from layerexit.rules import DEFAULT_SWEEP, make_rule  # noqa: E402
+from layerexit.training import TrainConfig  # noqa: E402
+from layerexit.training.run import train_classifier  # noqa: E402
+
+CLASSIC = [r for r in DEFAULT_SWEEP if r != "consistentee"]
 
 
-def loadavg() -> list[float]:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
+def evaluate_model(model, tokenizer, datasets):
+    """Logit caches of one model on every evaluation set."""
+    return {name: collect_logits(model, Encoded(data, tokenizer, 64), progress=False)
+            for name, data in datasets.items()}
 
 
-def policy_histogram(cache, threshold: float = 0.5) -> list[float]:
-    """Fraction of rows exiting at each layer under the policy at ``threshold`` (the model's default alpha)."""
-    sim = simulate(make_rule("consistentee", threshold=threshold), cache.logits, signals=cache.signals)
-    return (torch.bincount(sim.exit_layer - 1, minlength=cache.num_layers).double() / sim.exit_layer.numel()).tolist()
+def policy_point(cache, threshold):
+    rule = make_rule("consistentee", threshold=threshold)
+    return simulate(rule, cache.logits, signals=cache.signals).point(cache.labels, cache.num_layers,
+                                                                     {"threshold": threshold})
 
 
-@torch.no_grad()
-def logits_and_features(model, encoded, batch_size: int = 128):
-    """(L, N, C) logits, (L, N, H) exit features and (N,) labels of ``model`` (eval mode) over ``encoded``."""
-    model.eval()
-    logits, features = [], []
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded.collate([encoded[i] for i in range(start, min(start + batch_size, len(encoded)))])
-        z, h = model(**model_inputs(batch), return_features=True)  # (L, b, C), (L, b, H)
-        logits.append(z.float())
-        features.append(h.float())
-    return torch.cat(logits, 1), torch.cat(features, 1), torch.tensor(encoded.labels)
+def pick_on_dev(caches_by_run, tolerance):
+    """(run, threshold) saving the most layers on dev with accuracy >= dev full - tolerance (own full model)."""
+    best = None
+    for run, caches in caches_by_run.items():
+        dev = caches["dev"]
+        full = float((dev.logits[-1].argmax(-1) == dev.labels).double().mean())
+        for params in make_rule("consistentee").grid(dev.num_layers, 2):
+            point = policy_point(dev, params["threshold"])
+            if point["accuracy"] >= full - tolerance - 1e-9 and (best is None or point["saved_layers"] > best[2]):
+                best = (run, params["threshold"], point["saved_layers"])
+    return best
 
 
-def same_exits(model, baseline) -> bool:
-    """Whether ``model`` has ``baseline``'s backbone and exits (stage 2 only trains the policies)."""
-    theirs = baseline.state_dict()
-    return all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items() if not k.startswith("policies."))
-
-
-@torch.no_grad()
-def policy_cache(model, logits, features, labels) -> LogitCache:
-    """The cache ``collect_logits`` would give for a model that shares the cached ``logits`` and ``features``
-    and differs only by its policies (computed here, at its default alpha and along its dial)."""
-    model.eval()
-    policy = policy_probabilities(model, features, logits, None)
-    dial = default_dial(model.config.policy_alpha_range) if model.alpha_conditioned else []
-    by_alpha = {a: policy_probabilities(model, features, logits, a) for a in dial} or None
-    return LogitCache(logits, labels, policy, by_alpha)
-
-
-def model_entry(cache, full: float, tolerance: float, rules: list[str]) -> dict:
-    """Curves, areas, operating points (against the baseline's full accuracy ``full``) of one model."""
-    curves = sweep(cache, rules)
-    return {
-        "full_accuracy": per_layer_accuracy(cache.logits, cache.labels)[-1],
-        "per_layer_accuracy": per_layer_accuracy(cache.logits, cache.labels),
-        "curves": curves,
-        "areas": {name: area_under_curve(c) for name, c in curves.items()},
-        "operating_points": {name: operating_point(c, full, tolerance) for name, c in curves.items()},
-    }
-
-
-def run_seed(args, seed: int, variants: list[str]) -> dict:
-    seed_dir = Path(args.run_dir) / f"seed{seed}"
-    out_path = seed_dir / "results.json"
-    done = json.loads(out_path.read_text()) if out_path.is_file() else {"seed": seed, "models": {}, "seconds": {}}
-    todo = [v for v in variants if v not in done["models"]]
-    if "baseline" in done["models"] and not todo:
-        return done
-    started = time.perf_counter()
-    done.setdefault("loadavg_start", loadavg())
-    train = load_data(args.data, "train", limit=args.train_examples)
-    dev = load_data(args.data, "dev", limit=args.dev_examples)
-    test = load_data(args.data, "test")
-    train_config = TrainConfig(epochs=args.stage1_epochs, batch_size=32, learning_rate=5e-5, seed=seed)
-    stage1 = Path(args.stage1) if args.stage1 else seed_dir / "stage1"
-    if not ((stage1 / "best").is_dir() and (stage1 / "final").is_dir()):
-        t = time.perf_counter()
-        train_classifier(args.model, train, dev, stage1, "weighted", max_length=args.max_length, config=train_config)
-        done["seconds"]["stage1"] = time.perf_counter() - t
-    baseline = MultiExitModel.from_pretrained(stage1 / "best")
-    tokenizer = AutoTokenizer.from_pretrained(stage1 / "best")
-    test_set = Encoded(test, tokenizer, baseline.config.max_length)
-    base_logits, base_features, labels = logits_and_features(baseline, test_set)
-    base_cache = LogitCache(base_logits, labels)
-    full = per_layer_accuracy(base_cache.logits, base_cache.labels)[-1]
-    done["models"]["baseline"] = model_entry(base_cache, full, args.tolerance, CLASSIC)
-    done["baseline_full_accuracy"] = full
-    done["agreement_oracle_saved"] = float(1 - simulate(make_rule("oracle-agreement"), base_cache.logits,
-                                                        base_cache.final_predictions).exit_layer.double().mean()
-                                           / base_cache.num_layers)
-    write_json_atomic(out_path, done)
-    for name in todo:
-        t = time.perf_counter()
-        config = ConsistentEEConfig(**{"copies": args.copies, "stage2_epochs": args.stage2_epochs,
-                                       "stage3_epochs": args.stage3_epochs, **VARIANTS[name]})
-        # the stage-1 pass (memorized layers, exit features) is shared by every variant of the seed; the dev
-        # split only picks the stage-1 checkpoint, which a one-epoch stage 1 does not need (best = final)
-        pick = dev if args.stage1 or args.stage1_epochs > 1 else None
-        model, _ = train_consistentee(args.model, train, pick, seed_dir / name, config, train_config,
-                                      max_length=args.max_length, stage1_dir=stage1, cache_dir=seed_dir)
-        if same_exits(model, baseline):  # policies only: reuse the baseline's test pass
-            cache = policy_cache(model, base_logits, base_features, labels)
-        else:
-            cache = collect_logits(model, test_set, progress=False)
-        entry = model_entry(cache, full, args.tolerance, ["consistentee", "maxprob"])
-        entry["config"] = asdict(config)
-        entry["policy_exit_fractions"] = policy_histogram(cache)
-        entry["threshold_0.5"] = simulate(make_rule("consistentee"), cache.logits, signals=cache.signals).point(
-            cache.labels, cache.num_layers, {"threshold": 0.5, "alpha": config.alpha})
-        if config.alpha_range:
-            entry["dial_coverage"] = dial_coverage(entry["curves"]["consistentee"])
-        done["models"][name] = entry
-        done["seconds"][name] = time.perf_counter() - t
-        print(f"[seed {seed}] {name}: {time.perf_counter() - t:.0f}s, areas "
-              f"{ {k: round(v, 4) for k, v in entry['areas'].items()} }", flush=True)
-        write_json_atomic(out_path, done)
-    for dial, fixed in FIXED_FOR_DIAL.items():
-        if dial in done["models"] and all(f in done["models"] for f in fixed):
-            done["models"][dial]["dial_versus_runs"] = dial_versus_runs(
-                done["models"][dial]["curves"]["consistentee"], [done["models"][f]["threshold_0.5"] for f in fixed],
-                args.tolerance)
-    done["loadavg_end"] = loadavg()
-    done["seconds"]["this_call"] = time.perf_counter() - started
-    write_json_atomic(out_path, done)
-    return done
-
-
-def aggregate(per_seed: list[dict], tolerance: float) -> dict:
-    """mean +- std over seeds of every (model, curve) area and operating point; comparisons with max-prob."""
-    keys = sorted({(m, c) for s in per_seed for m, e in s["models"].items() for c in e["areas"]})
-    table, reference = {}, None
-    for model, curve in keys:
-        if not all(model in s["models"] and curve in s["models"][model]["areas"] for s in per_seed):
-            continue
-        areas = [s["models"][model]["areas"][curve] for s in per_seed]
-        points = [s["models"][model]["operating_points"][curve] for s in per_seed]
-        table[f"{curve}@{model}"] = {
-            "area": summarize(areas),
-            "saved_within_tolerance": summarize([p["saved_layers"] if p else 0.0 for p in points]),
-            "accuracy_at_operating_point": summarize([p["accuracy"] if p else float("nan") for p in points]),
-            "full_accuracy": summarize([s["models"][model]["full_accuracy"] for s in per_seed]),
-        }
-    if "maxprob@baseline" in table:
-        reference = table["maxprob@baseline"]
-        for name, row in table.items():
-            if name.startswith("consistentee"):
-                row["area_versus_maxprob_baseline"] = compare(row["area"]["values"], reference["area"]["values"])
-                row["saved_versus_maxprob_baseline"] = compare(row["saved_within_tolerance"]["values"],
-                                                               reference["saved_within_tolerance"]["values"])
-    dial = {}
-    for name in {m for s in per_seed for m in s["models"]}:
-        entries = [s["models"].get(name, {}) for s in per_seed]
-        if all("dial_coverage" in e for e in entries):
-            dial[name] = {"coverage": [e["dial_coverage"] for e in entries],
-                          "versus_fixed_alpha_runs": [e.get("dial_versus_runs") for e in entries]}
-    return {"table": table, "dial": dial, "tolerance": tolerance,
-            "baseline_full_accuracy": summarize([s["baseline_full_accuracy"] for s in per_seed]),
-            "agreement_oracle_saved": summarize([s["agreement_oracle_saved"] for s in per_seed])}
+def per_layer_losses(cache):
+    """(L, N) cross-entropy of every exit on every example."""
+    num_layers, n, num_classes = cache.logits.shape
+    return F.cross_entropy(cache.logits.reshape(-1, num_classes), cache.labels.repeat(num_layers),
+                           reduction="none").view(num_layers, n)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder with train.tsv, dev.tsv, test.tsv (SST-2)")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2")
-    parser.add_argument("--train-examples", type=int, default=2000)
-    parser.add_argument("--dev-examples", type=int, default=500)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--stage1-epochs", type=int, default=1)
-    parser.add_argument("--stage2-epochs", type=int, default=2)
-    parser.add_argument("--stage3-epochs", type=int, default=1)
+    parser.add_argument("--data", required=True, help="folder with train.tsv, dev.tsv, test.tsv")
+    parser.add_argument("--train-examples", type=int, default=8000)
+    parser.add_argument("--dev-examples", type=int, default=1000)
+    parser.add_argument("--stage1", default="runs/bench-sst2/model",
+                        help="stage-1 run (weighted, 2 epochs) shared by all ConsistentEE runs; trained if missing")
+    parser.add_argument("--alphas", default="0.25,0.5,1,2,4")
     parser.add_argument("--copies", type=int, default=8)
-    parser.add_argument("--seeds", default="1,2,3", help="training seeds (each also sets the data order)")
-    parser.add_argument("--variants", default="paper-s2,inputs-s2,alpha0.5-s2,alpha2-s2,dial-s2,dial-entropy-s2,"
-                        "dial,dial-allexits", help=f"comma separated, from {','.join(VARIANTS)}")
-    parser.add_argument("--stage1", help="reuse this finished stage-1 run (best/, final/) for the (single) seed")
-    parser.add_argument("--run-dir", default="runs/bench-cee-seeds")
-    parser.add_argument("--output", default="benchmarks/results/sst2_consistentee_seeds.json")
+    parser.add_argument("--run-dir", default="runs/bench-cee")
+    parser.add_argument("--output", default="benchmarks/results/sst2_consistentee.json")
     parser.add_argument("--tolerance", type=float, default=0.005, help="0.5 accuracy point")
-    parser.add_argument("--aggregate-only", action="store_true", help="train nothing; aggregate finished seeds")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    if args.stage1 and len(seeds) != 1:
-        parser.error("--stage1 is one trained model: give exactly one seed with it")
     started = time.perf_counter()
-    per_seed = []
-    for seed in seeds:
-        path = Path(args.run_dir) / f"seed{seed}" / "results.json"
-        per_seed.append(json.loads(path.read_text()) if args.aggregate_only else run_seed(args, seed, variants))
+    run_dir = Path(args.run_dir)
+    train_data = load_data(args.data, "train", limit=args.train_examples)
+    dev_fit = load_data(args.data, "dev", limit=args.dev_examples)
+    datasets = {"dev": dev_fit, "sst2": load_data(args.data, "test"), "rotten-tomatoes": load_data("rotten-tomatoes", "test")}
+    stage1_config = TrainConfig(epochs=2, batch_size=32, learning_rate=5e-5, seed=42)
+    cee_defaults = dict(copies=args.copies, stage2_epochs=2, stage3_epochs=1)
+
+    # baseline with the same budget: weighted objective for 2 + 1 epochs
+    baseline_dir = run_dir / "baseline-weighted-3ep"
+    if (baseline_dir / "best").is_dir() and (baseline_dir / "final").is_dir():
+        baseline = MultiExitModel.from_pretrained(baseline_dir / "best")
+        tokenizer = AutoTokenizer.from_pretrained(baseline_dir / "best")
+    else:
+        baseline, tokenizer, _ = train_classifier("all-MiniLM-L6-v2", train_data, dev_fit, baseline_dir,
+                                                  max_length=64, config=TrainConfig(**{**asdict(stage1_config),
+                                                                                       "epochs": 3}))
+    caches = {"baseline": evaluate_model(baseline, tokenizer, datasets)}
+    stage1 = MultiExitModel.from_pretrained(Path(args.stage1) / "best") if (Path(args.stage1) / "best").is_dir() \
+        else None
+    alphas = [float(a) for a in args.alphas.split(",")]
+    sweep_runs = [f"alpha={a:g}" for a in alphas]
+    runs = {name: dict(alpha=a) for name, a in zip(sweep_runs, alphas)}
+    runs.update({"alpha=1 no-hardness": dict(alpha=1.0, hardness=False), "alpha=0": dict(alpha=0.0),
+                 "alpha=1 greedy": dict(alpha=1.0, action="greedy")})
+    configs = {}
+    for name, overrides in runs.items():
+        config = ConsistentEEConfig(**{**cee_defaults, **overrides})
+        configs[name] = asdict(config)
+        folder = run_dir / name.replace(" ", "_").replace("=", "")
+        model, tok = train_consistentee("all-MiniLM-L6-v2", train_data, dev_fit, folder, config, stage1_config,
+                                        max_length=64, stage1_dir=args.stage1)
+        caches[name] = evaluate_model(model, tok, datasets)
+        print(f"[{time.perf_counter() - started:.0f}s] {name}: test policy@0.5 "
+              f"{policy_point(caches[name]['sst2'], 0.5)}")
+    if stage1 is None:
+        stage1 = MultiExitModel.from_pretrained(Path(args.stage1) / "best")
+    caches["stage1"] = evaluate_model(stage1, tokenizer, datasets)
+
+    chosen = pick_on_dev({r: caches[r] for r in sweep_runs}, args.tolerance)
+    report = {}
+    for split in ("sst2", "rotten-tomatoes"):
+        base = simulated_results(caches["baseline"][split], "all-MiniLM-L6-v2 weighted 3 epochs", datasets[split],
+                                 CLASSIC, args.tolerance)
+        entry = {"baseline": {k: base[k] for k in ("full", "per_layer_accuracy", "oracles", "curves")}}
+        entry["consistentee_alpha_sweep"] = [dict(policy_point(caches[r][split], 0.5), run=r) for r in sweep_runs]
+        for r in sweep_runs:
+            entry["consistentee_alpha_sweep"][sweep_runs.index(r)]["params"] = {"alpha": configs[r]["alpha"],
+                                                                               "threshold": 0.5}
+        runs_results = {}
+        for r in runs:
+            res = simulated_results(caches[r][split], r, datasets[split], DEFAULT_SWEEP, args.tolerance)
+            runs_results[r] = {k: res[k] for k in ("full", "per_layer_accuracy", "oracles", "curves")}
+        entry["consistentee_runs"] = runs_results
+        curves = dict(base["curves"])
+        curves["consistentee"] = entry["consistentee_alpha_sweep"]
+        if chosen:
+            curves["consistentee-threshold"] = runs_results[chosen[0]]["curves"]["consistentee-threshold"]
+        full = base["full"]["accuracy"]
+        entry["curves"] = curves
+        entry["area_under_curve"] = {name: area_under_curve(c) for name, c in curves.items()}
+        entry["operating_points"] = {name: operating_point(c, full, args.tolerance) for name, c in curves.items()}
+        if chosen:
+            run, threshold, _ = chosen
+            point = policy_point(caches[run][split], threshold)
+            own_full = runs_results[run]["full"]["accuracy"]
+            oracle = base["oracles"]["agreement"]["saved_layers"]
+            entry["chosen_on_dev"] = {
+                "run": run, "threshold": threshold, "point": point, "baseline_full_accuracy": full,
+                "own_full_accuracy": own_full, "within_half_point_of_baseline_full": point["accuracy"] >= full - 0.005,
+                "agreement_oracle_saved_baseline": oracle,
+                "fraction_of_oracle_savings": point["saved_layers"] / oracle if oracle else None,
+                "target_met": point["accuracy"] >= full - 0.005 and point["saved_layers"] >= 0.85 * oracle,
+            }
+        report[split] = entry
+
+    out_dir = run_dir / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_all(report, caches, runs, configs, sweep_runs, run_dir, out_dir)
     payload = {
-        "benchmark": "sst2_consistentee_seeds", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "benchmark": "sst2_consistentee", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "loadavg": loadavg()},
-        "args": vars(args), "seconds": time.perf_counter() - started, "variants": {v: VARIANTS[v] for v in variants},
-        "per_seed": per_seed, "summary": aggregate(per_seed, args.tolerance),
+                    "torch": torch.__version__},
+        "args": vars(args), "seconds": time.perf_counter() - started, "configs": configs,
+        "chosen_on_dev": [chosen[0], chosen[1]] if chosen else None, "results": report,
+        "training_histories": {r: json.loads((run_dir / r.replace(" ", "_").replace("=", "") / "history.json")
+                                             .read_text()) for r in runs},
     }
-    write_json_atomic(Path(args.output), payload)
-    summary = payload["summary"]
-    print(f"\nbaseline full accuracy {summary['baseline_full_accuracy']['mean']:.4f} "
-          f"+- {summary['baseline_full_accuracy']['std']:.4f}; agreement oracle saves "
-          f"{summary['agreement_oracle_saved']['mean']:.3f}")
-    print(f"{'curve@model':>40} {'area':>16} {'saved within tol':>18}  vs max-prob (area)")
-    for name, row in sorted(summary["table"].items(), key=lambda kv: -kv[1]["area"]["mean"]):
-        verdict = row.get("area_versus_maxprob_baseline", {}).get("verdict", "")
-        print(f"{name:>40} {row['area']['mean']:.4f} +- {row['area']['std']:.4f} "
-              f"{row['saved_within_tolerance']['mean']:.3f} +- {row['saved_within_tolerance']['std']:.3f}  {verdict}")
-    print(f"wrote {args.output}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(payload, indent=2) + "\n")
+    for split, entry in report.items():
+        print(f"\n{split}: area under accuracy vs saved layers")
+        for name, auc in sorted(entry["area_under_curve"].items(), key=lambda kv: -kv[1]):
+            print(f"  {name:>24}: {auc:.4f}")
+        print(f"  chosen on dev: {entry.get('chosen_on_dev')}")
+    print(f"wrote {args.output} and {out_dir}")
+
+
+def plot_all(report, caches, runs, configs, sweep_runs, run_dir, out_dir):
+    test = report["sst2"]
+    # 1. all methods on one figure
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in test["curves"].items():
+        pts = sorted(curve, key=lambda p: p["saved_layers"])
+        style = "-o" if name.startswith("consistentee") else "--."
+        ax.plot([100 * p["saved_layers"] for p in pts], [100 * p["accuracy"] for p in pts], style, label=name,
+                linewidth=2.2 if name.startswith("consistentee") else 1.0)
+    oracle = test["baseline"]["oracles"]["agreement"]
+    ax.plot(100 * oracle["saved_layers"], 100 * oracle["accuracy"], "k*", markersize=12, label="agreement oracle")
+    ax.axhline(100 * test["baseline"]["full"]["accuracy"], color="gray", linestyle=":", label="full model")
+    ax.set_xlabel("saved layers % (simulated)")
+    ax.set_ylabel("accuracy % (GLUE SST-2 validation)")
+    ax.set_ylim(bottom=max(50, ax.get_ylim()[0]))
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("ConsistentEE versus classic exit rules, MiniLM-L6")
+    fig.tight_layout()
+    fig.savefig(out_dir / "methods.png", dpi=120)
+    plt.close(fig)
+    # 2. accuracy and saved layers against alpha
+    alphas = [configs[r]["alpha"] for r in sweep_runs]
+    points = test["consistentee_alpha_sweep"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(alphas, [100 * p["accuracy"] for p in points], "o-", color="tab:blue", label="accuracy %")
+    ax.set_xscale("log")
+    ax.set_xlabel("alpha (layer cost, e/L form)")
+    ax.set_ylabel("accuracy %", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(alphas, [100 * p["saved_layers"] for p in points], "s--", color="tab:red")
+    ax2.set_ylabel("saved layers %", color="tab:red")
+    ax.set_title("ConsistentEE: accuracy and saved layers against alpha (threshold 0.5)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "alpha.png", dpi=120)
+    plt.close(fig)
+    # 3. memorized layers
+    memorized = torch.load(run_dir / sweep_runs[0].replace("=", "") / "memorized.pt")["memorized"]
+    num_layers = caches["stage1"]["sst2"].num_layers
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = torch.bincount(memorized - 1, minlength=num_layers)
+    ax.bar(range(1, num_layers + 1), (100 * counts / counts.sum()).tolist())
+    ax.set_xlabel("memorized layer m(x)")
+    ax.set_ylabel("% of training instances")
+    ax.set_title("Memorized layers of the training set (stage-1 model)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "memorized_layers.png", dpi=120)
+    plt.close(fig)
+    # 4. per-layer loss distributions, weighted sum versus ConsistentEE (the paper's Figure 2)
+    weighted = per_layer_losses(caches["baseline"]["sst2"])
+    consistent = per_layer_losses(caches["alpha=1"]["sst2"]) if "alpha=1" in caches else None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    positions = torch.arange(1, num_layers + 1).float()
+    ax.boxplot([w.numpy() for w in weighted], positions=(positions - 0.2).tolist(), widths=0.35,
+               showfliers=False, patch_artist=True, boxprops={"facecolor": "tab:gray"})
+    if consistent is not None:
+        ax.boxplot([c.numpy() for c in consistent], positions=(positions + 0.2).tolist(), widths=0.35,
+                   showfliers=False, patch_artist=True, boxprops={"facecolor": "tab:blue"})
+    ax.set_xticks(positions.tolist(), [str(i) for i in range(1, num_layers + 1)])
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("cross-entropy (test)")
+    ax.set_title("Per-layer loss: weighted sum (gray) vs ConsistentEE alpha=1 (blue)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "per_layer_loss.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from layerexit.data import Encoded, load_data
 from layerexit.data import model_inputs
 from layerexit.evaluation.cache import LogitCache, collect_logits, default_dial, policy_probabilities
 from layerexit.evaluation.evaluate import sweep
-from layerexit.evaluation.report import area_under_curve, operating_point
+from layerexit.evaluation.metrics import area_under_curve, operating_point
 from layerexit.evaluation.simulate import per_layer_accuracy, simulate
 from layerexit.io import write_json_atomic
 from layerexit.model import MultiExitModel

@@ -1,4 +1,4 @@
-"""Benchmark for issue 4: accuracy control (PCEE, PCEE-WS) and budgets on GLUE SST-2 with MiniLM-L6 exits.
+"""Accuracy control benchmark: accuracy control (PCEE, PCEE-WS) and budgets on GLUE SST-2 with MiniLM-L6 exits.
 
 Reuses the multi-exit MiniLM-L6 trained by ``benchmarks/sst2_minilm.py`` (``RUN_DIR/model/best``). Every exit's
 logits are cached once on the dev split (``dev.tsv``, a 10% re-split of the GLUE training phrases: the fitting
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from layerexit.data import Encoded, load_data
-from layerexit.evaluation.cache import LogitCache, collect_logits, tag_split
+from layerexit.data import load_data
+from layerexit.evaluation.cache import LogitCache
 from layerexit.evaluation.calibration_plots import (plot_budgets, plot_controllability, plot_reliability,
                                                     plot_reliability_exit)
 from layerexit.evaluation.controllability import DEFAULT_TARGETS, controllability, fit_rules, at_target
@@ -37,19 +37,7 @@ from layerexit.evaluation.cost import exit_costs
 from layerexit.io import write_json_atomic
 from layerexit.model import MultiExitModel
 
-
-def cached(model, tokenizer, data_dir: str, split: str, path: Path, limit: int | None) -> tuple[LogitCache, Encoded]:
-    data = load_data(data_dir, split, limit=limit)
-    encoded = Encoded(data, tokenizer, model.config.max_length)
-    if path.is_file():
-        cache = LogitCache.load(path)
-        if cache.labels.numel() != len(encoded):
-            raise SystemExit(f"{path} holds {cache.labels.numel()} rows, {split} has {len(encoded)}; delete it")
-    else:
-        cache = collect_logits(model, encoded, batch_size=128)
-    tag_split(cache, split, encoded)
-    cache.save(path)
-    return cache, encoded
+from common import cached_logits
 
 
 def main() -> None:
@@ -72,10 +60,10 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     best = run_dir / "model" / "best"
     model, tokenizer = MultiExitModel.from_pretrained(best), AutoTokenizer.from_pretrained(best)
-    fit, fit_encoded = cached(model, tokenizer, args.data, args.fit_split, run_dir / f"logits_{args.fit_split}.pt",
-                              args.fit_limit)
-    test, test_encoded = cached(model, tokenizer, args.data, args.eval_split,
-                                run_dir / f"logits_{args.eval_split}.pt", None)
+    fit, fit_encoded = cached_logits(model, tokenizer, load_data(args.data, args.fit_split, limit=args.fit_limit),
+                                     run_dir / f"logits_{args.fit_split}.pt")
+    test, test_encoded = cached_logits(model, tokenizer, load_data(args.data, args.eval_split),
+                                       run_dir / f"logits_{args.eval_split}.pt")
     fit_tokens = sum(len(ids) for ids in fit_encoded.features["input_ids"]) / len(fit_encoded)
     test_tokens = sum(len(ids) for ids in test_encoded.features["input_ids"]) / len(test_encoded)
     macs = exit_costs(model, fit_tokens)  # cumulative multiply-adds at the fitting split's mean length

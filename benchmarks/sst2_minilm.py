@@ -1,4 +1,4 @@
-"""Benchmark for issue 2: MiniLM-L6 with exits on GLUE SST-2.
+"""Classic exit rules benchmark: MiniLM-L6 with exits on GLUE SST-2.
 
 Trains the packaged MiniLM-L6 with an exit after every layer on the first N SST-2 training phrases (dev split
 for model selection), evaluates on GLUE SST-2 validation (``test.tsv``, 872 sentences): per-layer accuracy,
@@ -22,11 +22,9 @@ import torch
 
 from layerexit.data import load_data
 from layerexit.evaluation.evaluate import evaluate
-from layerexit.evaluation.report import format_table
-from layerexit.model import MultiExitModel
-from layerexit.training import TrainConfig
-from layerexit.training.run import train_classifier
-from transformers import AutoTokenizer
+from layerexit.evaluation.table import format_table
+
+from common import train_or_reuse
 
 
 def main() -> None:
@@ -46,16 +44,8 @@ def main() -> None:
 
     started = time.perf_counter()
     run_dir = Path(args.run_dir)
-    best = run_dir / "model" / "best"
-    if args.reuse and best.is_dir():
-        model, tokenizer = MultiExitModel.from_pretrained(best), AutoTokenizer.from_pretrained(best)
-    else:
-        train_data = load_data(args.data, "train", limit=args.train_examples)
-        dev_data = load_data(args.data, "dev", limit=args.dev_examples)
-        config = TrainConfig(epochs=args.epochs, batch_size=32, learning_rate=5e-5, seed=42)
-        model, tokenizer, _ = train_classifier("all-MiniLM-L6-v2", train_data, dev_data, run_dir / "model",
-                                               objective=args.objective, exit_feature=args.exit_feature,
-                                               max_length=64, config=config, resume=True)
+    model, tokenizer = train_or_reuse("all-MiniLM-L6-v2", args.data, run_dir, args.train_examples, args.dev_examples,
+                                      args.epochs, args.objective, args.exit_feature, reuse=args.reuse)
     trained = time.perf_counter()
     test_data = load_data(args.data, "test")
     results = evaluate(model, tokenizer, test_data, run_dir / "eval", tolerance=0.01,

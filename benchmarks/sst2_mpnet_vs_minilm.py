@@ -1,4 +1,4 @@
-"""Benchmark for issue 4, PCEE's first claim: a large model with early exit against a small model run in full,
+"""Large model with early exit against small model in full (PCEE's first claim): a large model with early exit against a small model run in full,
 at equal cost, on GLUE SST-2.
 
 - Large: the packaged 12-layer all-mpnet-base-v2 with an exit after every layer, trained here with the same
@@ -28,28 +28,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from layerexit.data import Encoded, load_data
-from layerexit.evaluation.benchmark import Batches, _engine, _plain
-from layerexit.evaluation.cache import LogitCache, collect_logits, tag_split
+from layerexit.evaluation.benchmark import Batches, engine_forward, plain_forward
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.cost import exit_costs, plain_cost, row_costs
 from layerexit.evaluation.simulate import per_layer_accuracy, simulate
-from layerexit.model import MultiExitModel
 from layerexit.rules import PCEE, PCEEWS, Budget
-from layerexit.training import TrainConfig
-from layerexit.training.run import train_classifier
+
+from common import cached_logits, train_or_reuse
 
 TARGETS = [round(0.50 + 0.005 * i, 3) for i in range(100)]  # 0.500 .. 0.995
-
-
-def logits_for(model, tokenizer, data, path: Path) -> tuple[LogitCache, Encoded]:
-    encoded = Encoded(data, tokenizer, model.config.max_length)
-    cache = LogitCache.load(path) if path.is_file() else collect_logits(model, encoded, batch_size=128)
-    tag_split(cache, data.split, encoded)
-    cache.save(path)
-    return cache, encoded
 
 
 def lengths(encoded: Encoded) -> torch.Tensor:
@@ -91,29 +80,17 @@ def main() -> None:
     started = time.perf_counter()
 
     run_dir = Path(args.run_dir)
-    best = run_dir / "model" / "best"
-    if best.is_dir() and (best / "layerexit_config.json").is_file():
-        mpnet, mp_tok = MultiExitModel.from_pretrained(best), AutoTokenizer.from_pretrained(best)
-    else:
-        train_data = load_data(args.data, "train", limit=args.train_examples)
-        dev_data = load_data(args.data, "dev", limit=args.dev_examples)
-        config = TrainConfig(epochs=args.epochs, batch_size=32, learning_rate=5e-5, seed=42)
-        mpnet, mp_tok, _ = train_classifier("all-mpnet-base-v2", train_data, dev_data, run_dir / "model",
-                                            objective="weighted", max_length=64, config=config, resume=True)
+    mpnet, mp_tok = train_or_reuse("all-mpnet-base-v2", args.data, run_dir, args.train_examples, args.dev_examples,
+                                   args.epochs)
     trained = time.perf_counter()
-    mini_best = Path(args.minilm_run) / "model" / "best"
-    if not (mini_best / "layerexit_config.json").is_file():  # the small model, trained with the same recipe
-        train_data = load_data(args.data, "train", limit=args.train_examples)
-        dev_data = load_data(args.data, "dev", limit=args.dev_examples)
-        config = TrainConfig(epochs=args.epochs, batch_size=32, learning_rate=5e-5, seed=42)
-        train_classifier("all-MiniLM-L6-v2", train_data, dev_data, Path(args.minilm_run) / "model",
-                         objective="weighted", max_length=64, config=config, resume=True)
-    minilm, mini_tok = MultiExitModel.from_pretrained(mini_best), AutoTokenizer.from_pretrained(mini_best)
+    # the small model, trained with the same recipe when its run folder has none
+    minilm, mini_tok = train_or_reuse("all-MiniLM-L6-v2", args.data, args.minilm_run, args.train_examples,
+                                      args.dev_examples, args.epochs)
 
     dev, test_data = load_data(args.data, "dev", limit=args.fit_examples), load_data(args.data, "test")
-    mp_fit, _ = logits_for(mpnet, mp_tok, dev, run_dir / "logits_dev.pt")
-    mp_test, mp_enc = logits_for(mpnet, mp_tok, test_data, run_dir / "logits_test.pt")
-    mini_test, mini_enc = logits_for(minilm, mini_tok, test_data, Path(args.minilm_run) / "logits_test.pt")
+    mp_fit, _ = cached_logits(mpnet, mp_tok, dev, run_dir / "logits_dev.pt")
+    mp_test, mp_enc = cached_logits(mpnet, mp_tok, test_data, run_dir / "logits_test.pt")
+    mini_test, mini_enc = cached_logits(minilm, mini_tok, test_data, Path(args.minilm_run) / "logits_test.pt")
     labels = mp_test.labels
     assert torch.equal(labels, mini_test.labels)
 
@@ -161,11 +138,11 @@ def main() -> None:
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         limit = args.batch1_examples if batch_size == 1 else None
         batches = {"minilm-full": Batches.build(mini_enc, batch_size, limit)}
-        variants = {"minilm-full": lambda b: _plain(minilm, b)}
+        variants = {"minilm-full": lambda b: plain_forward(minilm, b)}
         for target in candidates:
             name = f"mpnet-pcee@{target}"
             batches[name] = Batches.build(mp_enc, batch_size, limit)
-            variants[name] = lambda b, r=pcee.with_target(target): _engine(mpnet, b, r)
+            variants[name] = lambda b, r=pcee.with_target(target): engine_forward(mpnet, b, r)
         seconds = time_variants(variants, batches, args.rounds)
         n = len(batches["minilm-full"].labels)
         entries = []

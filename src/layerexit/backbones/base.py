@@ -39,22 +39,19 @@ class EncoderState:
         return EncoderState(hidden, mask, self.prepare, self.prepare(hidden, mask))
 
 
-class EncoderAdapter:
-    """Base adapter for BERT-like encoders whose layers take ``(hidden, attention_mask)``."""
+class LayerStackAdapter:
+    """What every adapter, encoder or decoder, says about an unmodified Hugging Face model: which model types
+    it serves, where the stack of layers is, how many there are and their width. Subclasses register in
+    their side's registry (``backbones.ADAPTERS``, ``generation.DECODERS``) and add how to run the layers."""
 
     model_types: tuple[str, ...] = ()
-    #: exit feature used when neither the user nor the checkpoint chooses one
-    default_feature: str = "pooler"
-    uses_token_type_ids: bool = True
 
-    def __init__(self, backbone: nn.Module):
-        self.backbone = backbone
-        self.config = backbone.config
+    def __init__(self, module: nn.Module):
+        self.config = module.config
 
-    # --- structure -----------------------------------------------------------------------------------
     @property
     def layers(self) -> list[nn.Module]:
-        return list(self.backbone.encoder.layer)
+        raise NotImplementedError
 
     @property
     def num_layers(self) -> int:
@@ -63,6 +60,23 @@ class EncoderAdapter:
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+
+class EncoderAdapter(LayerStackAdapter):
+    """Base adapter for BERT-like encoders whose layers take ``(hidden, attention_mask)``."""
+
+    #: exit feature used when neither the user nor the checkpoint chooses one
+    default_feature: str = "pooler"
+    uses_token_type_ids: bool = True
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone)
+        self.backbone = backbone
+
+    # --- structure -----------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.backbone.encoder.layer)
 
     def has_pooler(self) -> bool:
         return getattr(self.backbone, "pooler", None) is not None

@@ -10,15 +10,10 @@ from __future__ import annotations
 import json
 
 
-from ..data import Encoded, check_labels
-from ..errors import LayerExitError
-from ..evaluation.benchmark import speed_report
-from ..evaluation.cache import collect_logits
-from ..evaluation.evaluate import curve_name, sweep
-from ..evaluation.report import operating_point
-from ..evaluation.simulate import per_layer_accuracy
+from ..evaluation.evaluate import benchmark
+from ..evaluation.table import format_measured
 from ..io import write_json_atomic
-from ..rules import RULES, make_rule
+from ..rules import RULES
 from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, parse_rule_params
 
 EXAMPLES = """examples:
@@ -47,28 +42,10 @@ def add_parser(subparsers):
 def run(args) -> int:
     model, tokenizer = load_checkpoint(args)
     data = data_from(args)
-    check_labels(data, model.config.num_labels, model.config.label_names)
-    encoded = Encoded(data, tokenizer, model.config.max_length)
-    params = parse_rule_params(args.param)
-    if not params and args.rule not in ("full",):
-        cache = collect_logits(model, encoded)
-        full = per_layer_accuracy(cache.logits, cache.labels)[-1]
-        point = operating_point(sweep(cache, [args.rule])[curve_name(args.rule)], full, args.tolerance)
-        if point is None:
-            raise LayerExitError(f"--rule={args.rule!r}: no setting stays within --tolerance={args.tolerance} of "
-                                 "the full model; raise --tolerance or give --param")
-        params = point["params"]
-    rule = make_rule(args.rule, **params)
-    entries = []
-    for batch_size in int_list(args.batch_sizes):
-        for entry in speed_report(model, encoded, {args.rule: rule}, batch_size, args.examples, args.rounds):
-            entry.pop("exit_layers")
-            entries.append(entry)
-            print(f"batch {batch_size:>3}: {entry['rule']} {entry['params']} accuracy {100 * entry['accuracy']:.1f}% "
-                  f"avg layers {entry['avg_layers']:.2f}/{model.config.num_layers}  speed-up measured "
-                  f"{entry['speedup_measured']:.2f}x ideal {entry['speedup_ideal']:.2f}x "
-                  f"(ratio {entry['ratio_to_ideal']:.2f}); exit heads add {100 * entry['overhead_heads']:.1f}% "
-                  "to the full path")
+    entries = benchmark(model, tokenizer, data, args.rule, parse_rule_params(args.param), args.tolerance,
+                        tuple(int_list(args.batch_sizes)), args.examples, args.rounds)
+    for entry in entries:
+        print(format_measured(entry, model.config.num_layers))
     payload = {"model": args.model, "data": args.data, "split": args.split, "measured": entries}
     if args.output:
         write_json_atomic(args.output, payload)

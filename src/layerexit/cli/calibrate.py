@@ -13,19 +13,11 @@ Also holds the options ``layerexit evaluate`` gains from it: ``--calibration``, 
 
 from __future__ import annotations
 
-from pathlib import Path
 
-
-from ..data import Encoded, check_labels
 from ..errors import bad_value
-from ..evaluation.cache import LogitCache, collect_logits, tag_split
-from ..evaluation.calibration_plots import (plot_budgets, plot_controllability, plot_reliability,
-                                            plot_reliability_exit)
-from ..evaluation.controllability import DEFAULT_BUDGETS, DEFAULT_TARGETS, calibration_table, controllability
-from ..evaluation.cost import exit_costs
-from ..io import write_json_atomic
-from ..rules import PCEE, PCEEWS, Budget, TemperatureMaxProb
-from ..rules.fitting import check_held_out, is_test_split, load_rules, save_rules
+from ..evaluation.control import ControlOptions, calibrate
+from ..evaluation.table import format_calibration
+from ..rules.fitting import is_test_split
 from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, require
 
 EXAMPLES = """examples:
@@ -61,30 +53,6 @@ def add_bin_options(p) -> None:
     p.add_argument("--smoothing", default="neighbour", choices=["neighbour", "isotonic"], help="PCEE-WS smoothing")
 
 
-def cache_split(model, tokenizer, data, batch_size: int = 128) -> tuple[LogitCache, Encoded]:
-    """Every exit's logits over ``data``, tagged with its split name and the examples' digest."""
-    check_labels(data, model.config.num_labels, model.config.label_names)
-    encoded = Encoded(data, tokenizer, model.config.max_length)
-    cache = collect_logits(model, encoded, batch_size)
-    return tag_split(cache, data.split, encoded), encoded
-
-
-def mean_tokens(encoded: Encoded) -> float:
-    return sum(len(ids) for ids in encoded.features["input_ids"]) / max(1, len(encoded))
-
-
-def fit_all(fit: LogitCache, target: float, num_bins: int, binning: str, smoothing: str,
-            budget: float | None = None, cost: str = "layers", costs: list[float] | None = None) -> dict:
-    rules = {
-        "pcee": PCEE(target, num_bins, binning).fit(fit),
-        "pcee-ws": PCEEWS(target, num_bins, binning, smoothing).fit(fit),
-        "maxprob-ts": TemperatureMaxProb(target).fit(fit),
-    }
-    if budget is not None:
-        rules["budget"] = Budget(budget, cost, costs if cost == "macs" else None).fit(fit)
-    return rules
-
-
 def run(args) -> int:
     require(args, "model", "--model runs/rt/best")
     if is_test_split(args.split):
@@ -92,31 +60,10 @@ def run(args) -> int:
                         "split; calibrate on e.g. --split validation (or dev)")
     model, tokenizer = load_checkpoint(args)
     data = data_from(args, label_names=None)
-    fit, encoded = cache_split(model, tokenizer, data, args.batch_size)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    fit.save(output / "fit_logits.pt")
-    costs = exit_costs(model, mean_tokens(encoded))
-    rules = fit_all(fit, args.target_accuracy, args.num_bins, args.binning, args.smoothing, args.budget,
-                    args.cost, costs)
-    save_rules(output / "rules.json", rules, model=str(args.model), data=str(args.data), split=data.split,
-               num_examples=len(data), macs_per_exit=costs)
-    table = calibration_table(fit, rules["maxprob-ts"].temperatures_.tolist())
-    write_json_atomic(output / "calibration.json", {"model": str(args.model), "data": str(args.data),
-                                                    "split": data.split, "exits": table})
-    plot_reliability(table, output / "reliability.png", f"reliability per exit on {data.split} ({len(data)} "
-                     "examples); orange: after temperature scaling")
-    for row in table:
-        plot_reliability_exit(row, output / "reliability" / f"exit_{row['exit']}.png")
-    print(f"{'exit':>4} {'accuracy %':>10} {'confidence %':>12} {'ECE %':>6} {'T':>6} {'ECE after T %':>13}")
-    for row in table:
-        print(f"{row['exit']:>4} {100 * row['accuracy']:>10.1f} {100 * row['mean_confidence']:>12.1f} "
-              f"{100 * row['ece']:>6.2f} {row['temperature']:>6.2f} {100 * row['ece_scaled']:>13.2f}")
-    if "budget" in rules:
-        b = rules["budget"]
-        print(f"budget {b.budget:.2f} ({b.cost}): threshold {b.threshold_:.4f}, cost on {data.split} "
-              f"{b.fit_cost_:.4f}, {b.fit_avg_layers_:.2f} layers")
-    print(f"\nwrote {output}/rules.json, fit_logits.pt, calibration.json, reliability.png, reliability/")
+    out = calibrate(model, tokenizer, data, args.output, args.target_accuracy, args.budget, args.cost, args.num_bins,
+                    args.binning, args.smoothing, args.batch_size, model_name=str(args.model), data_name=str(args.data))
+    print(format_calibration(out["table"], out["rules"].get("budget"), out["split"]))
+    print(f"\nwrote {args.output}/rules.json, fit_logits.pt, calibration.json, reliability.png, reliability/")
     return 0
 
 
@@ -138,91 +85,10 @@ def add_control_options(p) -> None:
                        help="PCEE-WS smoothing (with --fit-split)")
 
 
-def apply_control(args, model, tokenizer, data, results: dict) -> dict:
-    """Add the controllability report to ``results`` (and results.json, plots) when asked for."""
+def control_options(args, fit_data=None) -> ControlOptions | None:
+    """The evaluate command's control options as a ``ControlOptions`` (None when none was given)."""
     wanted = args.calibration or args.fit_split or args.target_accuracy is not None or args.budget is not None
     if not wanted:
-        return results
-    if not (args.calibration or args.fit_split):
-        raise bad_value("--target-accuracy/--budget", args.target_accuracy if args.budget is None else args.budget,
-                        "the rules must be fitted on another split first: pass --calibration DIR (from `layerexit "
-                        "calibrate`) or --fit-split validation")
-    output = Path(args.output)
-    encoded = Encoded(data, tokenizer, model.config.max_length)
-    test = tag_split(LogitCache.load(output / "logits.pt"), data.split, encoded)
-    if args.calibration:
-        folder = Path(args.calibration)
-        saved = load_rules(folder / "rules.json")
-        fit = LogitCache.load(folder / "fit_logits.pt")
-        pcee = saved["pcee"]
-        num_bins, binning, smoothing = pcee.num_bins, pcee.binning, saved["pcee-ws"].smoothing
-    else:
-        fit_data = data_from(args, split=args.fit_split, label_names=None)
-        fit, _ = cache_split(model, tokenizer, fit_data)
-        num_bins, binning, smoothing = args.num_bins, args.binning, args.smoothing
-    for rule in fit_all(fit, 0.9, num_bins, binning, smoothing).values():
-        check_held_out(rule, test)  # a clear error before any work when the splits are the same
-    targets = sorted(set(DEFAULT_TARGETS) | ({args.target_accuracy} if args.target_accuracy is not None else set()))
-    budgets = sorted(set(DEFAULT_BUDGETS) | ({args.budget} if args.budget is not None else set()))
-    costs = exit_costs(model, mean_tokens(encoded))
-    out = controllability(fit, test, targets, budgets, num_bins, binning, smoothing, costs)
-    report = out["controllability"]
-    if args.target_accuracy is not None:
-        report["asked_target"] = _at(report["target_accuracy"]["rules"], "target", args.target_accuracy)
-        report["measured"] = _measure_pcee(model, encoded, fit, test, args, num_bins, binning, smoothing)
-    if args.budget is not None:
-        report["asked_budget"] = {unit: _row(b["rows"], "asked", args.budget) for unit, b in report["budgets"].items()}
-    results["controllability"] = report
-    results.setdefault("curves", {}).update(out["curves"])
-    write_json_atomic(output / "results.json", results)
-    plot_controllability(report, output / "controllability.png")
-    plot_budgets(report, output / "budgets.png")
-    _print_control(report, args)
-    return results
-
-
-def _at(rules: dict, key: str, value: float) -> dict:
-    return {name: _row(rows, key, value) for name, rows in rules.items()}
-
-
-def _row(rows: list[dict], key: str, value: float) -> dict:
-    return next(r for r in rows if abs(r[key] - value) < 1e-12)
-
-
-def _measure_pcee(model, encoded, fit, test, args, num_bins, binning, smoothing) -> list[dict]:
-    """PCEE and PCEE-WS at the asked target through the real engine, timed against the full model."""
-    import torch
-
-    from ..evaluation.benchmark import speed_report
-    from ..evaluation.simulate import simulate
-    from .common import int_list
-
-    rules = fit_all(fit, args.target_accuracy, num_bins, binning, smoothing)
-    rules = {name: rules[name] for name in ("pcee", "pcee-ws")}
-    entries = []
-    for batch_size in int_list(args.batch_sizes):
-        for entry in speed_report(model, encoded, rules, batch_size, limit=args.measure_examples, rounds=args.rounds):
-            exit_layers = torch.tensor(entry.pop("exit_layers"))
-            simulated = simulate(rules[entry["rule"]], test.logits[:, : len(exit_layers)])
-            entry["matches_simulation"] = float((simulated.exit_layer == exit_layers).double().mean())
-            entries.append(entry)
-    return entries
-
-
-def _print_control(report: dict, args) -> None:
-    print(f"\naccuracy control (rules fitted on {report['fit_split']}, evaluated on {report['eval_split']}; "
-          "simulated over cached logits):")
-    for name, s in report["target_accuracy"]["summary"].items():
-        gap = "n/a" if s["mean_abs_gap"] is None else f"{100 * s['mean_abs_gap']:.2f} pt"
-        print(f"  {name:>11}: mean |target - achieved| {gap} over {s['num_targets']} achievable targets")
-    if "asked_target" in report:
-        for name, row in report["asked_target"].items():
-            print(f"  target {100 * args.target_accuracy:.1f}%: {name:>11} reaches {100 * row['accuracy']:.1f}% "
-                  f"with {row['avg_layers']:.2f} layers")
-    if "asked_budget" in report:
-        for unit, row in report["asked_budget"].items():
-            if "cost" in row:
-                print(f"  budget {100 * args.budget:.0f}% of the {unit}: reached {100 * row['cost']:.1f}% "
-                      f"(accuracy {100 * row['accuracy']:.1f}%)")
-            else:
-                print(f"  budget {100 * args.budget:.0f}% of the {unit}: {row['error']}")
+        return None
+    return ControlOptions(args.calibration, fit_data, args.target_accuracy, args.budget, args.cost, args.num_bins,
+                          args.binning, args.smoothing)

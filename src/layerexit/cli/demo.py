@@ -15,10 +15,12 @@ from pathlib import Path
 
 from ..consistentee import ConsistentEEConfig, train_consistentee
 from ..data import Encoded, load_data
-from ..evaluation.cache import LogitCache, collect_logits, tag_split
-from ..evaluation.controllability import controllability
+from ..evaluation.cache import collect_logits
+from ..evaluation.control import ControlOptions
 from ..evaluation.evaluate import evaluate, measured_results, sweep
-from ..evaluation.report import format_table, operating_point, write_report
+from ..evaluation.metrics import operating_point
+from ..evaluation.report import write_report
+from ..evaluation.table import format_summary
 from ..io import write_json_atomic
 from ..rules import DEFAULT_SWEEP
 from ..resources import DEFAULT_MODEL
@@ -31,10 +33,12 @@ EXAMPLES = """examples:
   layerexit demo --quick             # about a minute, small slice
 """
 
-FULL = {"train": 6000, "eval": 500, "test": None, "epochs": 2, "measure": 300, "rounds": 2,
+# "measure": rows timed (None: every test row, so the measured and simulated tables cover the same rows);
+# at least 3 timing rounds, so every speed-up comes with its spread
+FULL = {"train": 6000, "eval": 500, "test": None, "epochs": 2, "measure": 300, "rounds": 3,
         "measure_rules": ["maxprob", "entropy", "patience", "consistentee"], "cee_train": 2000,
         "stage2_epochs": 2, "stage3_epochs": 1, "copies": 8}
-QUICK = {"train": 400, "eval": 100, "test": 200, "epochs": 1, "measure": 64, "rounds": 1,
+QUICK = {"train": 400, "eval": 100, "test": 200, "epochs": 1, "measure": None, "rounds": 3,
          "measure_rules": ["maxprob"], "cee_train": 400, "stage2_epochs": 2, "stage3_epochs": 0, "copies": 4}
 #: the layer-cost range the demo's alpha-conditioned ConsistentEE policy is trained on (its dial)
 DEMO_ALPHA_RANGE = (0.1, 3.0)
@@ -71,32 +75,26 @@ def run(args) -> int:
     cee_model, _ = train_consistentee(args.model, train_data.head(plan["cee_train"]), eval_data,
                                       output / "consistentee", cee, config, max_length=64,
                                       stage1_dir=output / "model")
-    # classic rules on the weighted model; ConsistentEE's curves come from its own model (the same exits when
-    # stage 3 is skipped) and are added beside them
+    # classic rules and PCEE (fitted on the validation split) on the weighted model; ConsistentEE's curves come
+    # from its own model (the same exits when stage 3 is skipped) and are added beside them
     classic = [r for r in DEFAULT_SWEEP if r != "consistentee"]
     measure = [r for r in plan["measure_rules"] if r != "consistentee"]
-    results = evaluate(model, tokenizer, test_data, output, classic, tolerance=0.01, measure_rules=measure,
-                       batch_sizes=(1, 32), measure_examples=plan["measure"], rounds=plan["rounds"])
-    results = add_consistentee_and_pcee(results, cee_model, model, tokenizer, eval_data, test_data, output, plan)
+    results = evaluate(model, tokenizer, test_data, output, classic, measure_rules=measure,
+                       batch_sizes=(1, 32), measure_examples=plan["measure"], rounds=plan["rounds"],
+                       control=ControlOptions(fit_data=eval_data))
+    results = add_consistentee(results, cee_model, tokenizer, test_data, output, plan)
     print()
-    print(format_table(results, 0.01))
+    print(format_summary(results))
     print(f"\nreport: {output / 'report.md'}  ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
-def add_consistentee_and_pcee(results, cee_model, model, tokenizer, eval_data, test_data, output, plan) -> dict:
-    """Add ConsistentEE's curves (its alpha dial and its threshold sweep, from the ConsistentEE model) and PCEE's
-    (fitted on the validation split, reported on the test split) to ``results``; rewrite results.json and
-    report.md. ConsistentEE's operating point is also timed with the engine when the plan asks for it."""
-    test_set = Encoded(test_data, tokenizer, model.config.max_length)
+def add_consistentee(results, cee_model, tokenizer, test_data, output, plan) -> dict:
+    """Add ConsistentEE's curves (its alpha dial and its threshold sweep, from the ConsistentEE model) to
+    ``results`` and rewrite results.json and report.md; its operating point is also timed when the plan asks."""
+    test_set = Encoded(test_data, tokenizer, cee_model.config.max_length)
     cee_cache = collect_logits(cee_model, test_set, progress=False)
     results["curves"].update(sweep(cee_cache, ["consistentee"]))
-    fit = tag_split(collect_logits(model, Encoded(eval_data, tokenizer, model.config.max_length), progress=False),
-                    eval_data.split)
-    test = tag_split(LogitCache.load(output / "logits.pt"), test_data.split, test_set)
-    control = controllability(fit, test)
-    results["curves"].update(control["curves"])
-    results["controllability"] = control["controllability"]
     full = results["full"]["accuracy"]
     results["operating_points"] = {name: operating_point(c, full, results["tolerance"])
                                    for name, c in results["curves"].items()}

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-from ..consistentee.sweep import alpha_sweep_curve, set_alpha
-from ..evaluation.report import operating_point, write_report
-from ..io import write_json_atomic
-
+from ..consistentee.sweep import set_alpha
 from ..evaluation.evaluate import evaluate
-from ..evaluation.report import format_table
+from ..evaluation.table import format_summary
 from ..rules import DEFAULT_SWEEP
-from .calibrate import add_control_options, apply_control
+from .calibrate import add_control_options, control_options
 from .common import load_checkpoint, Formatter, add_config_option, add_data_options, data_from, int_list, name_list
 
 EXAMPLES = """examples:
@@ -47,22 +41,17 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    fit_data = data_from(args, split=args.fit_split, label_names=None) if args.fit_split else None
+    control = control_options(args, fit_data)
+    data = data_from(args, label_names=None)
     model, tokenizer = load_checkpoint(args)
     if args.alpha is not None:
         set_alpha(model, args.alpha)
-    data = data_from(args, label_names=None)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,
-                       tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds)
-    print(format_table(results, args.tolerance))
-    results = apply_control(args, model, tokenizer, data, results)
-    if args.consistentee_runs:
-        curve = alpha_sweep_curve(name_list(args.consistentee_runs), data)
-        results["curves"]["consistentee"] = curve
-        results.setdefault("operating_points", {})["consistentee"] = operating_point(
-            curve, results["full"]["accuracy"], args.tolerance)
-        write_json_atomic(Path(args.output) / "results.json", results)
-        write_report(results, args.output, tolerance=args.tolerance)
+                       tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds, control=control,
+                       consistentee_runs=name_list(args.consistentee_runs or ""))
+    print(format_summary(results, args.tolerance))
     print(f"\nwrote {args.output}/results.json, report.md, tradeoff.png, per_layer_accuracy.png")
     return 0

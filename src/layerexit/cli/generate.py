@@ -170,9 +170,10 @@ def run(args) -> int:
     if not prompts:
         return 0
     model.merge_lora()  # decode at the plain model's cost: LoRA (if any) folded into the weights
+    draft_vocab = None
     if args.draft_vocab is not None:
-        model.draft_vocab = frequent_tokens(token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
-                                                         max_blocks=400), args.draft_vocab)
+        draft_vocab = frequent_tokens(token_blocks(tokenizer, load_passages(args.corpus, "train"), args.seq_len,
+                                                   max_blocks=400), args.draft_vocab)
     if args.stop_at_eos:
         require_eos(tokenizer, "--stop-at-eos")
     if args.chat:
@@ -181,7 +182,7 @@ def run(args) -> int:
     if args.evaluate:
         specs = [spec] + ([{"strategy": "hf"}] if args.compare_hf else [])
         payload = compare(model, tokenizer, prompts, specs, args.max_new_tokens, eos=args.stop_at_eos,
-                          log=lambda s: print(s, file=sys.stderr))
+                          log=lambda s: print(s, file=sys.stderr), draft_vocab=draft_vocab)
         payload.update({"model": args.model, "exits": args.exits or args.train_exits})
         out = Path(args.output)
         write_json_atomic(out / "results.json", payload)
@@ -205,7 +206,8 @@ def run(args) -> int:
 
         if not args.no_stream:
             sys.stdout.write(shown)
-        out = run_spec(model, ids, spec, args.max_new_tokens, eos, on_token=None if args.no_stream else stream)
+        out = run_spec(model, ids, spec, args.max_new_tokens, eos, on_token=None if args.no_stream else stream,
+                       draft_vocab=draft_vocab)
         if args.no_stream:
             sys.stdout.write(tokenizer.decode(prompt_ids + out.tokens))
         summary = {"tokens": len(out.tokens), "tokens_per_second": round(out.tokens_per_second, 2),

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import LayerExitError
-from . import benchmark, calibrate, demo, evaluate, generate, list as list_cmd, train
+from . import benchmark, calibrate, demo, evaluate, generate, list as list_cmd, serve, train
 from .common import apply_config
 
 DESCRIPTION = """layerexit: early exiting for transformer encoders.
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}
-    for module in (train, evaluate, calibrate, benchmark, demo, generate, list_cmd):
+    for module in (train, evaluate, calibrate, benchmark, demo, generate, list_cmd, serve):
         p = module.add_parser(sub)
         subparsers[p.prog.split()[-1]] = p
     parser.subparsers = subparsers

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..evaluation.report import pareto_front
+from ..evaluation.metrics import pareto_front
 
 
 def summarize(values: Sequence[float]) -> dict:

@@ -1,6 +1,6 @@
 """ConsistentEE's reinforcement-learning pieces (Zeng et al., AAAI 2024, arXiv 2312.11882), as pure functions.
 
-Notation (ALGORITHMS.md section 1): L exits, ``pi_l`` the policy's exit probability at layer l, ``e`` the
+Notation (the paper's; see docs/methods.md): L exits, ``pi_l`` the policy's exit probability at layer l, ``e`` the
 1-based exit layer, ``m`` the 1-based memorized layer. Each instance is rolled out K times; the reward is
 
     R = -CE(z_e, y) - alpha * (e / L) * (1 - m / L)        (hardness=True, the paper's form)
@@ -31,7 +31,7 @@ REWARDS = ("paper", "ce")
 
 def memorized_layer(correct: torch.Tensor) -> torch.Tensor:
     """(L, N) bool "exit l is right on x" -> (N,) 1-based m(x) = min{l : exits l..L are all right}; L if the
-    last exit is wrong (ALGORITHMS.md section 1: the earliest layer from which the prediction stays correct)."""
+    last exit is wrong (the paper's memorized layer: the earliest layer from which the prediction stays correct)."""
     num_layers = correct.shape[0]
     stays_right = correct.flip(0).long().cumprod(dim=0).flip(0)  # (L, N): 1 where l..L are all right
     return (num_layers - stays_right.sum(dim=0) + 1).clamp(max=num_layers)

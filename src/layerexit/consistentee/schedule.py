@@ -1,4 +1,4 @@
-"""ConsistentEE's training schedule (Zeng et al., AAAI 2024, arXiv 2312.11882; ALGORITHMS.md section 1).
+"""ConsistentEE's training schedule (Zeng et al., AAAI 2024, arXiv 2312.11882; see docs/methods.md).
 
 1. Stage 1, joint: backbone and all exits with PABEE's weighted average loss.
 2. The memorized layer of every training instance, computed once with the stage-1 model (eval mode).

@@ -1,7 +1,8 @@
 """Wall-clock measurement: the plain model, the full multi-exit path and early exit, in one process and run.
 
 Three variants run over the same pre-tokenized batches, interleaved round by round so that machine noise
-hits all of them alike; each variant's time is the median over rounds:
+hits all of them alike; each variant's time is the median over rounds, and the per-round speed-ups give the
+spread (see ``layerexit.evaluation.timing`` for the plausibility checks):
 
 - ``plain``: the unmodified Hugging Face backbone forward plus the last exit's classifier (the model you
   would deploy without early exit; the reference for every speed-up);
@@ -12,15 +13,20 @@ hits all of them alike; each variant's time is the median over rounds:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import Encoded, model_inputs
 from ..model import MultiExitModel
 from ..rules import ExitRule, Full
+from .cache import LogitCache
+from .simulate import simulate
+from .timing import spread, timing_warnings
 
 
 @dataclass
@@ -41,8 +47,15 @@ class Batches:
 
 
 @torch.inference_mode()
-def _plain(model: MultiExitModel, inputs: dict) -> torch.Tensor:
-    """The unmodified backbone's forward, then the last exit on its output (no other exit computed)."""
+def plain_forward(model: MultiExitModel, inputs: dict) -> torch.Tensor:
+    """The model a user would deploy without early exit: the unmodified Hugging Face backbone's forward, then
+    the last exit on its output, no other exit computed. (B, C) logits, equal to ``model(**inputs)[-1]``
+    (tested); the denominator of every measured speed-up.
+
+    The feature is taken from the backbone's own output rather than through ``model.exit_feature`` so that
+    the timed path is exactly the stock forward (whose last hidden state already holds a pre-norm model's
+    final norm).
+    """
     out = model.backbone(**inputs)
     hidden = out.last_hidden_state  # (B, T, H)
     kind = model.config.exit_feature
@@ -56,7 +69,8 @@ def _plain(model: MultiExitModel, inputs: dict) -> torch.Tensor:
     return model.exits[-1](feature)
 
 
-def _engine(model: MultiExitModel, inputs: dict, rule: ExitRule):
+def engine_forward(model: MultiExitModel, inputs: dict, rule: ExitRule):
+    """The early-exit engine on one batch (what every early-exit time measures)."""
     return model.early_exit(**inputs, rule=rule)
 
 
@@ -70,26 +84,36 @@ def measure(
     model: MultiExitModel,
     batches: Batches,
     rules: dict[str, ExitRule],
-    rounds: int = 3,
+    rounds: int = 5,
     warmup: int = 1,
+    progress: bool = True,
 ) -> dict:
-    """Time ``plain``, ``all_heads`` and every rule over ``batches``; returns seconds and engine outputs."""
+    """Time ``plain``, ``all_heads`` and every rule over ``batches``, interleaved round by round.
+
+    Returns ``seconds`` (median per variant), ``rounds`` (every round's seconds per variant) and ``outputs``
+    (each rule's exit layers and predictions). ``progress`` shows a progress bar on stderr (updated outside
+    the timed calls).
+    """
     model.eval()
-    variants = {"plain": lambda b: _plain(model, b), "all_heads": lambda b: _engine(model, b, Full())}
-    variants.update({name: (lambda b, r=rule: _engine(model, b, r)) for name, rule in rules.items()})
+    variants = {"plain": lambda b: plain_forward(model, b), "all_heads": lambda b: engine_forward(model, b, Full())}
+    variants.update({name: (lambda b, r=rule: engine_forward(model, b, r)) for name, rule in rules.items()})
     times: dict[str, list[float]] = {name: [] for name in variants}
     outputs: dict[str, list] = {}
-    for round_index in range(warmup + rounds):
-        for name, fn in variants.items():
-            seconds = 0.0
-            results = []
-            for inputs in batches.inputs:
-                elapsed, result = _timed(lambda: fn(inputs))
-                seconds += elapsed
-                results.append(result)
-            if round_index >= warmup:
-                times[name].append(seconds)
-            outputs[name] = results
+    total = (warmup + rounds) * len(variants) * len(batches.inputs)
+    with tqdm(total=total, desc=f"timing {len(batches.labels)} rows", unit="batch", disable=not progress,
+              leave=False) as bar:
+        for round_index in range(warmup + rounds):
+            for name, fn in variants.items():
+                seconds = 0.0
+                results = []
+                for inputs in batches.inputs:
+                    elapsed, result = _timed(lambda: fn(inputs))
+                    seconds += elapsed
+                    results.append(result)
+                    bar.update()
+                if round_index >= warmup:
+                    times[name].append(seconds)
+                outputs[name] = results
     summary = {name: statistics.median(values) for name, values in times.items()}
     engine_outputs = {}
     for name in rules:
@@ -100,11 +124,14 @@ def measure(
 
 
 def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitRule], batch_size: int,
-                 limit: int | None = None, rounds: int = 3) -> list[dict]:
-    """One entry per rule: accuracy, avg layers, measured and ideal speed-up, their ratio, head overhead."""
+                 limit: int | None = None, rounds: int = 5, progress: bool = True) -> list[dict]:
+    """One entry per rule: accuracy, avg layers, measured and ideal speed-up, their ratio, head overhead,
+    the spread of the per-round speed-up and overhead, the machine's load, and ``warnings`` where the timing
+    is implausible (see ``layerexit.evaluation.timing``)."""
     batches = Batches.build(encoded, batch_size, limit)
-    result = measure(model, batches, rules, rounds=rounds)
-    seconds = result["seconds"]
+    result = measure(model, batches, rules, rounds=rounds, progress=progress)
+    seconds, per_round = result["seconds"], result["rounds"]
+    overhead_rounds = [h / p - 1.0 for h, p in zip(per_round["all_heads"], per_round["plain"])]
     num_layers = model.config.num_layers
     entries = []
     for name, rule in rules.items():
@@ -112,14 +139,39 @@ def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitR
         avg_layers = float(exit_layer.double().mean())
         measured = seconds["plain"] / seconds[name]
         ideal = num_layers / avg_layers
-        entries.append({
+        entry = {
             "rule": rule.name, "params": rule.params, "batch_size": batch_size,
             "accuracy": float((predictions == batches.labels).double().mean()),
             "avg_layers": avg_layers,
             "speedup_measured": measured, "speedup_ideal": ideal, "ratio_to_ideal": measured / ideal,
+            "speedup_spread": spread([p / e for p, e in zip(per_round["plain"], per_round[name])]),
             "overhead_heads": seconds["all_heads"] / seconds["plain"] - 1.0,
+            "overhead_spread": spread(overhead_rounds),
             "seconds_plain": seconds["plain"], "seconds_all_heads": seconds["all_heads"],
             "seconds_early_exit": seconds[name], "num_examples": len(batches.labels), "rounds": rounds,
+            "load_average": round(os.getloadavg()[0], 2),
             "exit_layers": exit_layer.tolist(),
-        })
+        }
+        entry["warnings"] = timing_warnings(entry)
+        entries.append(entry)
+    return entries
+
+
+def compare_with_simulation(entries: list[dict], cache: LogitCache, rules: dict[str, ExitRule]) -> list[dict]:
+    """Set beside each measured entry (from ``speed_report``) the simulation of the same rule over the same
+    rows of ``cache`` (the first ``num_examples`` rows, in data order, as ``Batches`` takes them).
+
+    Adds ``matches_simulation`` (share of rows the engine exited where the simulation did),
+    ``simulated_accuracy`` and ``simulated_avg_layers``; drops the per-row ``exit_layers``. ``rules`` maps
+    an entry's ``rule`` name to the rule that was timed (fitted rules cannot be rebuilt from their params).
+    """
+    for entry in entries:
+        exit_layers = torch.tensor(entry.pop("exit_layers"))
+        n = len(exit_layers)
+        signals = {k: v[:, :n] for k, v in cache.signals.items()}
+        simulated = simulate(rules[entry["rule"]], cache.logits[:, :n], signals=signals)
+        point = simulated.point(cache.labels[:n], cache.num_layers, {})
+        entry["matches_simulation"] = float((simulated.exit_layer == exit_layers).double().mean())
+        entry["simulated_accuracy"] = point["accuracy"]
+        entry["simulated_avg_layers"] = point["avg_layers"]
     return entries

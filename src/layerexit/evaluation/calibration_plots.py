@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .plots import DPI, FIGSIZE, _prepare, _save, plt
+from .plots import FIGSIZE, plt, prepare_path, save_figure
 
 _RULE_STYLE = {
     "pcee": {"color": "tab:blue", "marker": "o"},
@@ -38,7 +38,7 @@ def _draw_reliability(ax, bins: Mapping[str, Any], title: str, scaled: Mapping[s
 
 def plot_reliability(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """One reliability diagram per exit in a grid (rows from ``controllability.calibration_table``)."""
-    path = _prepare(path)
+    path = prepare_path(path)
     n = len(rows)
     cols = min(4, n)
     lines = math.ceil(n / cols)
@@ -55,24 +55,24 @@ def plot_reliability(rows: Sequence[Mapping[str, Any]], path: str | Path, title:
     fig.supxlabel("max-softmax confidence", fontsize=9)
     fig.supylabel("accuracy", fontsize=9)
     fig.suptitle(title or "reliability diagram per exit (cached logits)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability_exit(row: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """The reliability diagram of one exit."""
-    path = _prepare(path)
+    path = prepare_path(path)
     fig, ax = plt.subplots(figsize=(4.5, 4.0), layout="constrained")
     label = title or f"exit {row['exit']}: accuracy {100 * row['accuracy']:.1f}%, ECE {100 * row['ece']:.1f} pt"
     _draw_reliability(ax, row["bins"], label, row.get("bins_scaled"))
     ax.set_xlabel("max-softmax confidence")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_controllability(report: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Left: accuracy achieved on the evaluation split versus target δ; right: average layers versus δ."""
-    path = _prepare(path)
+    path = prepare_path(path)
     sweep = report["target_accuracy"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.4, FIGSIZE[1]), layout="constrained")
     targets = [100 * t for t in sweep["targets"]]
@@ -93,12 +93,12 @@ def plot_controllability(report: Mapping[str, Any], path: str | Path, title: str
     left.legend(fontsize=7)
     fig.suptitle(title or f"accuracy control: fitted on {report.get('fit_split')}, evaluated on "
                  f"{report.get('eval_split')} (simulated over cached logits)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_budgets(report: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Cost achieved on the evaluation split versus the budget asked, per cost unit."""
-    path = _prepare(path)
+    path = prepare_path(path)
     fig, ax = plt.subplots(figsize=(5.5, 5.0), layout="constrained")
     for (unit, sweep), color in zip(report["budgets"].items(), ("tab:blue", "tab:purple")):
         rows = [r for r in sweep["rows"] if "cost" in r]
@@ -115,7 +115,7 @@ def plot_budgets(report: Mapping[str, Any], path: str | Path, title: str = "") -
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title or "budget rule: asked versus achieved (simulated)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-__all__ = ["plot_reliability", "plot_reliability_exit", "plot_controllability", "plot_budgets", "DPI"]
+__all__ = ["plot_reliability", "plot_reliability_exit", "plot_controllability", "plot_budgets"]

@@ -53,10 +53,12 @@ def evaluate_fitted(rule, cache: LogitCache) -> dict:
 
 
 def target_sweep(fit: LogitCache, test: LogitCache, targets=None, num_bins: int = 10, binning: str = "width",
-                 smoothing: str = "neighbour") -> dict:
-    """Accuracy achieved on ``test`` by each target-accuracy rule for each target; summary of the gaps."""
+                 smoothing: str = "neighbour", rules: dict | None = None) -> dict:
+    """Accuracy achieved on ``test`` by each target-accuracy rule for each target; summary of the gaps.
+
+    ``rules`` are the rules of ``fit_rules`` when already fitted (they are fitted here otherwise)."""
     targets = list(DEFAULT_TARGETS if targets is None else targets)
-    rules = fit_rules(fit, num_bins, binning, smoothing)
+    rules = fit_rules(fit, num_bins, binning, smoothing) if rules is None else rules
     test_acc = per_layer_accuracy(test.logits, test.labels)
     low, high = test_acc[0], test_acc[-1]
     rows: dict[str, list[dict]] = {name: [] for name in rules}
@@ -127,12 +129,15 @@ def calibration_table(cache: LogitCache, temperatures: list[float] | None = None
 
 
 def controllability(fit: LogitCache, test: LogitCache, targets=None, budgets=None, num_bins: int = 10,
-                    binning: str = "width", smoothing: str = "neighbour", macs_costs: list[float] | None = None) -> dict:
-    """The whole controllability report (a results.json entry) plus the δ-sweep curves "pcee" and "pcee-ws"."""
+                    binning: str = "width", smoothing: str = "neighbour", macs_costs: list[float] | None = None,
+                    rules: dict | None = None) -> dict:
+    """The whole controllability report (a results.json entry) plus the δ-sweep curves "pcee" and "pcee-ws".
+
+    ``rules``: the target-accuracy rules already fitted on ``fit`` (see ``fit_rules``), to fit them once."""
     if fit.num_layers != test.num_layers:
         raise bad_value("fit cache", f"{fit.num_layers} layers", f"the test cache has {test.num_layers}; use "
                         "logits of the same model")
-    sweep = target_sweep(fit, test, targets, num_bins, binning, smoothing)
+    sweep = target_sweep(fit, test, targets, num_bins, binning, smoothing, rules)
     budgets_out = {"layers": budget_sweep(fit, test, budgets, "layers")}
     if macs_costs is not None:
         budgets_out["macs"] = budget_sweep(fit, test, budgets, "macs", macs_costs)

@@ -1,4 +1,4 @@
-"""Multiply-adds of an encoder with exits, per layer and per exit, exit heads included (ALGORITHMS.md section 6).
+"""Multiply-adds of an encoder with exits, per layer and per exit, exit heads included (see docs/methods.md).
 
 Counted per row of ``T`` tokens, hidden size ``H``, feed-forward size ``I`` and ``C`` classes:
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..data import Encoded, TextClassificationData, check_labels
+from ..errors import LayerExitError
 from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules import DEFAULT_SWEEP, RULES, AgreementOracle, GoldOracle, make_rule
-from .benchmark import speed_report
-from .cache import LogitCache, collect_logits
-from .report import operating_point, write_report
+from .benchmark import compare_with_simulation, speed_report
+from .cache import LogitCache, collect_logits, tag_split
+from .control import ControlOptions, control_report, write_control_figures
+from .metrics import DEFAULT_TOLERANCE, operating_point
+from .report import write_report
 from .simulate import per_layer_accuracy, simulate
 
 
@@ -46,7 +47,7 @@ def sweep(cache: LogitCache, rule_names: list[str]) -> dict[str, list[dict]]:
 
 
 def simulated_results(cache: LogitCache, model_name: str, data: TextClassificationData,
-                      rule_names: list[str] = DEFAULT_SWEEP, tolerance: float = 0.01) -> dict:
+                      rule_names: list[str] = DEFAULT_SWEEP, tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """Everything in results.json that comes from the cache alone."""
     num_layers = cache.num_layers
     accs = per_layer_accuracy(cache.logits, cache.labels)
@@ -70,7 +71,8 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
                      rule_names: list[str], batch_sizes: list[int], limit: int | None, rounds: int) -> list[dict]:
     """Run the operating point of each rule in ``rule_names`` through the engine, timed against the full model.
 
-    Each entry also records how many rows the engine exited exactly where the simulation did.
+    Each entry also records the simulation of the same rule over the same rows (see
+    ``compare_with_simulation``).
     """
     rules = {}
     for name in rule_names:
@@ -79,15 +81,32 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
             rules[name] = make_rule(name, **point["params"])
     if not rules:
         return []
-    entries = []
-    for batch_size in batch_sizes:
-        for entry in speed_report(model, encoded, rules, batch_size, limit=limit, rounds=rounds):
-            exit_layers = torch.tensor(entry.pop("exit_layers"))
-            signals = {k: v[:, : len(exit_layers)] for k, v in cache.signals.items()}
-            simulated = simulate(make_rule(entry["rule"], **entry["params"]), cache.logits[:, : len(exit_layers)],
-                                 signals=signals)
-            entry["matches_simulation"] = float((simulated.exit_layer == exit_layers).double().mean())
-            entries.append(entry)
+    return [entry for batch_size in batch_sizes
+            for entry in compare_with_simulation(speed_report(model, encoded, rules, batch_size, limit=limit,
+                                                              rounds=rounds), cache, rules)]
+
+
+def benchmark(model: MultiExitModel, tokenizer, data: TextClassificationData, rule_name: str,
+              params: dict | None = None, tolerance: float = DEFAULT_TOLERANCE, batch_sizes: tuple[int, ...] = (1, 32),
+              examples: int | None = 500, rounds: int = 5) -> list[dict]:
+    """Time one rule against the full model at each batch size (``speed_report`` entries, ``exit_layers``
+    dropped). Without ``params`` the rule runs at its operating point, found by simulation on the same data:
+    the most layers saved within ``tolerance`` of the full model's accuracy."""
+    check_labels(data, model.config.num_labels, model.config.label_names)
+    encoded = Encoded(data, tokenizer, model.config.max_length)
+    if not params and rule_name != "full":
+        cache = collect_logits(model, encoded)
+        full = per_layer_accuracy(cache.logits, cache.labels)[-1]
+        point = operating_point(sweep(cache, [rule_name])[curve_name(rule_name)], full, tolerance)
+        if point is None:
+            raise LayerExitError(f"--rule={rule_name!r}: no setting stays within --tolerance={tolerance} of "
+                                 "the full model; raise --tolerance or give --param")
+        params = point["params"]
+    rule = make_rule(rule_name, **(params or {}))
+    entries = [entry for batch_size in batch_sizes
+               for entry in speed_report(model, encoded, {rule_name: rule}, batch_size, examples, rounds)]
+    for entry in entries:
+        entry.pop("exit_layers")
     return entries
 
 
@@ -97,26 +116,45 @@ def evaluate(
     data: TextClassificationData,
     output_dir: str | Path,
     rule_names: list[str] = DEFAULT_SWEEP,
-    tolerance: float = 0.01,
+    tolerance: float = DEFAULT_TOLERANCE,
     measure_rules: list[str] | None = None,
     batch_sizes: tuple[int, ...] = (1, 32),
     measure_examples: int | None = 500,
-    rounds: int = 3,
+    rounds: int = 5,
     batch_size: int = 128,
+    control: ControlOptions | None = None,
+    consistentee_runs: list[str | Path] = (),
 ) -> dict:
-    """The whole evaluation; writes results.json, logits.pt, report.md and plots into ``output_dir``."""
+    """The whole evaluation; writes results.json, logits.pt, report.md and plots into ``output_dir`` once.
+
+    ``control`` adds accuracy control and budgets (rules fitted on another split; see
+    ``layerexit.evaluation.control``): its checks run before any timing, its results go into
+    ``results["controllability"]`` and the report, its δ-sweeps into the curves. ``consistentee_runs``
+    (ConsistentEE ``final`` folders trained with different alphas) add the ``consistentee`` curve.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     check_labels(data, model.config.num_labels, model.config.label_names)
     encoded = Encoded(data, tokenizer, model.config.max_length)
-    cache = collect_logits(model, encoded, batch_size)
+    cache = tag_split(collect_logits(model, encoded, batch_size), data.split, encoded)
     cache.save(output_dir / "logits.pt")
     results = simulated_results(cache, model.config.backbone, data, rule_names, tolerance)
+    if consistentee_runs:
+        from ..consistentee.sweep import alpha_sweep_curve
+
+        curve = alpha_sweep_curve(list(consistentee_runs), data)
+        results["curves"]["consistentee"] = curve
+        results["operating_points"]["consistentee"] = operating_point(curve, results["full"]["accuracy"], tolerance)
     if measure_rules is None:
         measure_rules = rule_names
+    timing = (list(batch_sizes), measure_examples, rounds)
+    if control is not None:  # before the sweep is timed: a split mix-up fails in seconds, not after the timing
+        out = control_report(model, tokenizer, encoded, cache, control, *timing)
+        results["controllability"] = out["controllability"]
+        results["curves"].update(out["curves"])
+        write_control_figures(results["controllability"], output_dir)
     if measure_rules and batch_sizes:
-        results["measured"] = measured_results(model, encoded, cache, results, measure_rules, list(batch_sizes),
-                                               measure_examples, rounds)
+        results["measured"] = measured_results(model, encoded, cache, results, measure_rules, *timing)
     write_json_atomic(output_dir / "results.json", results)
     write_report(results, output_dir, tolerance=tolerance)
     return results

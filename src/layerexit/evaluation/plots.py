@@ -18,9 +18,10 @@ matplotlib.use("Agg")  # headless: no display needed, set before pyplot is impor
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .metrics import DEFAULT_TOLERANCE, operating_point  # noqa: E402
+
 FIGSIZE = (8, 5)
 DPI = 120
-DEFAULT_TOLERANCE = 0.01
 
 _ORACLE_STYLE = {
     "gold": {"color": "goldenrod", "label": "gold oracle (bound)"},
@@ -29,13 +30,15 @@ _ORACLE_STYLE = {
 _RULE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 
 
-def _prepare(path: str | Path) -> Path:
+def prepare_path(path: str | Path) -> Path:
+    """``path`` as a Path whose folder exists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` to ``path`` at the report resolution and close it (also on error); return ``path``."""
     try:
         fig.savefig(path, dpi=DPI)
     finally:
@@ -52,90 +55,127 @@ def plot_tradeoff(
 ) -> Path:
     """Accuracy (%) versus saved layers (%) of every simulated rule, the oracles, and the full model.
 
-    Each rule of ``results["curves"]`` is a line with markers through its points sorted by saved layers
-    (all points, not only the Pareto front); its operating point (most layers saved within ``tolerance``
-    of full) is circled. The oracles are stars labelled as bounds. A dashed line marks the full model's
-    accuracy and a dotted one ``full − tolerance``; ``tolerance`` defaults to ``results["tolerance"]``
-    or 0.01. Returns ``path``.
+    Two panels: on the left every point of every rule, on the right the band near the full model where
+    operating points live (from a few points below ``full − tolerance`` to the best rule), so that
+    differences of a point or less are visible. The y-axes are fitted to the rules and the full model, not to
+    the oracles: an oracle outside a panel is drawn as an arrow at its edge, labelled with its accuracy.
+    Rules are told apart by colour, marker and line style; a rule whose points equal an earlier rule's says
+    so in the legend and is drawn hollow and dashed over it. Each rule's operating point (most layers saved
+    within ``tolerance`` of full) is circled; ``tolerance`` defaults to ``results["tolerance"]`` or 0.01.
+    Returns ``path``.
     """
-    from .report import operating_point  # report imports this module lazily; no cycle at import time
-
-    path = _prepare(path)
+    path = prepare_path(path)
     if tolerance is None:
         tolerance = float(results.get("tolerance", DEFAULT_TOLERANCE))
     full = 100.0 * float(results["full"]["accuracy"])
+    curves = [(rule, _sorted_xy(curve)) for rule, curve in (results.get("curves") or {}).items() if curve]
+    ys = [y for _, (_, cys) in curves for y in cys]
+    xs = [x for _, (cxs, _) in curves for x in cxs] + [100.0 * float(p["saved_layers"])
+                                                         for p in (results.get("oracles") or {}).values()]
+    floor = full - 100.0 * tolerance
+    depth = max(3.0, 3 * 100.0 * tolerance)  # the zoomed panel reaches this far below the full model
+    panels = {
+        "every point": (min([*ys, floor]) - 1.5, max([*ys, full]) + 1.5),
+        f"near the full model (down to {depth:.1f} pt below it)": (full - depth, max([*ys, full]) + 0.5),
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(FIGSIZE[0] * 1.6, FIGSIZE[1]), layout="constrained")
+    for ax, (name, ylim) in zip(axes, panels.items()):
+        _draw_curves(ax, results, curves, full, tolerance, legend=ax is axes[0])
+        _draw_oracles(ax, results.get("oracles") or {}, ylim, legend=ax is axes[0])
+        ax.axhline(full, color="dimgray", linestyle="--", linewidth=1.0,
+                   label=f"full model ({full:.1f}%)" if ax is axes[0] else None)
+        ax.axhline(floor, color="dimgray", linestyle=":", linewidth=1.2,
+                   label=f"full − {100.0 * tolerance:.1f} pt ({floor:.1f}%)" if ax is axes[0] else None)
+        ax.set_ylim(*ylim)
+        ax.set_xlim(-2.0, min(102.0, max(xs, default=100.0) + 8.0))  # saved layers start at 0 (no skipping)
+        ax.set_xlabel("saved layers, % (simulated over cached logits)")
+        ax.set_ylabel("accuracy, %")
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    default_title = (
+        f"{results.get('model', 'model')} on {results.get('dataset', 'dataset')} ({results.get('split', '?')}): "
+        "accuracy vs saved layers (simulated)"
+    )
+    fig.suptitle(title or default_title, fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    return save_figure(fig, path)
 
-    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
-    colors = plt.get_cmap("tab10" if len(results.get("curves") or {}) <= 10 else "tab20").colors
-    styles = zip(itertools.cycle(colors), itertools.cycle(_RULE_MARKERS))
+
+_LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def _sorted_xy(curve) -> tuple[list[float], list[float]]:
+    points = sorted(curve, key=lambda p: (float(p["saved_layers"]), float(p["accuracy"])))
+    return [100.0 * float(p["saved_layers"]) for p in points], [100.0 * float(p["accuracy"]) for p in points]
+
+
+def _draw_curves(ax, results, curves, full: float, tolerance: float, legend: bool) -> None:
+    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    styles = zip(itertools.cycle(colors), itertools.cycle(_RULE_MARKERS), itertools.cycle(_LINE_STYLES))
+    seen: dict[tuple, str] = {}
     circled = False
-    saved_seen: list[float] = []  # every x drawn, to fit the axis
-    for (rule, curve), (color, marker) in zip((results.get("curves") or {}).items(), styles):
-        if not curve:
-            continue
-        points = sorted(curve, key=lambda p: (float(p["saved_layers"]), float(p["accuracy"])))
-        xs = [100.0 * float(p["saved_layers"]) for p in points]
-        ys = [100.0 * float(p["accuracy"]) for p in points]
-        saved_seen += xs
-        ax.plot(xs, ys, marker=marker, markersize=4, linewidth=1.3, color=color, label=rule)
-        chosen = operating_point(curve, full / 100.0, tolerance)
+    for (rule, (xs, ys)), (color, marker, line) in zip(curves, styles):
+        key = (tuple(round(x, 6) for x in xs), tuple(round(y, 6) for y in ys))
+        twin = seen.setdefault(key, rule)
+        label = rule if twin == rule else f"{rule} (same points as {twin})"
+        hollow = {"markerfacecolor": "none", "markersize": 8, "linewidth": 2.0, "linestyle": "--"} if twin != rule \
+            else {"markersize": 4, "linewidth": 1.3, "linestyle": line}
+        ax.plot(xs, ys, marker=marker, color=color, label=label if legend else None, **hollow)
+        chosen = operating_point(results["curves"][rule], full / 100.0, tolerance)
         if chosen is not None:
-            ax.plot(
-                100.0 * float(chosen["saved_layers"]), 100.0 * float(chosen["accuracy"]), marker="o",
-                markersize=11, markerfacecolor="none", markeredgecolor=color, markeredgewidth=1.5,
-                linestyle="none",
-            )
+            ax.plot(100.0 * float(chosen["saved_layers"]), 100.0 * float(chosen["accuracy"]), marker="o",
+                    markersize=11, markerfacecolor="none", markeredgecolor=color, markeredgewidth=1.5,
+                    linestyle="none")
             circled = True
-    if circled:  # one neutral legend entry for all the circles
+    if circled and legend:  # one neutral legend entry for all the circles
         ax.plot([], [], marker="o", markersize=11, markerfacecolor="none", markeredgecolor="dimgray",
                 linestyle="none", label=f"operating point (≤{100.0 * tolerance:.1f} pt loss)")
 
-    for name, point in (results.get("oracles") or {}).items():
-        style = _ORACLE_STYLE.get(name, {"color": "gray", "label": f"{name} oracle (bound)"})
-        saved_seen.append(100.0 * float(point["saved_layers"]))
-        ax.plot(
-            100.0 * float(point["saved_layers"]), 100.0 * float(point["accuracy"]), marker="*", markersize=16,
-            markeredgecolor="white", markeredgewidth=0.8, linestyle="none", zorder=5, **style,
-        )
 
-    ax.axhline(full, color="dimgray", linestyle="--", linewidth=1.0, label=f"full model ({full:.1f}%)")
-    ax.axhline(
-        full - 100.0 * tolerance, color="dimgray", linestyle=":", linewidth=1.2,
-        label=f"full − {100.0 * tolerance:.1f} pt ({full - 100.0 * tolerance:.1f}%)",
-    )
-    ax.set_xlabel("saved layers, % (simulated over cached logits)")
-    ax.set_ylabel("accuracy, %")
-    right = max(saved_seen, default=100.0)
-    ax.set_xlim(-2.0, min(102.0, right + 8.0))  # the saved-layers axis always starts at 0 (no skipping)
-    default_title = (
-        f"{results.get('model', 'model')} on {results.get('dataset', 'dataset')} ({results.get('split', '?')})\n"
-        "accuracy vs saved layers (simulated)"
-    )
-    ax.set_title(title or default_title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    return _save(fig, path)
+def _draw_oracles(ax, oracles: Mapping[str, Any], ylim: tuple[float, float], legend: bool) -> None:
+    """Oracles as stars; one above or below the panel as an arrow at that edge with its accuracy written."""
+    low, high = ylim
+    for name, point in oracles.items():
+        style = _ORACLE_STYLE.get(name, {"color": "gray", "label": f"{name} oracle (bound)"})
+        x, y = 100.0 * float(point["saved_layers"]), 100.0 * float(point["accuracy"])
+        if low <= y <= high:
+            ax.plot(x, y, marker="*", markersize=16, markeredgecolor="white", markeredgewidth=0.8,
+                    linestyle="none", zorder=5, color=style["color"])
+            continue
+        edge, marker, va = (high, "^", "top") if y > high else (low, "v", "bottom")
+        span = high - low
+        ax.plot(x, edge - 0.03 * span if y > high else edge + 0.03 * span, marker=marker, markersize=10,
+                linestyle="none", zorder=5, color=style["color"])
+        ax.annotate(f"{name} oracle {y:.1f}%", (x, edge - 0.07 * span if y > high else edge + 0.07 * span),
+                    fontsize=7, ha="center", va=va, color=style["color"])
+    if legend:  # one legend entry per oracle, whatever the panel drew
+        for name in oracles:
+            style = _ORACLE_STYLE.get(name, {"color": "gray", "label": f"{name} oracle (bound)"})
+            ax.plot([], [], marker="*", markersize=12, linestyle="none", **style)
 
 
 def plot_per_layer(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Bar chart of each exit's accuracy (%) by exit layer 1..L, with the full model's accuracy as a dashed
-    line. Returns ``path``."""
-    path = _prepare(path)
+    """Each exit's accuracy (%) by exit layer 1..L as points joined by a line, with the full model's
+    accuracy as a dashed line. The y-axis spans the accuracies (points, not bars, so a truncated axis
+    exaggerates nothing); each point is labelled with its value. Returns ``path``."""
+    path = prepare_path(path)
     accuracies = [100.0 * float(a) for a in results.get("per_layer_accuracy") or []]
     full = 100.0 * float(results["full"]["accuracy"])
     layers = list(range(1, len(accuracies) + 1))
 
     fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
-    bars = ax.bar(layers, accuracies, color="tab:blue", alpha=0.8, label="exit at layer l (alone)")
+    ax.plot(layers, accuracies, marker="o", color="tab:blue", linewidth=1.3, label="exit at layer l (alone)")
     if len(accuracies) <= 24:
-        # inside the bars, so the full-model line never runs through them
-        ax.bar_label(bars, labels=[f"{a:.1f}" for a in accuracies], label_type="center", fontsize=8, color="white")
+        for layer, accuracy in zip(layers, accuracies):
+            ax.annotate(f"{accuracy:.1f}", (layer, accuracy), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=8)
     ax.axhline(full, color="dimgray", linestyle="--", linewidth=1.0, label=f"full model ({full:.1f}%)")
     ax.set_xticks(layers)
     ax.set_xlabel("exit layer")
-    ax.set_ylabel("accuracy, %")
-    top = max([full, *accuracies])
-    ax.set_ylim(0, min(105.0, top + 8.0))  # bars start at 0: a truncated axis would exaggerate the gaps
+    ax.set_ylabel("accuracy, % (axis fitted to the values)")
+    values = [full, *accuracies]
+    margin = max(1.0, 0.08 * (max(values) - min(values)))
+    ax.set_ylim(min(values) - margin, min(100.5, max(values) + 2 * margin))
     ax.set_title(
         f"{results.get('model', 'model')} on {results.get('dataset', 'dataset')} "
         f"({results.get('split', '?')}, {results.get('num_examples', '?')} examples)\naccuracy of each exit alone",
@@ -143,4 +183,4 @@ def plot_per_layer(results: Mapping[str, Any], path: str | Path) -> Path:
     )
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)

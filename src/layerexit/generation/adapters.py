@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backbones.base import LayerStackAdapter
 from ..errors import bad_value
 from ..registry import Registry
 from .cache import LayerKVCache
@@ -26,33 +27,19 @@ DECODERS: Registry[type["DecoderAdapter"]] = Registry("decoder")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-class DecoderAdapter:
+class DecoderAdapter(LayerStackAdapter):
     """Base adapter. Subclasses fill in the structure and the per-layer K/V projection."""
 
-    model_types: tuple[str, ...] = ()
-
     def __init__(self, lm: nn.Module):
+        super().__init__(lm)
         self.lm = lm
-        self.config = lm.config
         impl = getattr(self.config, "_attn_implementation", "eager") or "eager"
         if impl not in ATTENTION_IMPLEMENTATIONS:
             raise bad_value("attn_implementation", impl, "load the model with attn_implementation='sdpa' or "
                             "'eager'; the layer-range primitive builds its own causal masks for those two")
         self.attn_implementation = impl
 
-    # --- structure -----------------------------------------------------------------------------------
-    @property
-    def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
+    # --- structure (layers, num_layers, hidden_size: see LayerStackAdapter) --------------------------
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size

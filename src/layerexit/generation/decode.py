@@ -20,10 +20,7 @@ import torch
 
 from ..errors import bad_value
 from .cache import LayerKVCache
-from .rules import ExitView, Never, TokenRule
-
-KV_STRATEGIES = ("propagate", "recompute")
-
+from .rules import TokenRule, make_token_rule, token_signals
 
 @dataclass
 class Generation:
@@ -74,8 +71,81 @@ def prefill(model, input_ids: torch.Tensor, cache: LayerKVCache) -> torch.Tensor
     return hidden[0, -1]
 
 
-def _argmax(logits: torch.Tensor) -> int:
+def greedy_token(logits: torch.Tensor) -> int:
+    """(V,) or (1, V) logits of one position -> the greedy token id."""
     return int(logits.argmax(dim=-1))
+
+
+@dataclass
+class TokenFlow:
+    """The rows a generated token drags through the layers: its own, plus (deferred recomputation) pending
+    tokens that joined it. hidden (1, n, H) for positions ``start..start+n-1``, and the layer call arguments."""
+
+    hidden: torch.Tensor
+    start: int
+    positions: torch.Tensor
+    kwargs: dict
+
+
+class Propagate:
+    """State propagation (CALM; ConsistentEE's decoder version): after a token exits at layer e, its exit
+    hidden state goes through each skipped layer's own K/V projections, so layers e+1..L hold keys and
+    values for it at once."""
+
+    name = "propagate"
+
+    def __init__(self, model, cache: LayerKVCache, prompt_length: int):
+        self.cache, self.adapter, self.project = cache, model.adapter, None
+
+    def before_layer(self, index: int, flow: TokenFlow, adapter) -> TokenFlow:
+        return flow  # nothing is ever pending
+
+    def after_token(self, exit_layer: int, flow: TokenFlow, num_layers: int, p: int) -> None:
+        if exit_layer == num_layers:
+            return
+        if self.project is None:  # built once per generation, at the first early exit
+            self.project = self.adapter.kv_projector()
+        last = flow.hidden[:, -1:]  # (1, 1, H); no pending tokens under propagation: kwargs are this token's
+        for index, (key, value) in enumerate(self.project(exit_layer, last, flow.kwargs), start=exit_layer):
+            self.cache.update(key, value, index)  # (1, h, 1, d) each
+
+
+class Recompute:
+    """Deferred recomputation (EE-LLM; FREE): an exited token's hidden state waits; the next token that goes
+    deeper than it takes it along through the layers it skipped, so every cached key and value is the exact
+    one of the tokens' real (early-exited) path."""
+
+    name = "recompute"
+
+    def __init__(self, model, cache: LayerKVCache, prompt_length: int):
+        self.cache = cache
+        self.pending: torch.Tensor | None = None  # (1, m, H): positions base..base+m-1 at the input of their depth
+        self.base = prompt_length
+
+    def before_layer(self, index: int, flow: TokenFlow, adapter) -> TokenFlow:
+        have = self.cache.length(index)
+        if have >= flow.start:
+            return flow
+        # pending tokens missing at this layer join the block
+        hidden = torch.cat([self.pending[:, have - self.base:flow.start - self.base], flow.hidden], dim=1)  # (1, n, H)
+        end = flow.start + flow.hidden.shape[1]
+        positions = torch.arange(have, end, device=hidden.device)
+        return TokenFlow(hidden, have, positions, adapter.layer_kwargs(hidden, positions))
+
+    def after_token(self, exit_layer: int, flow: TokenFlow, num_layers: int, p: int) -> None:
+        if exit_layer == num_layers:
+            self.pending, self.base = None, p + 1
+            return
+        new_base = self.cache.length(num_layers - 1)
+        if self.pending is not None:
+            kept = self.pending[:, new_base - self.base:flow.start - self.base]
+        else:
+            kept = flow.hidden[:, :0]
+        self.pending = torch.cat([kept, flow.hidden], dim=1)  # (1, p + 1 - new_base, H)
+        self.base = new_base
+
+
+KV_STRATEGIES = {"propagate": Propagate, "recompute": Recompute}
 
 
 @torch.inference_mode()
@@ -85,72 +155,35 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
     """Greedy decoding where each new token stops at the first layer ``rule`` accepts.
 
     ``rule=None`` (or ``never``) runs the full model, the reference the exits are measured against.
-    ``on_token`` is called with every token as soon as it is chosen (streaming).
+    ``kv`` fills the skipped layers' KV cache (see ``KV_STRATEGIES``). ``on_token`` is called with every token
+    as soon as it is chosen (streaming).
     """
     if kv not in KV_STRATEGIES:
         raise bad_value("kv", kv, f"choose one of {', '.join(KV_STRATEGIES)}")
     prompt_length = check_request(model, input_ids, max_new_tokens)
-    rule = (rule or Never()).bind(model.num_layers, max_new_tokens)
-    full = isinstance(rule, Never)
+    rule = (rule or make_token_rule("never")).bind(model.num_layers, model.adapter.vocab_size)
+    rule.with_horizon(max_new_tokens)
     L, adapter, device = model.num_layers, model.adapter, input_ids.device
     start = time.perf_counter()
-    project = adapter.kv_projector() if kv == "propagate" and not full else None
     cache = LayerKVCache(L)
-    token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
+    strategy = KV_STRATEGIES[kv](model, cache, prompt_length)
+    token = greedy_token(model.exit_logits(L, prefill(model, input_ids, cache)))
     tokens, exits, layer_tokens = [token], [L], 0
     if on_token:
         on_token(token)
-    pending = None  # recompute: (1, m, H) hidden states of positions base..p-1 at the input of their depth
-    base = prompt_length
     while len(tokens) < max_new_tokens and token != eos_token_id:
         p = prompt_length + len(tokens) - 1  # position of the token being fed
         positions = torch.tensor([p], device=device)
-        flow = adapter.embed(torch.tensor([[token]], device=device), positions)  # (1, 1, H)
-        kwargs = adapter.layer_kwargs(flow, positions)
-        if full:
-            flow = adapter.run_layers(flow, 0, L, positions, cache, kwargs)
-            layer_tokens += L
-            token = _argmax(model.exit_logits(L, flow[0, -1]))
-            tokens.append(token)
-            exits.append(L)
-            if on_token:
-                on_token(token)
-            continue
-        flow_start, view, exit_layer = p, None, L
-        for index in range(L):
-            have = cache.length(index)
-            if have < flow_start:  # recompute: pending tokens missing at this layer join the block
-                flow = torch.cat([pending[:, have - base:flow_start - base], flow], dim=1)  # (1, n, H)
-                flow_start = have
-                positions = torch.arange(flow_start, p + 1, device=device)
-                kwargs = adapter.layer_kwargs(flow, positions)
-            previous = flow[0, -1]
-            flow = adapter.run_layers(flow, index, index + 1, positions, cache, kwargs)  # (1, n, H)
-            layer_tokens += flow.shape[1]
-            layer = index + 1
-            if layer < L and rule.is_candidate(layer):
-                view = ExitView(model, layer, flow[0, -1], previous)
-                if rule.should_exit(view, len(tokens)):
-                    exit_layer = layer
-                    break
-                view = None
-        hidden = flow[0, -1]  # (H,)
-        if exit_layer < L:
-            if kv == "propagate":
-                last = flow[:, -1:]  # (1, 1, H); no pending tokens under propagation, so kwargs are this token's
-                for index, (key, value) in enumerate(project(exit_layer, last, kwargs), start=exit_layer):
-                    cache.update(key, value, index)  # (1, h, 1, d) each
-            else:
-                new_base = cache.length(L - 1)
-                kept = pending[:, new_base - base:flow_start - base] if pending is not None else flow[:, :0]
-                pending = torch.cat([kept, flow], dim=1)  # (1, p + 1 - new_base, H)
-                base = new_base
-        elif kv == "recompute":
-            pending, base = None, p + 1
-        logits = view.computed_logits if view is not None and view.computed_logits is not None else None
-        if logits is None:
-            logits = model.exit_logits(exit_layer, hidden)
-        token = _argmax(logits)
+        hidden = adapter.embed(torch.tensor([[token]], device=device), positions)  # (1, 1, H)
+        flow = TokenFlow(hidden, p, positions, adapter.layer_kwargs(hidden, positions))
+        if rule.is_full:
+            hidden = adapter.run_layers(flow.hidden, 0, L, positions, cache, flow.kwargs)
+            exit_layer, logits, layer_tokens = L, model.exit_logits(L, hidden[0, -1]), layer_tokens + L
+        else:
+            flow, exit_layer, logits, ran = _run_token(model, rule, strategy, flow, cache, len(tokens))
+            layer_tokens += ran
+            strategy.after_token(exit_layer, flow, L, p)
+        token = greedy_token(logits)
         tokens.append(token)
         exits.append(exit_layer)
         if on_token:
@@ -158,3 +191,25 @@ def generate(model, input_ids: torch.Tensor, rule: TokenRule | None = None, max_
     seconds = time.perf_counter() - start
     return Generation(prompt_length, tokens, exits, L, seconds, layer_tokens,
                       {"kv": kv, "rule": rule.name, "params": rule.params})
+
+
+def _run_token(model, rule: TokenRule, strategy, flow: TokenFlow, cache: LayerKVCache, t: int):
+    """Run the t-th generated token layer by layer until ``rule`` lets it exit (pending tokens joining as the
+    strategy says). Returns the final flow, the exit layer (1-based), the exit's (V,) logits and the number
+    of (layer, token) computations."""
+    L, adapter = model.num_layers, model.adapter
+    state = {**rule.init_state(1, device=flow.hidden.device), "position": torch.tensor([t], device=flow.hidden.device)}
+    ran = 0
+    for index in range(L):
+        flow = strategy.before_layer(index, flow, adapter)
+        previous = flow.hidden[0, -1]
+        hidden = adapter.run_layers(flow.hidden, index, index + 1, flow.positions, cache, flow.kwargs)  # (1, n, H)
+        flow = TokenFlow(hidden, flow.start, flow.positions, flow.kwargs)
+        ran += hidden.shape[1]
+        layer = index + 1
+        if layer < L and rule.is_candidate(layer):
+            logits = model.exit_logits(layer, hidden[0, -1]) if rule.reads_logits else None  # (V,)
+            state.update(token_signals(model, rule.rule.needs, layer, hidden[0, -1], previous))
+            if bool(rule.should_exit(None if logits is None else logits[None], index, state)[0]):
+                return flow, layer, logits if logits is not None else model.exit_logits(layer, hidden[0, -1]), ran
+    return flow, L, model.exit_logits(L, flow.hidden[0, -1]), ran

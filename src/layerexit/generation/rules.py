@@ -1,88 +1,146 @@
-"""Per-token exit rules for generation.
+"""Per-token early exit for generation: the encoder side's exit rules, applied to each generated token.
 
-At each candidate layer of each generated token, a rule sees an :class:`ExitView` (the token's hidden state
-after the layer, the previous layer's, and lazily the exit's logits) and answers "exit now". Rules that need
-no logits (saturation, policy) never pay for the vocabulary head until the token exits, which matters: the
-LM head of SmolLM2 costs about as much as eight of its layers.
+A decoder rule is an ordinary :class:`layerexit.rules.ExitRule` run on one row: max-prob, margin, static, full
+(``never``) and the ConsistentEE policy are the very classes the encoder side uses, and CALM's hidden-state
+saturation is one more ``ExitRule`` here. At each candidate layer of a generated token the decoder hands the
+rule that exit's next-token logits, as a (1, V) row, and the signals the rule declares in ``needs``
+(``similarity``: cosine of the token's hidden states before and after the layer; ``policy``: the token
+policy's exit probability), computed by :func:`token_signals`; a rule never calls back into the model. A rule
+whose ``reads_logits`` is false (saturation, policy) decides without logits, so the vocabulary head, which
+can cost as much as several layers, runs only for the layer the token leaves at.
 
-Thresholds can decay along the sequence as in CALM (Schuster et al., NeurIPS 2022):
-``λ_t = 0.9·λ + 0.1·λ·exp(−4t/N)`` for the t-th generated token of at most N. No exit happens before
-``min_layer`` or at a layer outside ``exit_layers``; the last layer always answers.
+:class:`TokenRule` adds what is particular to tokens, with the generated position ``t`` in the rule's state
+(``state["position"]``): no exit before ``min_layer`` or at a layer outside ``exit_layers``, the last layer
+always answers, and, with ``decay``, CALM's threshold falling along the sequence (Schuster et al., NeurIPS
+2022): ``λ_t = 0.9·λ + 0.1·λ·exp(−4t/N)`` for the t-th generated token of at most N. Layers are 1-based in
+every parameter, as on the encoder side; ``ExitRule.should_exit`` receives the 0-based index of the layer run.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from ..errors import bad_value
 from ..registry import Registry
+from ..rules import ExitRule, Full, Margin, MaxProb, PolicyRule, Static
 
-TOKEN_RULES: Registry[type["TokenRule"]] = Registry("token rule")
+#: builders of the rules a generated token can use: ``(threshold or None, min_layer) -> ExitRule``
+TOKEN_RULES: Registry[Callable[[float | None, int], ExitRule]] = Registry("token rule")
 
 
-class ExitView:
-    """What a rule may look at for one token after exit ``layer`` (1-based); logits computed on demand."""
+class Saturation(ExitRule):
+    """CALM's hidden-state saturation: exit when cos(h_{l-1}, h_l) >= threshold (a threshold in [-1, 1])."""
 
-    def __init__(self, model, layer: int, hidden: torch.Tensor, previous: torch.Tensor):
-        self.model, self.layer = model, layer
-        self.hidden = hidden  # (H,) after this layer
-        self.previous = previous  # (H,) before this layer
-        self._logits: torch.Tensor | None = None
+    name = "saturation"
+    needs = ("similarity",)
+    reads_logits = False
+
+    def __init__(self, threshold: float = 0.9):
+        threshold = float(threshold)
+        if not -1.0 <= threshold <= 1.0:
+            raise bad_value("saturation.threshold", threshold, "a cosine lies in [-1, 1]; above 1 no token exits")
+        self.threshold = threshold
+
+    def should_exit(self, logits, layer, state):
+        return state["similarity"] >= self.threshold
 
     @property
-    def logits(self) -> torch.Tensor:
-        """(V,) next-token logits of this exit (computed once, reused for the emitted token)."""
-        if self._logits is None:
-            self._logits = self.model.exit_logits(self.layer, self.hidden)
-        return self._logits
-
-    @property
-    def computed_logits(self) -> torch.Tensor | None:
-        return self._logits
+    def params(self):
+        return {"threshold": self.threshold}
 
 
-class TokenRule:
-    """Base class: parameters, candidate layers, CALM's decaying threshold."""
+def _with_threshold(cls: type[ExitRule]) -> Callable[[float | None, int], ExitRule]:
+    return lambda threshold, min_layer: cls() if threshold is None else cls(threshold)
 
-    name: ClassVar[str] = ""
-    uses_logits: ClassVar[bool] = True
 
-    def __init__(self, threshold: float = 0.9, min_layer: int = 1, exit_layers: Iterable[int] | None = None,
-                 decay: bool = False):
-        self.threshold = float(threshold)
+TOKEN_RULES.register("never", "never exit: the full model (reference path)")(lambda threshold, min_layer: Full())
+TOKEN_RULES.register("static", "always exit at min_layer (a truncated model)")(
+    lambda threshold, min_layer: Static(min_layer))
+TOKEN_RULES.register("maxprob", "exit when max softmax probability >= threshold (EE-LLM)")(_with_threshold(MaxProb))
+TOKEN_RULES.register("margin", "exit when top-1 minus top-2 probability >= threshold (CALM softmax response)")(
+    _with_threshold(Margin))
+TOKEN_RULES.register("saturation", "exit when cos(h_{l-1}, h_l) >= threshold (CALM hidden-state saturation)")(
+    _with_threshold(Saturation))
+TOKEN_RULES.register("policy", "ConsistentEE per-token policy: exit when pi_l(h) > threshold (default 0.5)")(
+    _with_threshold(PolicyRule))
+
+
+class TokenRule(ExitRule):
+    """An :class:`ExitRule` applied to generated tokens, with the token options (see the module).
+
+    It is itself an ``ExitRule`` over rows that are token positions: it needs the wrapped rule's signals plus
+    ``position`` (each row's generated position t), so :func:`layerexit.evaluation.simulate.simulate` replays
+    it over teacher-forced per-layer logits exactly as the decoder runs it (tested)."""
+
+    def __init__(self, rule: ExitRule, min_layer: int = 1, exit_layers: Iterable[int] | None = None,
+                 decay: bool = False, name: str | None = None):
+        self.rule = rule
+        self.name = name or rule.name
         self.min_layer = int(min_layer)
         self.exit_layers = sorted({int(v) for v in exit_layers}) if exit_layers else None
         self.decay = bool(decay)
+        self.needs = (*rule.needs, "position")
+        self.reads_logits = getattr(rule, "reads_logits", True)
         self.num_layers = None
         self.horizon = 1
+        self._candidates: set[int] = set()
 
-    def bind(self, num_layers: int, max_new_tokens: int) -> "TokenRule":
-        """Check layers against the model's depth; remember N for the decaying threshold."""
+    @property
+    def is_full(self) -> bool:
+        """Whether no token can exit early (the decoder then runs its plain full path)."""
+        return isinstance(self.rule, Full) or not self._candidates
+
+    @property
+    def threshold(self) -> float | None:
+        return getattr(self.rule, "threshold", None)
+
+    def bind(self, num_layers: int, num_classes: int) -> "TokenRule":
+        """Check layers against the model's depth (``num_classes``: the vocabulary size)."""
         if not 1 <= self.min_layer <= num_layers:
             raise bad_value("min_layer", self.min_layer, f"give an exit layer between 1 and {num_layers}")
         for layer in self.exit_layers or []:
             if not 1 <= layer <= num_layers:
                 raise bad_value("exit_layers", self.exit_layers, f"every exit layer must be between 1 and {num_layers}")
+        self.rule.bind(num_layers, num_classes)
         self.num_layers = num_layers
+        self._candidates = set() if isinstance(self.rule, Full) else {
+            l for l in range(self.min_layer, num_layers) if self.exit_layers is None or l in self.exit_layers}
+        return self
+
+    def with_horizon(self, max_new_tokens: int) -> "TokenRule":
+        """Remember N, the most tokens generated, for the decaying threshold; returns self."""
         self.horizon = max(1, int(max_new_tokens))
-        self._candidates = {l for l in range(self.min_layer, num_layers)
-                            if self.exit_layers is None or l in self.exit_layers}
         return self
 
     def is_candidate(self, layer: int) -> bool:
         return layer in self._candidates
 
-    def threshold_at(self, t: int) -> float:
-        """CALM's decaying threshold for the t-th generated token (0-based)."""
-        if not self.decay:
+    def threshold_at(self, t):
+        """The threshold for the t-th generated token (0-based; a number or a tensor of positions): CALM's
+        decaying one with ``decay``."""
+        if not self.decay or self.threshold is None:
             return self.threshold
-        return 0.9 * self.threshold + 0.1 * self.threshold * math.exp(-4.0 * t / self.horizon)
+        decay = torch.exp(-4.0 * t / self.horizon) if torch.is_tensor(t) else math.exp(-4.0 * t / self.horizon)
+        return 0.9 * self.threshold + 0.1 * self.threshold * decay
 
-    def should_exit(self, view: ExitView, t: int) -> bool:
-        raise NotImplementedError
+    def init_state(self, n: int, targets=None, device=None):
+        return self.rule.init_state(n, targets=targets, device=device)
+
+    def should_exit(self, logits: torch.Tensor | None, layer: int, state: dict[str, Any]) -> torch.Tensor:
+        """logits (n, V) of exit ``layer`` (0-based; None when the rule does not read them), ``state`` with
+        each row's ``position`` and the rule's signals -> (n,) bool."""
+        position = state["position"]  # (n,)
+        if not self.is_candidate(layer + 1):
+            return torch.zeros(position.shape[0], dtype=torch.bool, device=position.device)
+        rule = self.rule
+        if self.decay and self.threshold is not None:
+            rule = copy.copy(rule)
+            rule.threshold = self.threshold_at(position.double()).to(position.device)  # (n,) per-row thresholds
+        return rule.should_exit(None if logits is None else logits.float(), layer, state)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -90,68 +148,26 @@ class TokenRule:
                 "decay": self.decay}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+        return f"TokenRule({self.rule!r}, {', '.join(f'{k}={v!r}' for k, v in self.params.items() if k != 'threshold')})"
 
 
-@TOKEN_RULES.register("never", "never exit: the full model (reference path)")
-class Never(TokenRule):
-    uses_logits = False
-
-    def bind(self, num_layers, max_new_tokens):
-        super().bind(num_layers, max_new_tokens)
-        self._candidates = set()
-        return self
-
-    def should_exit(self, view, t):
-        return False
-
-
-@TOKEN_RULES.register("static", "always exit at min_layer (a truncated model)")
-class Static(TokenRule):
-    uses_logits = False
-
-    def should_exit(self, view, t):
-        return view.layer >= self.min_layer
+def token_signals(model, needs: Iterable[str], layer: int, hidden: torch.Tensor, previous: torch.Tensor) -> dict:
+    """The signals a rule declares, for one token after exit ``layer`` (1-based): hidden (H,) after the layer,
+    previous (H,) before it. Each is a (1,) tensor, a row as the encoder side's rules expect."""
+    signals = {}
+    for name in needs:
+        if name == "similarity":
+            signals[name] = torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)[None]
+        elif name == "policy":
+            signals[name] = model.exit_prob(layer, hidden).reshape(1).float()
+        else:
+            raise bad_value("rule needs", name, "a generated token provides 'similarity' and 'policy'")
+    return signals
 
 
-@TOKEN_RULES.register("maxprob", "exit when max softmax probability >= threshold (EE-LLM)")
-class MaxProb(TokenRule):
-    def should_exit(self, view, t):
-        return float(torch.softmax(view.logits.float(), dim=-1).max()) >= self.threshold_at(t)
-
-
-@TOKEN_RULES.register("margin", "exit when top-1 minus top-2 probability >= threshold (CALM softmax response)")
-class Margin(TokenRule):
-    def should_exit(self, view, t):
-        top = torch.softmax(view.logits.float(), dim=-1).topk(2).values  # (2,)
-        return float(top[0] - top[1]) >= self.threshold_at(t)
-
-
-@TOKEN_RULES.register("saturation", "exit when cos(h_{l-1}, h_l) >= threshold (CALM hidden-state saturation)")
-class Saturation(TokenRule):
-    uses_logits = False
-
-    def should_exit(self, view, t):
-        cos = torch.nn.functional.cosine_similarity(view.hidden.float(), view.previous.float(), dim=-1)
-        return float(cos) >= self.threshold_at(t)
-
-
-@TOKEN_RULES.register("policy", "ConsistentEE per-token policy: exit when pi_l(h) >= threshold (default 0.5)")
-class Policy(TokenRule):
-    uses_logits = False
-
-    def __init__(self, threshold: float = 0.5, **kwargs):
-        super().__init__(threshold, **kwargs)
-
-    def should_exit(self, view, t):
-        return float(view.model.exit_prob(view.layer, view.hidden)) >= self.threshold_at(t)
-
-
-def make_token_rule(name: str, **params: Any) -> TokenRule:
-    """Build a per-token rule by name, e.g. ``make_token_rule("saturation", threshold=0.95, min_layer=8)``."""
-    cls = TOKEN_RULES.get(name, "rule")
-    try:
-        return cls(**params)
-    except TypeError:
-        raise bad_value(f"{name} parameters", params, "token rules take threshold, min_layer, exit_layers, "
-                        "decay") from None
+def make_token_rule(name: str, threshold: float | None = None, min_layer: int = 1,
+                    exit_layers: Iterable[int] | None = None, decay: bool = False) -> TokenRule:
+    """Build a per-token rule by name, e.g. ``make_token_rule("saturation", threshold=0.95, min_layer=8)``;
+    without ``threshold`` the rule's own default."""
+    build = TOKEN_RULES.get(name, "rule")
+    return TokenRule(build(threshold, int(min_layer)), min_layer, exit_layers, decay, name=name)

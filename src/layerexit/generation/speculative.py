@@ -12,13 +12,14 @@ full model (up to floating-point summation order). Batch size 1.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..errors import bad_value
 from .cache import LayerKVCache
-from .decode import Generation, _argmax, check_request, prefill
+from .decode import Generation, greedy_token, check_request, prefill
 
 
 def check_draft_layers(model, draft_layers: int) -> int:
@@ -26,6 +27,40 @@ def check_draft_layers(model, draft_layers: int) -> int:
     if not 1 <= int(draft_layers) < L:
         raise bad_value("draft_layers", draft_layers, f"draft with between 1 and {L - 1} of the model's {L} layers")
     return int(draft_layers)
+
+
+@dataclass
+class DraftHead:
+    """The exit head that drafts: the whole LM head (``vocab`` None), or only its rows for ``vocab`` (K,) ids,
+    so that drafting costs K/V of the head's time."""
+
+    vocab: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # (K, H) rows of the LM head
+    bias: torch.Tensor | None = None  # (K,)
+
+    @classmethod
+    def build(cls, model, draft_vocab: torch.Tensor | None) -> "DraftHead":
+        if draft_vocab is None:
+            return cls()
+        vocab = torch.as_tensor(draft_vocab, dtype=torch.long)
+        size = model.adapter.vocab_size
+        if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= size:
+            raise bad_value("draft_vocab", f"{vocab.numel()} ids", f"give a 1-D tensor of ids in 0..{size - 1}")
+        lm_head = model.adapter.lm_head
+        bias = lm_head.bias[vocab] if getattr(lm_head, "bias", None) is not None else None
+        return cls(vocab, lm_head.weight[vocab], bias)
+
+    @property
+    def size(self) -> int | None:
+        return None if self.vocab is None else len(self.vocab)
+
+    def draft(self, model, layer: int, hidden: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(H,) hidden state after ``layer`` -> (drafted token id, the head's logits over its vocabulary)."""
+        if self.vocab is None:
+            logits = model.exit_logits(layer, hidden)  # (V,)
+            return greedy_token(logits), logits
+        logits = torch.nn.functional.linear(model.exit_hidden(layer, hidden), self.weight, self.bias)  # (K,)
+        return int(self.vocab[greedy_token(logits)]), logits
 
 
 @torch.inference_mode()
@@ -44,25 +79,17 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     through layers 1..E too, so that verification also yields the full model's token after it: one extra
     token when every draft is accepted, for E/L of a token's cost every cycle. With a ``draft_threshold`` this
     is done only when the last draft was confident (drafting stopped at ``num_draft``), since an unconfident
-    last draft is usually rejected; measured on SmolLM2 with 20% acceptance, always doing it cost 7-22% speed.
+    last draft is usually rejected (docs/benchmarks.md has the measured cost of always doing it).
     """
     E = check_draft_layers(model, draft_layers)
-    head = None
-    if draft_vocab is not None:
-        vocab = torch.as_tensor(draft_vocab, dtype=torch.long)
-        if vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= model.adapter.vocab_size:
-            raise bad_value("draft_vocab", f"{vocab.numel()} ids", f"give a 1-D tensor of ids in 0..{model.adapter.vocab_size - 1}")
-        lm_head = model.adapter.lm_head
-        weight = lm_head.weight[vocab]  # (K, H) rows of the head
-        bias = lm_head.bias[vocab] if getattr(lm_head, "bias", None) is not None else None
-        head = (vocab, weight, bias)
+    head = DraftHead.build(model, draft_vocab)
     if int(num_draft) < 1:
         raise bad_value("num_draft", num_draft, "draft at least one token per step")
     prompt_length = check_request(model, input_ids, max_new_tokens)
     L, adapter, device = model.num_layers, model.adapter, input_ids.device
     start = time.perf_counter()
     cache = LayerKVCache(L)
-    token = _argmax(model.exit_logits(L, prefill(model, input_ids, cache)))
+    token = greedy_token(model.exit_logits(L, prefill(model, input_ids, cache)))
     tokens = [token]  # the last one is always a full-model token not yet fed to the model
     if on_token:
         on_token(token)
@@ -75,12 +102,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
             pos = torch.tensor([t + i], device=device)
             h = adapter.run_layers(adapter.embed(torch.tensor([[x]], device=device), pos), 0, E, pos, cache)
             states.append(h)  # (1, 1, H) after layer E
-            if head is None:
-                logits = model.exit_logits(E, h[0, -1])  # (V,)
-                x = _argmax(logits)
-            else:
-                logits = torch.nn.functional.linear(model.exit_hidden(E, h[0, -1]), head[1], head[2])  # (K,)
-                x = int(head[0][_argmax(logits)])
+            x, logits = head.draft(model, E, h[0, -1])
             drafts.append(x)
             if x == eos_token_id:
                 break
@@ -116,7 +138,8 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
                 break
         token = tokens[-1]
     seconds = time.perf_counter() - start
-    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": None if head is None else len(head[0]), "num_draft": int(num_draft), "draft_threshold": draft_threshold, "bonus_enabled": bool(bonus), "drafted": drafted,
+    stats = {"strategy": "speculative", "draft_layers": E, "draft_vocab": head.size, "num_draft": int(num_draft),
+             "draft_threshold": draft_threshold, "bonus_enabled": bool(bonus), "drafted": drafted,
              "accepted": accepted, "bonus": bonuses, "cycles": cycles,
              "acceptance": accepted / drafted if drafted else 0.0,
              "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}

@@ -8,9 +8,8 @@ the trained exits costs memory; restrict ``layers`` to the exits you will use (e
 With ``lora_rank > 0`` peft's LoRA is injected into the attention projections and trained too, and the last
 exit joins the loss so the full model is held in place: under ``weighted`` by its own next-token loss, under
 ``distill`` by distillation, every exit's teacher then being the *original* model (LoRA bypassed). Letting the
-adapted model's own last layer teach instead collapses: on SmolLM2-135M (120 steps) every exit agreed with
-the last layer 97-99% of the time because all of them, the last included, had degenerated (held-out perplexity
-180 -> 1,930).
+adapted model's own last layer teach instead collapses: every exit then agrees with a last layer that has
+degenerated with them (docs/benchmarks.md, generation section).
 
 The policy follows ConsistentEE's decoder version (Zeng et al., AAAI 2024): per-layer
 ``sigmoid(Linear(hidden -> 1))``, K copies of every token with the first never exiting, decaying ε-greedy

@@ -28,6 +28,8 @@ class ExitRule:
     #: per-layer signals besides the logits that the rule reads from its state, e.g. ("policy",): the
     #: engine and the simulator put the current layer's value under that key before calling should_exit
     needs: ClassVar[tuple[str, ...]] = ()
+    #: False for a rule that decides from its ``needs`` alone: the decoder then skips the vocabulary head
+    reads_logits: ClassVar[bool] = True
     #: the key of this rule's simulated curve in results.json (default: the rule's name)
     curve_name: ClassVar[str | None] = None
 

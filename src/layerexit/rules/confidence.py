@@ -14,8 +14,9 @@ import torch
 from ..errors import bad_value
 from .base import RULES, ExitRule, quantile_thresholds
 
-_CONFIDENCE_GRID = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99,
-                    0.995, 0.998, 0.999, 0.9995, 0.9999]
+#: thresholds the confidence rules sweep (those below 1/C are dropped: every row would exit)
+CONFIDENCE_GRID = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99,
+                   0.995, 0.998, 0.999, 0.9995, 0.9999]
 
 
 def max_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def _check_threshold(name: str, value: float, low: float, high: float, why: str) -> float:
+def check_threshold(name: str, value: float, low: float, high: float, why: str) -> float:
+    """``value`` as a float in [low, high], or a clear error naming ``<name>.threshold`` and ``why``."""
     value = float(value)
     if not (low <= value <= high) or math.isnan(value):
         raise bad_value(f"{name}.threshold", value, f"use a value in [{low}, {high}]; {why}")
@@ -48,7 +50,7 @@ class MaxProb(ExitRule):
 
     def __init__(self, threshold: float = 0.9):
         """threshold in [0, 1]"""
-        self.threshold = _check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
+        self.threshold = check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
 
     def should_exit(self, logits, layer, state):
         return max_probability(logits) >= self.threshold
@@ -59,7 +61,7 @@ class MaxProb(ExitRule):
 
     @classmethod
     def grid(cls, num_layers, num_classes):
-        return [{"threshold": t} for t in _CONFIDENCE_GRID if t >= 1.0 / num_classes]
+        return [{"threshold": t} for t in CONFIDENCE_GRID if t >= 1.0 / num_classes]
 
     @classmethod
     def sweep_grid(cls, logits, signals=None):
@@ -73,7 +75,7 @@ class Margin(ExitRule):
 
     def __init__(self, threshold: float = 0.8):
         """threshold in [0, 1]"""
-        self.threshold = _check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
+        self.threshold = check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
 
     def should_exit(self, logits, layer, state):
         return margin(logits) >= self.threshold
@@ -85,7 +87,7 @@ class Margin(ExitRule):
     @classmethod
     def grid(cls, num_layers, num_classes):
         # rounded and de-duplicated: 2 * 0.65 - 1 is 0.30000000000000004, a second "0.3" in the sweep
-        values = [0.0, 0.1, 0.2, 0.3, 0.4] + [2 * t - 1 for t in _CONFIDENCE_GRID[3:]]
+        values = [0.0, 0.1, 0.2, 0.3, 0.4] + [2 * t - 1 for t in CONFIDENCE_GRID[3:]]
         return [{"threshold": t} for t in sorted({round(v, 6) for v in values})]
 
     @classmethod

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import bad_value
 from .base import RULES, ExitRule, QUANTILES, quantile_thresholds
-from .confidence import _CONFIDENCE_GRID, _check_threshold, max_probability
+from .confidence import CONFIDENCE_GRID, check_threshold, max_probability
 
 
 def _check_patience(name: str, patience: int) -> int:
@@ -75,7 +75,7 @@ class PatienceConfidence(ExitRule):
 
     def __init__(self, threshold: float = 0.9, patience: int = 2):
         """threshold in [0, 1], patience >= 1"""
-        self.threshold = _check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
+        self.threshold = check_threshold(self.name, threshold, 0.0, 1.0, "above 1 no input could ever exit")
         self.patience = _check_patience(self.name, patience)
 
     def bind(self, num_layers, num_classes):
@@ -101,7 +101,7 @@ class PatienceConfidence(ExitRule):
 
     @classmethod
     def grid(cls, num_layers, num_classes):
-        thresholds = [t for t in _CONFIDENCE_GRID if t >= 1.0 / num_classes][::2]
+        thresholds = [t for t in CONFIDENCE_GRID if t >= 1.0 / num_classes][::2]
         return [{"threshold": t, "patience": p} for p in (1, 2, 3) if p <= num_layers - 1 for t in thresholds]
 
     @classmethod

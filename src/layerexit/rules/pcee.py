@@ -6,7 +6,7 @@ inference a row exits at layer l when the accuracy of the bin its confidence fal
 δ, one target shared by all exits; the last exit always answers. Unlike a confidence threshold, δ is an
 accuracy: exits that are over-confident get a stricter effective threshold automatically.
 
-Choices the paper leaves open, made here (ALGORITHMS.md section 2): bins are equal-width over [0, 1] or
+Choices the paper leaves open, made here (see docs/methods.md): bins are equal-width over [0, 1] or
 equal-mass (``binning``), ``num_bins`` is a parameter; an empty bin never exits (no evidence); PCEE-WS smooths
 the per-bin accuracies before thresholding, by isotonic regression (``"isotonic"``, non-decreasing in
 confidence) or a count-weighted neighbour average (``"neighbour"``, the default), which protects bins with few

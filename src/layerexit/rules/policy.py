@@ -34,6 +34,7 @@ class PolicyRule(ExitRule):
     curve_name = "consistentee-threshold"  # one model, threshold swept (the alpha curve is "consistentee")
     dial_curve_name = "consistentee"
     needs = ("policy",)
+    reads_logits = False
 
     def __init__(self, threshold: float = 0.5, alpha: float | None = None):
         """threshold in [0, 1); alpha >= 0, only for alpha-conditioned policies (None: the model's default)"""

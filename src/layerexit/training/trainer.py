@@ -39,7 +39,7 @@ SELECT_METRICS = ("mean_exit_accuracy", "final_accuracy")
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run (defaults: ALGORITHMS.md section 7's probes on MiniLM-L6)."""
+    """Hyper-parameters of one run (defaults: what short runs on MiniLM-L6 found to work; see docs/methods.md)."""
 
     epochs: int = 2
     batch_size: int = 32
