@@ -284,7 +284,8 @@ def main() -> None:
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "loadavg": loadavg()},
-        "args": vars(args), "seconds": time.perf_counter() - started, "variants": {v: VARIANTS[v.partition("@")[0]] for v in variants},
+        "args": vars(args), "seconds": time.perf_counter() - started,
+        "variants": {v: VARIANTS[v.partition("@")[0]] for v in variants},
         "per_seed": per_seed, "summary": aggregate(per_seed, args.tolerance),
         "policy_seed_summary": policy_summary,
     }
