@@ -227,7 +227,8 @@ def plot_all(report, caches, runs, configs, sweep_runs, run_dir, out_dir):
     fig.savefig(out_dir / "alpha.png", dpi=120)
     plt.close(fig)
     # 3. memorized layers
-    memorized = torch.load(run_dir / sweep_runs[0].replace("=", "") / "memorized.pt")["memorized"]
+    memorized = torch.load(run_dir / sweep_runs[0].replace("=", "") / "memorized.pt",
+                           weights_only=True)["memorized"]
     num_layers = caches["stage1"]["sst2"].num_layers
     fig, ax = plt.subplots(figsize=(6, 4))
     counts = torch.bincount(memorized - 1, minlength=num_layers)

@@ -181,7 +181,7 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
         entry["policy_exit_fractions"] = policy_histogram(cache)
         entry["threshold_0.5"] = simulate(make_rule("consistentee"), cache.logits, signals=cache.signals).point(
             cache.labels, cache.num_layers, {"threshold": 0.5, "alpha": config.alpha})
-        if config.alpha_range:
+        if config.alpha_bounds:
             entry["dial_coverage"] = dial_coverage(entry["curves"]["consistentee"])
         done["models"][name] = entry
         done["seconds"][name] = time.perf_counter() - t

@@ -1,5 +1,4 @@
-"""Large model with early exit against small model in full (PCEE's first claim): a large model with early exit against a small model run in full,
-at equal cost, on GLUE SST-2.
+"""Large model with early exit against small model in full, at equal cost, on GLUE SST-2 (PCEE's first claim).
 
 - Large: the packaged 12-layer all-mpnet-base-v2 with an exit after every layer, trained here with the same
   recipe as ``benchmarks/sst2_minilm.py`` (first 8,000 training phrases, 2 epochs, batch 32, lr 5e-5, max length

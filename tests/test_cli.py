@@ -37,7 +37,7 @@ def test_train_writes_checkpoints(trained):
     assert config["label_names"] == ["negative", "positive"]  # text labels numbered in sorted order
     assert config["num_layers"] == 3
     assert (trained / "best" / "tokenizer.json").is_file()
-    assert (trained / "state" / "progress.json").is_file()
+    assert list((trained / "state").glob("step-*/progress.json")) and (trained / "run_config.json").is_file()
 
 
 def test_evaluate_writes_results_contract(trained, workspace, capsys):

@@ -121,8 +121,9 @@ def _teacher_forced(model, ids, tokens):
         for name in ("similarity", "policy"):
             if model.policy is None and name == "policy":
                 continue
-            signals[name] = torch.stack([torch.stack([token_signals(model, [name], l + 1, hidden[l, j], before[l, j])[name][0]
-                                                      for j in range(hidden.shape[1])]) for l in range(L)])
+            signals[name] = torch.stack([  # (L, N)
+                torch.stack([token_signals(model, [name], l + 1, hidden[l, j], before[l, j])[name][0]
+                             for j in range(hidden.shape[1])]) for l in range(L)])
     return logits, signals
 
 

@@ -262,3 +262,14 @@ def test_teacher_forced_simulation_takes_the_first_candidate_that_exits():
     strict = simulate(features, "maxprob", 0.92, 6)  # token 0 now waits for layer 4; the others run to the end
     assert strict["avg_layers"] == pytest.approx((4 + 6 + 6) / 3)
     assert strict["agreement"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_every_decoder_adapter_names_lora_targets_that_exist(arch):
+    """LoRA targets are declared by the adapter; each names modules every layer of that family has."""
+    model = EarlyExitLM(make_lm(arch))
+    targets = model.adapter.lora_targets
+    assert targets
+    for layer in model.adapter.layers:
+        names = {name.rsplit(".", 1)[-1] for name, _ in layer.named_modules()}
+        assert set(targets) <= names, (arch, targets)

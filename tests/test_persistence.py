@@ -33,7 +33,8 @@ def test_full_round_trip_is_exact(tmp_path, arch):
     model = make_model(arch, None, double=False)
     model.train()  # the loaded model must come back in eval mode regardless
     model.save_pretrained(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / CONFIG_NAME).is_file() and (tmp_path / "ckpt" / "backbone" / "config.json").is_file()
+    assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "ckpt" / CONFIG_NAME).is_file()
+    assert not (tmp_path / "ckpt" / "backbone").exists()  # the backbone's config is embedded in config.json
     loaded = MultiExitModel.from_pretrained(tmp_path / "ckpt")
     assert not loaded.training
     assert loaded.config == model.config
@@ -98,7 +99,7 @@ def test_heads_only_loads_the_recorded_local_backbone(tmp_path):
 
 def test_folder_without_config_raises(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(LayerExitError, match=rf"checkpoint=.*has no {CONFIG_NAME}"):
+    with pytest.raises(LayerExitError, match=rf"checkpoint=.*config.json.*nor {CONFIG_NAME}"):
         MultiExitModel.from_pretrained(tmp_path / "empty")
 
 

@@ -82,10 +82,10 @@ def test_two_stage_freezes_backbone_in_second_stage(task, tmp_path):
     seen = {}
     original = trainer_module._run_stage
 
-    def spy(model, *args, **kwargs):
-        stage = args[3]
+    def spy(run, *args, **kwargs):
+        model, stage = run.model, args[2]
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        original(model, *args, **kwargs)
+        original(run, *args, **kwargs)
         seen[stage.name] = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
 
     trainer_module._run_stage = spy
@@ -135,13 +135,17 @@ def test_resume_after_interruption_matches_uninterrupted_run(task, tmp_path):
             train(interrupted, tokenizer, train_set, eval_set, make_objective("weighted"), config, tmp_path / "run")
     finally:
         trainer_module.weighted_exit_loss = original
-    progress = json.loads((tmp_path / "run" / "state" / "progress.json").read_text())
+    points = sorted((tmp_path / "run" / "state").glob("step-*"))
+    assert [p.name for p in points] == ["step-00000012"]  # save_total_limit=1: only the newest is kept
+    progress = json.loads((points[0] / "progress.json").read_text())
     assert progress["epoch"] == 1 and progress["step_in_epoch"] == 2  # finished work was kept
 
     resumed = _fresh_model(task, seed=99)  # different start: everything must come from the resume point
     train(resumed, tokenizer, train_set, eval_set, make_objective("weighted"), config, tmp_path / "run")
     ref_state, new_state = reference.state_dict(), resumed.state_dict()
-    assert all(torch.allclose(ref_state[k], new_state[k], atol=1e-6) for k in ref_state)
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)  # bit-identical
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == json.loads(
+        (tmp_path / "ref" / "history.json").read_text())
 
 
 def test_bad_training_config():

@@ -1,15 +1,29 @@
-"""The configuration of a multi-exit model, saved as JSON beside its weights."""
+"""The configuration of a multi-exit model, and its Hugging Face form (``config.json``, ``model_type`` "layerexit").
+
+:class:`MultiExitConfig` is what the code reads (``model.config``). On disk a checkpoint holds it as a
+Hugging Face ``config.json`` (:class:`LayerExitConfig`, registered with ``AutoConfig`` on ``import layerexit``)
+that also embeds the backbone's own configuration, so ``AutoConfig.from_pretrained(ckpt)`` and
+``AutoModel.from_pretrained(ckpt)`` work and the checkpoint needs no ``backbone/`` folder. Checkpoints written
+before that (``layerexit_config.json`` plus ``backbone/config.json``) still load.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .errors import LayerExitError
+from transformers import AutoConfig, PretrainedConfig
 
+from .errors import LayerExitError, bad_value
+
+#: the Hugging Face configuration file (current format)
+HF_CONFIG_NAME = "config.json"
+#: the configuration file of checkpoints written by layerexit 0.1 (still read)
 CONFIG_NAME = "layerexit_config.json"
 WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "layerexit"
 
 
 @dataclass
@@ -17,7 +31,7 @@ class MultiExitConfig:
     """What layerexit adds to a backbone, and which backbone it was trained on.
 
     ``backbone_fingerprint`` (model type, layers, hidden size, vocabulary size) lets a heads-only checkpoint
-    refuse a backbone it was not trained on.
+    refuse a backbone it was not trained on. ``model_type`` is the backbone's (e.g. "bert").
     """
 
     backbone: str
@@ -41,16 +55,122 @@ class MultiExitConfig:
     layerexit_version: str = ""
 
     def save(self, directory: str | Path) -> None:
+        """Write the legacy ``layerexit_config.json`` (kept for tools that read it; checkpoints use config.json)."""
         Path(directory, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "MultiExitConfig":
-        path = Path(directory, CONFIG_NAME)
+        """Read a checkpoint's configuration: ``config.json`` (current) or ``layerexit_config.json`` (legacy)."""
+        directory = Path(directory)
+        if (directory / HF_CONFIG_NAME).is_file():
+            data = read_json(directory / HF_CONFIG_NAME, "checkpoint")
+            if data.get("model_type") == MODEL_TYPE:
+                return cls.from_hf_dict(data)
+        path = directory / CONFIG_NAME
         if not path.is_file():
             raise LayerExitError(
-                f"checkpoint={str(directory)!r} is invalid: it has no {CONFIG_NAME}; pass a folder written by "
-                "MultiExitModel.save_pretrained or `layerexit train`"
+                f"checkpoint={str(directory)!r} is invalid: it has neither a layerexit config.json (model_type "
+                f"{MODEL_TYPE!r}) nor {CONFIG_NAME}; pass a folder written by MultiExitModel.save_pretrained or "
+                "`layerexit train`"
             )
-        data = json.loads(path.read_text())
+        data = read_json(path, "checkpoint")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise LayerExitError(f"checkpoint={str(directory)!r} is invalid: {path.name} lacks fields ({err}); "
+                                 "write the checkpoint again with save_pretrained") from None
+
+    # --- the Hugging Face form ----------------------------------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields of ``config.json`` that are layerexit's (the backbone's config is added by the model)."""
+        data = asdict(self)
+        data["backbone_type"] = data.pop("model_type")
+        data["max_seq_length"] = data.pop("max_length")  # `max_length` is a generation option in transformers
+        data.pop("num_labels")  # carried by id2label
+        labels = data.pop("label_names") or [str(i) for i in range(self.num_labels)]
+        data["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        data["label2id"] = {name: i for i, name in enumerate(labels)}
+        return data
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> "MultiExitConfig":
+        id2label = {int(k): v for k, v in (data.get("id2label") or {}).items()}
+        labels = [id2label[i] for i in sorted(id2label)]
+        try:
+            return cls(
+                backbone=data["backbone"], model_type=data["backbone_type"], num_layers=int(data["num_layers"]),
+                hidden_size=int(data["hidden_size"]), num_labels=len(labels), exit_feature=data["exit_feature"],
+                dropout=float(data.get("dropout", 0.1)), label_names=labels,
+                backbone_fingerprint=dict(data.get("backbone_fingerprint") or {}),
+                max_length=int(data.get("max_seq_length", 128)), policy_hidden=int(data.get("policy_hidden", 0)),
+                policy_inputs=[str(v) for v in data.get("policy_inputs") or []],
+                policy_alpha_range=[float(v) for v in data.get("policy_alpha_range") or []],
+                policy_alpha=float(data.get("policy_alpha", 1.0)),
+                layerexit_version=str(data.get("layerexit_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise LayerExitError(f"config.json is invalid for a layerexit checkpoint: field {err} is missing or "
+                                 "malformed; write the checkpoint again with save_pretrained") from None
+
+
+class LayerExitConfig(PretrainedConfig):
+    """The ``config.json`` of a layerexit checkpoint, as a Hugging Face configuration (``model_type`` "layerexit").
+
+    Holds the :class:`MultiExitConfig` fields (``backbone_type`` and ``max_seq_length`` renamed to stay clear of
+    transformers' own ``model_type`` and generation ``max_length``), the backbone's configuration as a dict
+    (``backbone_config``), whether the checkpoint holds only the exits (``heads_only``) and an optional default
+    exit rule (``exit_rule``: ``{"name": ..., "params": {...}}``, used by :func:`layerexit.pipeline`).
+    """
+
+    model_type = MODEL_TYPE
+
+    backbone: str = ""
+    backbone_type: str = ""
+    num_layers: int = 0
+    hidden_size: int = 0
+    exit_feature: str = "cls"
+    dropout: float = 0.1
+    backbone_fingerprint: dict | None = None
+    max_seq_length: int = 128
+    policy_hidden: int = 0
+    policy_inputs: list | None = None
+    policy_alpha_range: list | None = None
+    policy_alpha: float = 1.0
+    layerexit_version: str = ""
+    heads_only: bool = False
+    backbone_config: dict | None = None
+    exit_rule: dict | None = None
+
+    def to_multi_exit_config(self) -> MultiExitConfig:
+        return MultiExitConfig.from_hf_dict(self.to_dict())
+
+
+def read_json(path: Path, param: str) -> dict:
+    """A JSON object from ``path``, or layerexit's error naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LayerExitError(f"{param}={str(path.parent)!r} is invalid: {path.name} is not valid JSON ({err}); "
+                             "write the checkpoint again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise LayerExitError(f"{param}={str(path.parent)!r} is invalid: {path.name} must hold a JSON object")
+    return data
+
+
+def rule_spec(rule) -> dict | None:
+    """An exit rule (instance or dict) -> its JSON form for config.json, or None."""
+    if rule is None:
+        return None
+    from .rules.base import ExitRule
+    from .rules.fitting import rule_from_dict, rule_to_dict
+
+    if isinstance(rule, dict):
+        rule = rule_from_dict(rule)  # validates the name and parameters
+    if not isinstance(rule, ExitRule):
+        raise bad_value("exit_rule", rule, "pass an ExitRule (e.g. layerexit.make_rule('maxprob', threshold=0.9)) "
+                        "or its dict form {'name': ..., 'params': {...}}")
+    return rule_to_dict(rule)
+
+
+AutoConfig.register(MODEL_TYPE, LayerExitConfig, exist_ok=True)

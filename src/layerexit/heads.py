@@ -7,11 +7,7 @@ import math
 import torch
 from torch import nn
 
-FEATURES = {
-    "pooler": "the backbone's pooler (tanh(W h[CLS] + b)) shared by all layers, as in ConsistentEE",
-    "cls": "the layer's first-token hidden state",
-    "mean": "the mean of the layer's hidden states over real (non-padding) tokens",
-}
+from .catalog import FEATURES  # noqa: F401  (names kept in the torch-free index)
 
 
 def mean_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -99,7 +99,11 @@ class EncoderAdapter(LayerStackAdapter):
 
     def run_layer(self, index: int, hidden: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
         """Layer ``index`` (0-based): (n, T, H) -> (n, T, H)."""
-        return self.layers[index](hidden, layer_kwargs["attention_mask"])
+        return self.call_layer(self.layers[index], hidden, layer_kwargs)
+
+    def call_layer(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+        """Call one layer module (the backbone's own, or a backend's bf16/int8 copy): (n, T, H) -> (n, T, H)."""
+        return layer(hidden, layer_kwargs["attention_mask"])
 
     def start(self, input_ids, attention_mask, token_type_ids=None) -> EncoderState:
         hidden = self.embed(input_ids, token_type_ids)  # (B, T, H)

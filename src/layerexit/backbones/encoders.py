@@ -74,8 +74,8 @@ class MPNetAdapter(EncoderAdapter):
         kwargs["position_bias"] = self.backbone.encoder.compute_position_bias(hidden)  # (n, heads, T, T)
         return kwargs
 
-    def run_layer(self, index, hidden, layer_kwargs) -> torch.Tensor:
-        return self.layers[index](hidden, layer_kwargs["attention_mask"], layer_kwargs["position_bias"])[0]
+    def call_layer(self, layer, hidden, layer_kwargs) -> torch.Tensor:
+        return layer(hidden, layer_kwargs["attention_mask"], layer_kwargs["position_bias"])[0]
 
 
 def adapter_for(backbone) -> EncoderAdapter:

@@ -46,8 +46,8 @@ class ViTAdapter(EncoderAdapter):
     def prepare(self, hidden, attention_mask) -> dict[str, Any]:
         return {"attention_mask": None}  # images have no padding: full attention
 
-    def run_layer(self, index, hidden, layer_kwargs) -> torch.Tensor:
-        return self.layers[index](hidden)  # (n, T, H) -> (n, T, H)
+    def call_layer(self, layer, hidden, layer_kwargs) -> torch.Tensor:
+        return layer(hidden)  # (n, T, H) -> (n, T, H)
 
     def normalize(self, hidden):
         return self.backbone.layernorm(hidden)  # (n, T, H)

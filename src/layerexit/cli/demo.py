@@ -13,19 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..consistentee import ConsistentEEConfig, train_consistentee
-from ..data import Encoded, load_data
-from ..evaluation.cache import collect_logits
-from ..evaluation.control import ControlOptions
-from ..evaluation.evaluate import evaluate, measured_results, sweep
-from ..evaluation.metrics import operating_point
-from ..evaluation.report import write_report
-from ..evaluation.table import format_summary
-from ..io import write_json_atomic
-from ..rules import DEFAULT_SWEEP
+from ..preflight import writable_folder
 from ..resources import DEFAULT_MODEL
-from ..training import TrainConfig
-from ..training.run import train_classifier
 from .common import Formatter
 
 EXAMPLES = """examples:
@@ -50,12 +39,22 @@ def add_parser(subparsers):
     p.add_argument("--quick", action="store_true", help="small slice, about a minute")
     p.add_argument("--output", default="runs/demo", help="report folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help="backbone")
-    p.add_argument("--seed", type=int, default=42)
-    p.set_defaults(run=run)
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.set_defaults(run=run, check=lambda args: writable_folder("--output", args.output))
     return p
 
 
 def run(args) -> int:
+    from ..consistentee import train_consistentee
+    from ..consistentee.config import ConsistentEEConfig
+    from ..data import load_data
+    from ..evaluation.control import ControlOptions
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.table import format_summary
+    from ..rules import DEFAULT_SWEEP
+    from ..training import TrainConfig
+    from ..training.run import train_classifier
+
     plan = QUICK if args.quick else FULL
     started = time.perf_counter()
     output = Path(args.output)
@@ -92,6 +91,13 @@ def run(args) -> int:
 def add_consistentee(results, cee_model, tokenizer, test_data, output, plan) -> dict:
     """Add ConsistentEE's curves (its alpha dial and its threshold sweep, from the ConsistentEE model) to
     ``results`` and rewrite results.json and report.md; its operating point is also timed when the plan asks."""
+    from ..data import Encoded
+    from ..evaluation.cache import collect_logits
+    from ..evaluation.evaluate import measured_results, sweep
+    from ..evaluation.metrics import operating_point
+    from ..evaluation.report import write_report
+    from ..io import write_json_atomic
+
     test_set = Encoded(test_data, tokenizer, cee_model.config.max_length)
     cee_cache = collect_logits(cee_model, test_set, progress=False)
     results["curves"].update(sweep(cee_cache, ["consistentee"]))

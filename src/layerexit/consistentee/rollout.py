@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import bad_value
 
-ACTIONS = ("bernoulli", "greedy", "eps_greedy")
-#: "paper": -CE minus the (hardness-weighted) layer cost; "ce": -CE alone, as the reference code trains
-REWARDS = ("paper", "ce")
+from ..catalog import ACTIONS  # names kept in the torch-free index
+from .config import REWARDS  # noqa: E402  ("paper" or "ce", see reward())
 
 
 def memorized_layer(correct: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@
 4. Stage 3, everything: cross-entropy of the exit each copy chose plus the policy loss. One backbone pass
    per batch; the K copies share it and differ by dropout on the exit features and by their actions.
 
-Beyond the paper (each an option; the paper's form is ``policy_inputs=()``, ``alpha_range=None``, and the
+Beyond the paper (each an option; the paper's form is ``policy_inputs=""`` and no ``alpha_range``, and the
 released reference code's reward is ``reward="ce"``):
 
 - ``policy_inputs``: the policy also sees its exit's max probability, margin, entropy and depth, so it can at
@@ -19,6 +19,7 @@ released reference code's reward is ``reward="ce"``):
 - Exits that stage 3 would starve (it trains only the exit each copy chose): ``all_exits_weight`` adds that
   multiple of the weighted average loss over all exits (stage 1's objective) in stage 3; ``policy_entropy``
   rewards the policies' Bernoulli entropy so they keep exploring; ``rounds`` repeats stages 2 and 3.
+
 Stages 2 and 3 alternate for ``rounds`` rounds. Every stage writes its result into the run folder and is
 skipped when the run is started again, so an interrupted run resumes (stages 1 and 3 also resume inside
 an epoch, through the training loop).
@@ -36,95 +37,41 @@ Run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from ..data import Encoded, TextClassificationData, check_labels, model_inputs
 from ..errors import bad_value
 from ..evaluation.cache import collect_logits, data_digest
+from ..heads import policy_extras
 from ..evaluation.simulate import simulate
-from ..heads import POLICY_INPUTS, policy_extras
 from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules.policy import PolicyRule
 from ..training.objectives import Stage
-from ..training.trainer import TrainConfig, seed_everything, train
+from ..training import runfolder
+from ..training.distributed import EncodedShard, average_gradients, gather_rows, shard_rows
 from ..training.run import train_classifier
-from .rollout import ACTIONS, REWARDS, memorized_layer, rollout_loss
-
-#: the default policy inputs beside the exit feature (see ConsistentEEConfig.policy_inputs)
-DEFAULT_POLICY_INPUTS = ("maxprob", "margin", "entropy", "layer")
-
-
-@dataclass
-class ConsistentEEConfig:
-    """ConsistentEE's own hyper-parameters (defaults: the reference code's, scaled to a CPU budget)."""
-
-    alpha: float = 1.0
-    hardness: bool = True
-    #: "paper" (-CE - layer cost) or "ce" (-CE alone, the released reference code)
-    reward: str = "paper"
-    #: the policies' inputs beside the exit feature (layerexit.heads.POLICY_INPUTS); () = the paper's form
-    policy_inputs: tuple[str, ...] = DEFAULT_POLICY_INPUTS
-    #: (low, high): alpha drawn per instance and given to the policy (a dial at inference); None = fixed alpha
-    alpha_range: tuple[float, float] | None = None
-    #: stage 3: weight of the weighted average loss over all exits added to the chosen exits' loss
-    all_exits_weight: float = 0.0
-    #: stages 2 and 3: weight of the policies' Bernoulli entropy subtracted from the policy loss
-    policy_entropy: float = 0.0
-    copies: int = 8
-    action: str = "bernoulli"
-    epsilon: float = 0.1
-    rounds: int = 1
-    policy_hidden: int = 32
-    stage2_epochs: int = 2
-    stage2_batch_size: int = 32
-    stage2_learning_rate: float = 3e-4
-    stage3_epochs: int = 1
-    stage3_batch_size: int = 32
-    stage3_learning_rate: float = 3e-5
-
-    def validate(self) -> None:
-        if self.reward not in REWARDS:
-            raise bad_value("reward", self.reward, f"choose one of {', '.join(REWARDS)}")
-        unknown = [name for name in self.policy_inputs if name not in POLICY_INPUTS]
-        if unknown or len(set(self.policy_inputs)) != len(self.policy_inputs):
-            raise bad_value("policy_inputs", list(self.policy_inputs), f"choose distinct names from "
-                            f"{', '.join(POLICY_INPUTS)} (none: the paper's policy on the exit feature alone)")
-        if self.alpha_range is not None:
-            low, high = (float(v) for v in self.alpha_range)
-            if not 0 <= low < high:
-                raise bad_value("alpha_range", list(self.alpha_range), "give low < high, both >= 0, e.g. 0.1,3")
-            if not low <= self.alpha <= high:
-                raise bad_value("alpha", self.alpha, f"the default dial must lie in alpha_range [{low}, {high}]")
-        for name in ("all_exits_weight", "policy_entropy"):
-            if not getattr(self, name) >= 0:
-                raise bad_value(name, getattr(self, name), "use a weight >= 0 (0 turns it off)")
-        if self.action not in ACTIONS:
-            raise bad_value("action", self.action, f"choose one of {', '.join(ACTIONS)}")
-        if not self.alpha >= 0:
-            raise bad_value("alpha", self.alpha, "use alpha >= 0 (0 turns the layer cost off)")
-        if int(self.copies) < 2:
-            raise bad_value("copies", self.copies, "use K >= 2: the baseline is the mean reward of the K copies, "
-                            "so one copy has zero advantage and learns nothing")
-        if not 0 <= self.epsilon <= 1:
-            raise bad_value("epsilon", self.epsilon, "use a probability in [0, 1]")
-        for name in ("rounds", "stage2_epochs", "stage3_epochs", "stage2_batch_size", "stage3_batch_size"):
-            if int(getattr(self, name)) < (0 if name == "stage3_epochs" else 1):
-                raise bad_value(name, getattr(self, name), "use a whole number >= 1")
+from ..training.state import load_tensors
+from ..training.trainer import (TrainConfig, locked_run, make_accelerator, prepare_run_folder, seed_everything,
+                                train)
+from .config import ConsistentEEConfig
+from .rollout import memorized_layer, rollout_loss
 
 
 def sample_alpha(config: ConsistentEEConfig, batch: int, device=None, generator=None) -> float | torch.Tensor:
     """The layer cost of each instance: ``config.alpha``, or (B,) uniform draws from ``config.alpha_range``."""
-    if config.alpha_range is None:
+    bounds = config.alpha_bounds
+    if bounds is None:
         return config.alpha
-    low, high = (float(v) for v in config.alpha_range)
+    low, high = bounds
     return low + (high - low) * torch.rand(batch, generator=generator).to(device)
 
 
@@ -144,84 +91,64 @@ def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: t
                         config.epsilon, generator, config.reward, config.policy_entropy)
 
 
-def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> torch.Tensor:
-    """(N,) memorized layer of every training instance under ``model`` (eval mode)."""
-    cache = collect_logits(model, train_set, batch_size)
-    correct = cache.logits.argmax(dim=-1) == cache.labels  # (L, N)
-    return memorized_layer(correct)
+def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int = 128,
+                      accelerator=None) -> torch.Tensor:
+    """(N,) memorized layer of every training instance under ``model`` (eval mode); with several processes
+    each computes its shard and all get every row."""
+    rows = shard_rows(len(train_set), accelerator)
+    shard = train_set if len(rows) == len(train_set) else EncodedShard(train_set, rows)
+    cache = collect_logits(model, shard, batch_size)
+    correct = cache.logits.argmax(dim=-1) == cache.labels  # (L, n)
+    return gather_rows(memorized_layer(correct), len(train_set), accelerator)
 
 
 @torch.no_grad()
-def stage1_pass(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass of the frozen model (eval mode) over the training set: (N,) memorized layers and (N, L, H) exit
-    features, the two things stages 2 and 3 need from stage 1."""
+def cached_features(model: MultiExitModel, train_set: Encoded, batch_size: int = 128,
+                    rows: list[int] | None = None) -> torch.Tensor:
+    """(n, L, H) exit features of training instances ``rows`` (default: all) under the frozen model (eval)."""
     model.eval()
-    correct = torch.empty(model.config.num_layers, len(train_set), dtype=torch.bool)
-    out = torch.empty(len(train_set), model.config.num_layers, model.config.hidden_size)
-    labels = torch.tensor(train_set.labels)
-    for start in range(0, len(train_set), batch_size):
-        idx = list(range(start, min(start + batch_size, len(train_set))))
-        batch = model_inputs(train_set.collate([train_set[i] for i in idx]))
-        logits, features = model(**batch, return_features=True)  # (L, b, C), (L, b, H)
-        correct[:, idx] = logits.argmax(-1).cpu() == labels[idx]
-        out[idx] = features.transpose(0, 1).float().cpu()
-    return memorized_layer(correct), out
-
-
-def _shared_stage1(model, train_set, cache_dir, stage1: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stage1_pass``, kept in ``cache_dir`` for runs that share the stage-1 model and the training data."""
-    if cache_dir is None:
-        return stage1_pass(model, train_set)
-    path = Path(cache_dir) / "stage1_pass.pt"
-    key = {"stage1": str(Path(stage1).resolve()), "data_id": data_digest(train_set)}
-    if path.is_file():
-        saved = torch.load(path)
-        if saved["key"] == key:
-            return saved["memorized"], saved["features"]
-    memorized, features = stage1_pass(model, train_set)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "memorized": memorized, "features": features}, tmp)
-    tmp.replace(path)  # atomic
-    return memorized, features
-
-
-@torch.no_grad()
-def cached_features(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> torch.Tensor:
-    """(N, L, H) exit features of every training instance under the frozen model (eval mode)."""
-    model.eval()
-    out = torch.empty(len(train_set), model.config.num_layers, model.config.hidden_size)
-    for start in range(0, len(train_set), batch_size):
-        idx = list(range(start, min(start + batch_size, len(train_set))))
+    rows = list(range(len(train_set))) if rows is None else list(rows)
+    out = torch.empty(len(rows), model.config.num_layers, model.config.hidden_size)
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start : start + batch_size]
         batch = model_inputs(train_set.collate([train_set[i] for i in idx]))
         _, features = model(**batch, return_features=True)  # (L, b, H)
-        out[idx] = features.transpose(0, 1).float()
+        out[start : start + len(idx)] = features.transpose(0, 1).float()
     return out
 
 
 def run_stage2(model: MultiExitModel, features: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor,
-               config: ConsistentEEConfig, seed: int) -> list[dict]:
-    """Policy-only REINFORCE on cached features of the frozen model; returns one log record per epoch."""
+               config: ConsistentEEConfig, seed: int, accelerator=None) -> list[dict]:
+    """Policy-only REINFORCE on cached features of the frozen model; returns one log record per epoch.
+
+    With several processes, ``features``, ``labels`` and ``memorized`` are this process's shard; every
+    process takes a batch of its shard per step and the policies' gradients are averaged over processes.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.policies.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.policies.parameters(), lr=config.stage2_learning_rate)
-    generator = torch.Generator().manual_seed(seed)
+    rank = accelerator.process_index if accelerator is not None else 0
+    generator = torch.Generator().manual_seed(seed + 7919 * rank)
+    distributed = accelerator is not None and accelerator.num_processes > 1
+    largest = max(gather_object([len(labels)])) if distributed else len(labels)  # steps: the largest shard's
     model.train()  # dropout on, as in the reference's stage 2
     history = []
     for epoch in range(config.stage2_epochs):
         order = torch.randperm(len(labels), generator=generator)
         records = []
-        for start in tqdm(range(0, len(order), config.stage2_batch_size), desc=f"stage2 epoch {epoch + 1}",
-                          leave=False):
+        for start in tqdm(range(0, int(largest), config.stage2_batch_size), desc=f"stage2 epoch {epoch + 1}",
+                          leave=False, disable=rank != 0):
             idx = order[start : start + config.stage2_batch_size]
-            loss, _, stats = rollout_on_features(model, features[idx].transpose(0, 1), labels[idx], memorized[idx],
-                                                 config, generator)
             optimizer.zero_grad()
-            loss.backward()
+            if len(idx):  # a process whose shard is used up joins the gradient average with no rows
+                loss, _, stats = rollout_on_features(model, features[idx].transpose(0, 1), labels[idx],
+                                                     memorized[idx], config, generator)
+                loss.backward()
+                records.append(stats)
+            average_gradients(model.policies.parameters(), len(idx), accelerator)
             optimizer.step()
-            records.append(stats)
         history.append(_epoch_record("stage2", epoch, records))
     model.eval()
     return history
@@ -260,6 +187,39 @@ def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return (ce.view(num_layers, batch).mean(dim=1) * weights).sum() / weights.sum()
 
 
+@torch.no_grad()
+def stage1_pass(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the frozen model (eval mode) over the training set: (N,) memorized layers and (N, L, H) exit
+    features, the two things stages 2 and 3 need from stage 1 (one process)."""
+    model.eval()
+    correct = torch.empty(model.config.num_layers, len(train_set), dtype=torch.bool)
+    out = torch.empty(len(train_set), model.config.num_layers, model.config.hidden_size)
+    labels = torch.tensor(train_set.labels)
+    for start in range(0, len(train_set), batch_size):
+        idx = list(range(start, min(start + batch_size, len(train_set))))
+        batch = model_inputs(train_set.collate([train_set[i] for i in idx]))
+        logits, features = model(**batch, return_features=True)  # (L, b, C), (L, b, H)
+        correct[:, idx] = logits.argmax(-1).cpu() == labels[idx]
+        out[idx] = features.transpose(0, 1).float().cpu()
+    return memorized_layer(correct), out
+
+
+def shared_stage1(model, train_set, cache_dir, stage1: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stage1_pass``, kept in ``cache_dir`` for runs that share the stage-1 model and the training data."""
+    path = Path(cache_dir) / "stage1_pass.pt"
+    key = f"{Path(stage1).resolve()}|{data_digest(train_set)}"
+    if path.is_file():
+        saved = load_tensors(path)
+        if saved is not None and saved.get("key") == key:
+            return saved["memorized"], saved["features"]
+    memorized, features = stage1_pass(model, train_set)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "memorized": memorized, "features": features}, tmp)
+    tmp.replace(path)  # atomic
+    return memorized, features
+
+
 def _unwrap(model):
     return getattr(model, "module", model)
 
@@ -288,12 +248,32 @@ def train_consistentee(
     cache_dir: str | Path | None = None,
 ):
     """The whole schedule; returns (ConsistentEE model, tokenizer). ``stage1_dir`` reuses a finished stage 1
-    (e.g. shared by an alpha sweep); ``cache_dir`` keeps the stage-1 model's memorized layers and exit features
-    there, so runs sharing that stage 1 and training data compute them once."""
+    (e.g. shared by an alpha sweep); ``cache_dir`` (one process) keeps the stage-1 model's memorized layers and
+    exit features there, so runs sharing that stage 1 and training data compute them once.
+
+    The output folder is locked while it runs and resumes only a run with the same options and data. With
+    several processes (``torchrun``, ``accelerate launch``) the memorized-layer pass, the feature cache and
+    stage 2 are sharded over them, stages 1 and 3 are data parallel, and only the main process writes.
+    """
     config = config or ConsistentEEConfig()
     config.validate()
     train_config = train_config or TrainConfig()
     output_dir = Path(output_dir)
+    accelerator = make_accelerator()
+    settings = {**asdict(train_config), **{f"consistentee_{k}": v for k, v in asdict(config).items()},
+                "backbone": backbone, "exit_feature": exit_feature, "max_length": max_length,
+                "stage1_dir": str(stage1_dir) if stage1_dir else None, "num_processes": accelerator.num_processes,
+                "train_data": runfolder.text_digest(train_data), "eval_data": runfolder.text_digest(eval_data)}
+    with locked_run(output_dir, accelerator):
+        prepare_run_folder(output_dir, settings, True, accelerator)
+        if accelerator.is_main_process:
+            runfolder.write_run_config(output_dir, settings)
+        return _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature,
+                                   max_length, stage1_dir, accelerator, cache_dir)
+
+
+def _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature, max_length,
+                        stage1_dir, accelerator, cache_dir=None):
     history_path = output_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     logged = {(h["round"], h["stage"], h["epoch"]) for h in history if "round" in h}
@@ -303,7 +283,8 @@ def train_consistentee(
             record["round"] = round_index
             if (round_index, record["stage"], record["epoch"]) not in logged:
                 history.append(record)
-        write_json_atomic(history_path, history)
+        if accelerator.is_main_process:
+            write_json_atomic(history_path, history)
 
     # stage 1 (joint, weighted) -----------------------------------------------------------------------
     stage1 = Path(stage1_dir) if stage1_dir else output_dir / "stage1"
@@ -321,18 +302,26 @@ def train_consistentee(
     eval_set = Encoded(eval_data, tokenizer, model.config.max_length) if eval_data is not None else None
     seed_everything(train_config.seed)
     if model.policies is None:
-        model.add_policies(config.policy_hidden, config.policy_inputs, config.alpha_range, config.alpha)
+        model.add_policies(config.policy_hidden, config.inputs, config.alpha_bounds, config.alpha)
 
     # memorized layers --------------------------------------------------------------------------------
     memorized_path = output_dir / "memorized.pt"
+    saved = load_tensors(memorized_path) if memorized_path.is_file() else None
     first_features = None  # round 1's exit features, from the same pass as the memorized layers
-    if memorized_path.is_file() and torch.load(memorized_path)["num_examples"] == len(train_set):
-        memorized = torch.load(memorized_path)["memorized"]
+    shared = cache_dir is not None and accelerator.num_processes == 1
+    if saved is not None and saved["num_examples"] == len(train_set):
+        memorized = saved["memorized"]
+    elif shared:
+        memorized, first_features = shared_stage1(model, train_set, cache_dir, stage1)
     else:
-        memorized, first_features = _shared_stage1(model, train_set, cache_dir, stage1)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
+        memorized = compute_memorized(model, train_set, accelerator=accelerator)
+    if saved is None or saved["num_examples"] != len(train_set):
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
+        accelerator.wait_for_everyone()
     labels = torch.tensor(train_set.labels)
+    rows = shard_rows(len(train_set), accelerator)  # this process's share of the feature cache and stage 2
 
     # alternating stages 2 and 3 -----------------------------------------------------------------------
     for round_index in range(1, config.rounds + 1):
@@ -340,13 +329,17 @@ def train_consistentee(
         if (round_dir / "stage2" / "layerexit_config.json").is_file():
             model = MultiExitModel.from_pretrained(round_dir / "stage2")
         else:
-            if round_index == 1 and first_features is None:
-                first_features = _shared_stage1(model, train_set, cache_dir, stage1)[1]
-            features = first_features if round_index == 1 else cached_features(model, train_set)
-            records = run_stage2(model, features, labels, memorized, config, train_config.seed + round_index)
+            if round_index == 1 and shared and first_features is None:
+                first_features = shared_stage1(model, train_set, cache_dir, stage1)[1]
+            first = round_index == 1 and first_features is not None
+            features = first_features if first else cached_features(model, train_set, rows=rows)
+            records = run_stage2(model, features, labels[rows], memorized[rows], config,
+                                 train_config.seed + round_index, accelerator)
             records[-1].update(policy_summary(model, eval_set))
-            model.save_pretrained(round_dir / "stage2", tokenizer=tokenizer)
+            if accelerator.is_main_process:
+                model.save_pretrained(round_dir / "stage2", tokenizer=tokenizer)
             log(records, round_index)
+            accelerator.wait_for_everyone()
         if config.stage3_epochs == 0:
             continue
         stage3_dir = round_dir / "stage3"
@@ -362,8 +355,10 @@ def train_consistentee(
         records[-1].update(policy_summary(model, eval_set))
         log(records, round_index)
 
-    model.save_pretrained(output_dir / "final", tokenizer=tokenizer)
-    (output_dir / "final" / "consistentee.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir / "final", tokenizer=tokenizer)
+        (output_dir / "final" / "consistentee.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    accelerator.wait_for_everyone()
     return model, tokenizer
 
 

@@ -54,8 +54,12 @@ def plain_forward(model: MultiExitModel, inputs: dict) -> torch.Tensor:
 
     The feature is taken from the backbone's own output rather than through ``model.exit_feature`` so that
     the timed path is exactly the stock forward (whose last hidden state already holds a pre-norm model's
-    final norm).
+    final norm). On another layer backend (bf16, int8, ONNX Runtime) the reference is that backend's full
+    model instead: every layer through the backend, then the last exit, so the speed-up isolates exiting.
     """
+    if model.backend.name != "eager":  # another layer backend: that backend's full model is the reference
+        state = model.run_layers(model.start(**inputs), 0, model.config.num_layers)
+        return model.exits[-1](model.exit_feature(state))
     out = model.backbone(**inputs)
     hidden = out.last_hidden_state  # (B, T, H)
     kind = model.config.exit_feature
@@ -75,8 +79,11 @@ def engine_forward(model: MultiExitModel, inputs: dict, rule: ExitRule):
 
 
 def _timed(fn) -> tuple[float, object]:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA runs asynchronously
+    sync()
     start = time.perf_counter()
     result = fn()
+    sync()
     return time.perf_counter() - start, result
 
 
@@ -129,6 +136,8 @@ def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitR
     the spread of the per-round speed-up and overhead, the machine's load, and ``warnings`` where the timing
     is implausible (see ``layerexit.evaluation.timing``)."""
     batches = Batches.build(encoded, batch_size, limit)
+    device = next(model.parameters()).device
+    batches.inputs = [{k: v.to(device) for k, v in inputs.items()} for inputs in batches.inputs]
     result = measure(model, batches, rules, rounds=rounds, progress=progress)
     seconds, per_round = result["seconds"], result["rounds"]
     overhead_rounds = [h / p - 1.0 for h, p in zip(per_round["all_heads"], per_round["plain"])]
@@ -140,7 +149,7 @@ def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitR
         measured = seconds["plain"] / seconds[name]
         ideal = num_layers / avg_layers
         entry = {
-            "rule": rule.name, "params": rule.params, "batch_size": batch_size,
+            "rule": rule.name, "params": rule.params, "batch_size": batch_size, "backend": model.backend.name,
             "accuracy": float((predictions == batches.labels).double().mean()),
             "avg_layers": avg_layers,
             "speedup_measured": measured, "speedup_ideal": ideal, "ratio_to_ideal": measured / ideal,

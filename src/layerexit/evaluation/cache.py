@@ -5,7 +5,7 @@ All rules and thresholds are then simulated over this cache; chosen points are c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ class LogitCache:
     split: str = ""
     #: digest of the examples (token ids and labels), so a renamed split is still recognised
     data_id: str = ""
+    #: one short digest per example, so evaluating on some of the fitting rows is recognised too
+    row_ids: list[str] = field(default_factory=list)
 
     @property
     def signals(self) -> dict[str, torch.Tensor]:
@@ -49,13 +51,14 @@ class LogitCache:
 
     def save(self, path: str | Path) -> None:
         torch.save({"logits": self.logits, "labels": self.labels, "policy": self.policy, "split": self.split,
-                    "data_id": self.data_id, "policy_by_alpha": self.policy_by_alpha}, path)
+                    "data_id": self.data_id, "row_ids": self.row_ids, "policy_by_alpha": self.policy_by_alpha}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "LogitCache":
-        data = torch.load(path)
+        data = torch.load(path, weights_only=True)  # never unpickle objects from a file on disk
         return cls(data["logits"], data["labels"], data.get("policy"), data.get("policy_by_alpha"),
-                   split=data.get("split", ""), data_id=data.get("data_id", ""))
+                   split=data.get("split", ""), data_id=data.get("data_id", ""),
+                   row_ids=list(data.get("row_ids", [])))
 
 
 @torch.no_grad()
@@ -127,9 +130,19 @@ def data_digest(encoded: Encoded) -> str:
     return digest.hexdigest()
 
 
+def row_digests(encoded: Encoded) -> list[str]:
+    """One 64-bit digest (16 hex digits) per example, of its token ids and label."""
+    import hashlib
+    from array import array
+
+    return [hashlib.sha1(array("q", ids).tobytes() + b"|%d" % label).hexdigest()[:16]
+            for ids, label in zip(encoded.features["input_ids"], encoded.labels)]
+
+
 def tag_split(cache: LogitCache, split: str, encoded: Encoded | None = None) -> LogitCache:
     """Record which split ``cache`` holds (and, given ``encoded``, the examples' digest); returns ``cache``."""
     cache.split = str(split)
     if encoded is not None:
         cache.data_id = data_digest(encoded)
+        cache.row_ids = row_digests(encoded)
     return cache

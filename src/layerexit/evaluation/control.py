@@ -84,8 +84,8 @@ def calibrate(model, tokenizer, data: TextClassificationData, output: str | Path
     from .calibration_plots import plot_reliability, plot_reliability_exit
 
     if is_test_split(data.split):
-        raise bad_value("--split", data.split, "rules are fitted on a validation split and reported on the test "
-                        "split; calibrate on e.g. --split validation (or dev)")
+        raise bad_value("data.split", data.split, "rules are fitted on a validation split and reported on the "
+                        "test split; calibrate on e.g. the 'validation' (or 'dev') split")
     fit, encoded = cache_split(model, tokenizer, data, batch_size)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,8 @@ def control_report(model, tokenizer, encoded: Encoded, test: LogitCache, options
             report["measured"] = [entry for batch_size in batch_sizes for entry in compare_with_simulation(
                 speed_report(model, encoded, timed, batch_size, measure_examples, rounds), test, timed)]
     if options.budget is not None:
-        report["asked_budget"] = {unit: _row(b["rows"], "asked", options.budget) for unit, b in report["budgets"].items()}
+        report["asked_budget"] = {unit: _row(b["rows"], "asked", options.budget)
+                                  for unit, b in report["budgets"].items()}
     return out
 
 

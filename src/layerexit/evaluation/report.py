@@ -255,7 +255,7 @@ def _control_section(report: Mapping[str, Any] | None) -> list[str]:
     rows = [[name, f"{100 * s['mean_abs_gap']:.2f}" if s["mean_abs_gap"] is not None else "n/a",
              f"{100 * s['max_abs_gap']:.2f}" if s["max_abs_gap"] is not None else "n/a",
              s["below_target"], s["below_target_by_more_than_1pt"], s["num_targets"]] for name, s in summary.items()]
-    parts.append(md_table(["rule", "mean \\|target − achieved\\| (pt)", "max (pt)", "targets missed",
+    parts.append(md_table(["rule", "mean |target − achieved| (pt)", "max (pt)", "targets missed",
                            "missed by > 1 pt", "achievable targets"], rows))
     asked = report.get("asked_target") or {}
     if asked:

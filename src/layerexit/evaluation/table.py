@@ -109,4 +109,5 @@ def format_calibration(table: list[Mapping[str, Any]], budget=None, split: str =
     return "\n".join(lines)
 
 
-__all__ = ["format_calibration", "format_control", "format_measured", "format_summary", "format_table", "format_warnings"]
+__all__ = ["format_calibration", "format_control", "format_measured", "format_summary", "format_table",
+           "format_warnings"]

@@ -49,8 +49,9 @@ def timing_warnings(entry: dict) -> list[str]:
         band = entry.get("overhead_spread")
         noise = max(OVERHEAD_NOISE_FLOOR, band["q3"] - band["q1"]) if band else OVERHEAD_NOISE_FLOOR
         if overhead < -noise:
-            warnings.append(f"exit-head overhead {100 * overhead:+.1f}% is negative beyond noise (±{100 * noise:.1f}%):"
-                            " computing every exit cannot be faster than computing one; the timing was disturbed")
+            warnings.append(f"exit-head overhead {100 * overhead:+.1f}% is negative beyond noise "
+                            f"(±{100 * noise:.1f}%): computing every exit cannot be faster than computing one; "
+                            "the timing was disturbed")
     rounds = entry.get("rounds")
     if isinstance(rounds, int) and rounds < MIN_ROUNDS:
         warnings.append(f"only {rounds} timing round(s): no spread; use at least {MIN_ROUNDS}")

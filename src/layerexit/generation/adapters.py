@@ -28,7 +28,11 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class DecoderAdapter(LayerStackAdapter):
-    """Base adapter. Subclasses fill in the structure and the per-layer K/V projection."""
+    """Base adapter. Subclasses fill in the structure and the per-layer K/V projection, and name the modules
+    LoRA adapts (``lora_targets``; ``lora_fan_in_fan_out`` when they store their weight transposed)."""
+
+    lora_targets: tuple[str, ...] = ()
+    lora_fan_in_fan_out: bool = False
 
     def __init__(self, lm: nn.Module):
         super().__init__(lm)
@@ -126,6 +130,7 @@ class DecoderAdapter(LayerStackAdapter):
 @DECODERS.register("llama", "Llama family (also Mistral and Qwen2 layouts): pre-RMSNorm, rotary, GQA")
 class LlamaAdapter(DecoderAdapter):
     model_types = ("llama", "mistral", "qwen2")
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -207,6 +212,8 @@ class LlamaAdapter(DecoderAdapter):
 @DECODERS.register("gpt2", "GPT-2: learned absolute positions, pre-LayerNorm, fused c_attn")
 class GPT2Adapter(DecoderAdapter):
     model_types = ("gpt2",)
+    lora_targets = ("c_attn",)
+    lora_fan_in_fan_out = True  # GPT-2's Conv1D stores W transposed
 
     @property
     def layers(self) -> nn.ModuleList:

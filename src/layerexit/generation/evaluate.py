@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 from ..errors import bad_value
+from ..evaluation.formatting import md_table
+from ..evaluation.timing import timing_warnings
 from .decode import Generation, generate
 from .rules import make_token_rule
 from .speculative import generate_speculative
@@ -110,12 +112,12 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
     full = {"tokens": 0, "seconds": 0.0}
     samples = []
     if prompts:  # untimed warm-up of every path (first calls pay for allocations and lazy set-up)
-        ids = tokenizer(prompts[0], return_tensors="pt").input_ids
+        ids = tokenizer(prompts[0], return_tensors="pt").input_ids.to(next(model.parameters()).device)
         for spec in [{"strategy": "full"}] + specs:
             run_spec((models or {}).get(spec.get("exits"), model), ids, spec, min(4, max_new_tokens), eos_id,
                      draft_vocab=draft_vocab)
     for i, text in enumerate(prompts):
-        ids = tokenizer(text, return_tensors="pt").input_ids
+        ids = tokenizer(text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
         best: dict[str, float] = {}
         outputs: dict[str, Generation] = {}
         for _ in range(max(1, int(rounds))):
@@ -162,6 +164,7 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
             entry["acceptance"] = accepted / drafted if drafted else 0.0
             entry["tokens_per_cycle"] = sum(s["tokens_per_cycle"] for s in row["stats"]) / len(row["stats"])
             entry["draft_vocab"] = row["stats"][0]["draft_vocab"]  # None: the whole vocabulary
+        entry["warnings"] = timing_warnings(entry)  # a measured speed-up above the ideal L/avg_layers is noise
         results.append(entry)
     return {"num_layers": model.num_layers, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "rounds": rounds,
             "full": {"tokens": full["tokens"], "seconds": full["seconds"], "tokens_per_second": full_tps},
@@ -221,16 +224,16 @@ def report(payload: dict, out_dir: str | Path, title: str = "Generation evaluati
              f"(our loop, never exiting): {full['tokens_per_second']:.2f} tokens/s. Exit machinery adds "
              f"{payload['exit_parameters']:,} parameters to {payload['backbone_parameters']:,} "
              f"({100 * payload['exit_parameters'] / payload['backbone_parameters']:.2f}%). All figures measured "
-             f"(fastest of {payload.get('rounds', 1)} interleaved round(s) per prompt and strategy).", "",
-             "| strategy | avg layers | tokens/s | speed-up vs full | token match | ROUGE-L | identical | acceptance |",
-             "|---|---|---|---|---|---|---|---|"]
-    for e in payload["results"]:
-        acceptance = f"{100 * e['acceptance']:.0f}%" if "acceptance" in e else ""
-        avg = f"{e['avg_layers']:.2f}" if "avg_layers" in e else "—"
-        lines.append(f"| {e['name']} | {avg} | {e['tokens_per_second']:.2f} | "
-                     f"{e['speedup_measured']:.2f}x | {100 * e['token_match']:.1f}% | {e['rouge_l']:.3f} | "
-                     f"{e['identical_prompts']}/{payload['prompts']} | "
-                     f"{acceptance} |")
+             f"(fastest of {payload.get('rounds', 1)} interleaved round(s) per prompt and strategy).", ""]
+    rows = [[e["name"], f"{e['avg_layers']:.2f}" if "avg_layers" in e else "—", f"{e['tokens_per_second']:.2f}",
+             f"{e['speedup_measured']:.2f}x", f"{e['speedup_ideal']:.2f}x" if "speedup_ideal" in e else "—",
+             f"{100 * e['token_match']:.1f}%", f"{e['rouge_l']:.3f}", f"{e['identical_prompts']}/{payload['prompts']}",
+             f"{100 * e['acceptance']:.0f}%" if "acceptance" in e else ""] for e in payload["results"]]
+    lines.append(md_table(["strategy", "avg layers", "tokens/s", "speed-up vs full", "ideal (L/avg layers)",
+                           "token match", "ROUGE-L", "identical", "acceptance"], rows))
+    warnings = [f"- {e['name']}: {w}" for e in payload["results"] for w in e.get("warnings") or []]
+    if warnings:
+        lines += ["", "**Timing warnings** (re-run these on a quiet machine before quoting them):", *warnings]
     lines += ["", "![speed vs agreement](speed_vs_agreement.png)", ""]
     if any("exit_histogram" in e for e in payload["results"]):
         lines += ["![exit layers](exit_layers.png)", ""]

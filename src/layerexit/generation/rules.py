@@ -148,7 +148,8 @@ class TokenRule(ExitRule):
                 "decay": self.decay}
 
     def __repr__(self) -> str:
-        return f"TokenRule({self.rule!r}, {', '.join(f'{k}={v!r}' for k, v in self.params.items() if k != 'threshold')})"
+        options = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if k != "threshold")
+        return f"TokenRule({self.rule!r}, {options})"
 
 
 def token_signals(model, needs: Iterable[str], layer: int, hidden: torch.Tensor, previous: torch.Tensor) -> dict:

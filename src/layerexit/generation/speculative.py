@@ -86,7 +86,7 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     if int(num_draft) < 1:
         raise bad_value("num_draft", num_draft, "draft at least one token per step")
     prompt_length = check_request(model, input_ids, max_new_tokens)
-    L, adapter, device = model.num_layers, model.adapter, input_ids.device
+    L = model.num_layers
     start = time.perf_counter()
     cache = LayerKVCache(L)
     token = greedy_token(model.exit_logits(L, prefill(model, input_ids, cache)))
@@ -97,34 +97,14 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
     while len(tokens) < max_new_tokens and token != eos_token_id:
         t = prompt_length + len(tokens) - 1  # position of the last token
         budget = min(int(num_draft), max_new_tokens - len(tokens))
-        drafts, states, x, confident = [], [], token, True
-        for i in range(budget):  # draft: layers 1..E and the exit head, one token at a time
-            pos = torch.tensor([t + i], device=device)
-            h = adapter.run_layers(adapter.embed(torch.tensor([[x]], device=device), pos), 0, E, pos, cache)
-            states.append(h)  # (1, 1, H) after layer E
-            x, logits = head.draft(model, E, h[0, -1])
-            drafts.append(x)
-            if x == eos_token_id:
-                break
-            if draft_threshold is not None:
-                confident = float(torch.softmax(logits.float(), -1).max()) >= draft_threshold
-                if not confident:
-                    break
+        drafts, states, confident = _draft(model, head, E, cache, token, t, budget, eos_token_id, draft_threshold,
+                                           input_ids.device)
         k = len(drafts)
         if bonus and confident and drafts[-1] != eos_token_id and len(tokens) + k < max_new_tokens:
             # d_k joins the verification too, so a fully accepted draft also earns the full model's next token
-            pos = torch.tensor([t + k], device=device)
-            states.append(adapter.run_layers(adapter.embed(torch.tensor([[drafts[-1]]], device=device), pos),
-                                             0, E, pos, cache))
+            states.append(_run_shallow(model, E, cache, drafts[-1], t + k, input_ids.device))
         m = len(states)  # inputs verified: x_t, d_1..d_{k-1}, and d_k when it was fed
-        positions = torch.arange(t, t + m, device=device)
-        deep = adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, m, H)
-        full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (m,) full model's next tokens
-        n = 0
-        while n < k and drafts[n] == full[n]:
-            n += 1
-        new = drafts[:n] + full[n:n + 1]  # accepted drafts, then the correction (or the bonus when n == k < m)
-        cache.crop(t + n + 1)  # keep inputs x_t, d_1..d_n; forget rejected drafts in every layer
+        n, new = _verify(model, E, cache, drafts, states, t)
         drafted += k
         accepted += n
         bonuses += int(n == k < m)
@@ -144,3 +124,46 @@ def generate_speculative(model, input_ids: torch.Tensor, draft_layers: int, num_
              "acceptance": accepted / drafted if drafted else 0.0,
              "tokens_per_cycle": (len(tokens) - 1) / cycles if cycles else 0.0}
     return Generation(prompt_length, tokens, [], L, seconds, layer_tokens, stats)
+
+
+def _run_shallow(model, E: int, cache: LayerKVCache, token: int, position: int, device) -> torch.Tensor:
+    """Feed ``token`` at ``position`` through layers 1..E (writing their cache): (1, 1, H) after layer E."""
+    pos = torch.tensor([position], device=device)
+    return model.adapter.run_layers(model.adapter.embed(torch.tensor([[token]], device=device), pos), 0, E, pos, cache)
+
+
+def _draft(model, head: DraftHead, E: int, cache: LayerKVCache, token: int, t: int, budget: int,
+           eos_token_id: int | None, draft_threshold: float | None,
+           device) -> tuple[list[int], list[torch.Tensor], bool]:
+    """Draft up to ``budget`` tokens after ``token`` (at position t) with layers 1..E and the draft head.
+
+    Returns the drafts, the (1, 1, H) states after layer E of the inputs fed (``token``, then every draft but
+    the last) and whether the last draft was confident (always, without ``draft_threshold``)."""
+    drafts, states, x, confident = [], [], token, True
+    for i in range(budget):
+        h = _run_shallow(model, E, cache, x, t + i, device)
+        states.append(h)
+        x, logits = head.draft(model, E, h[0, -1])
+        drafts.append(x)
+        if x == eos_token_id:
+            break
+        if draft_threshold is not None:
+            confident = float(torch.softmax(logits.float(), -1).max()) >= draft_threshold
+            if not confident:
+                break
+    return drafts, states, confident
+
+
+def _verify(model, E: int, cache: LayerKVCache, drafts: list[int], states: list[torch.Tensor],
+            t: int) -> tuple[int, list[int]]:
+    """Run layers E+1..L on the fed inputs in one pass; returns how many drafts the full model accepts and the
+    tokens to emit (the accepted drafts, then the full model's next token: the correction, or a bonus)."""
+    L, m = model.num_layers, len(states)
+    positions = torch.arange(t, t + m, device=states[0].device)
+    deep = model.adapter.run_layers(torch.cat(states, dim=1), E, L, positions, cache)  # (1, m, H)
+    full = model.exit_logits(L, deep[0]).argmax(dim=-1).tolist()  # (m,) full model's next tokens
+    n = 0
+    while n < len(drafts) and drafts[n] == full[n]:
+        n += 1
+    cache.crop(t + n + 1)  # keep inputs x_t, d_1..d_n; forget rejected drafts in every layer
+    return n, drafts[:n] + full[n:n + 1]

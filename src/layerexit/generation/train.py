@@ -64,9 +64,11 @@ def add_lora(model, rank: int, alpha: int | None = None) -> None:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise bad_value("lora_rank", rank, "LoRA needs peft: pip install peft==0.21.2, or use lora_rank=0") from None
-    targets = ["c_attn"] if model.config.model_type == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj"]
-    config = LoraConfig(r=int(rank), lora_alpha=int(alpha or 2 * rank), target_modules=targets, lora_dropout=0.0,
-                        fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2's Conv1D stores W transposed
+    adapter = model.adapter
+    if not adapter.lora_targets:
+        raise bad_value("lora_rank", rank, f"the {type(adapter).__name__} names no LoRA target modules; use lora_rank=0")
+    config = LoraConfig(r=int(rank), lora_alpha=int(alpha or 2 * rank), target_modules=list(adapter.lora_targets),
+                        lora_dropout=0.0, fan_in_fan_out=adapter.lora_fan_in_fan_out)
     inject_adapter_in_model(config, model.lm)
     model.config.training["lora_rank"] = int(rank)
 

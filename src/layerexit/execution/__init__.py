@@ -1,0 +1,28 @@
+"""Layer backends: where the engine's layers come from (eager PyTorch, bf16, int8, ONNX Runtime).
+
+The engine keeps one primitive, :meth:`layerexit.MultiExitModel.run_layers`; a backend only decides how
+layer ``i`` is computed for the rows still running. Embeddings, exit heads and exit rules always run in
+PyTorch on float32 features on the host, so every exit rule, the logit cache and the simulator work
+unchanged on every backend. Choose one with :meth:`layerexit.MultiExitModel.optimize` or ``--backend``.
+"""
+
+from __future__ import annotations
+
+from ..registry import Registry
+from .base import LayerBackend
+
+BACKENDS: Registry[type[LayerBackend]] = Registry("backend")
+
+from .torch_backends import BF16Backend, EagerBackend, Int8Backend  # noqa: E402  (they register themselves)
+from .onnx import OnnxBackend, OnnxInt8Backend  # noqa: E402
+
+OPTIMIZED_DIR = "optimized"
+
+
+def make_backend(name: str, **options) -> LayerBackend:
+    """A fresh, unbound backend by name (``eager``, ``bf16``, ``int8``, ``onnx``, ``onnx-int8``)."""
+    return BACKENDS.get(name, "backend")(**options)
+
+
+__all__ = ["BACKENDS", "BF16Backend", "EagerBackend", "Int8Backend", "LayerBackend", "OPTIMIZED_DIR",
+           "OnnxBackend", "OnnxInt8Backend", "make_backend"]

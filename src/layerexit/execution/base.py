@@ -1,0 +1,94 @@
+"""The backend interface: build per-layer executables from a model once, then run layer ``i`` on the rows
+still in the batch (any number of rows, any sequence length: the engine trims both between layers)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ..errors import LayerExitError
+
+
+class LayerBackend:
+    """How the layers of a :class:`~layerexit.MultiExitModel` are computed.
+
+    Subclasses set ``name`` and override :meth:`build` (make the per-layer executables from the model's own
+    layers) and :meth:`run_layer`. ``hidden_dtype`` is the dtype of the hidden states travelling between
+    layers (``None``: the model's own); exit features are cast back to the exit heads' dtype, so rules and
+    heads always see the same precision as in training.
+    """
+
+    name = "eager"
+    hidden_dtype: torch.dtype | None = None
+    #: whether :meth:`save` writes files worth keeping (exported graphs, quantized weights)
+    saves_files = False
+
+    def __init__(self):
+        self.model = None
+
+    # --- life cycle ----------------------------------------------------------------------------------
+    def bind(self, model, saved: str | Path | None = None) -> "LayerBackend":
+        """Attach to ``model``: load the executables from ``saved`` (a folder written by :meth:`save`) when
+        given, else build them from the model's layers."""
+        self.model = model
+        if saved is not None:
+            self.check_saved(Path(saved))
+            self.load(Path(saved))
+        else:
+            self.build()
+        return self
+
+    def build(self) -> None:
+        """Make the per-layer executables from ``self.model`` (nothing to do for eager)."""
+
+    def save(self, directory: Path) -> None:
+        """Write the executables into ``directory`` (already created, empty)."""
+
+    def load(self, directory: Path) -> None:
+        """Read executables written by :meth:`save` (the folder was checked by :meth:`check_saved`)."""
+        self.build()
+
+    def check_saved(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise LayerExitError(f"optimized={str(directory)!r} is invalid: no such folder; build the backend with "
+                                 f"model.optimize({self.name!r}) and write it with model.save_optimized(folder)")
+
+    # --- computation ---------------------------------------------------------------------------------
+    def run_layer(self, index: int, hidden: torch.Tensor, state) -> torch.Tensor:
+        """Layer ``index`` (0-based) for the rows of ``state``: (n, T, H) -> (n, T, H)."""
+        return self.model.adapter.run_layer(index, hidden, state.layer_kwargs)
+
+    def describe(self) -> dict:
+        """What a report should say about this backend (name, precision, runtime version)."""
+        return {"backend": self.name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+def layer_digest(model) -> str:
+    """A digest of the backbone layers' weights: saved executables must come from these exact weights."""
+    digest = hashlib.sha1()
+    seen = set()
+    for layer in model.adapter.layers:
+        if id(layer) in seen:  # ALBERT shares one layer group between positions
+            continue
+        seen.add(id(layer))
+        for name, tensor in layer.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def unique_layers(layers: list) -> tuple[list, list[int]]:
+    """The distinct modules of ``layers`` and, per layer position, the index of its module among them
+    (ALBERT runs one shared layer group at every position)."""
+    modules, index_of, positions = [], {}, []
+    for layer in layers:
+        if id(layer) not in index_of:
+            index_of[id(layer)] = len(modules)
+            modules.append(layer)
+        positions.append(index_of[id(layer)])
+    return modules, positions

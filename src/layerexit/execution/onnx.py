@@ -1,0 +1,207 @@
+"""ONNX Runtime backends: each layer exported once (``torch.onnx.export``, dynamic rows and sequence length)
+and run by its own ONNX Runtime session; ``onnx-int8`` adds ONNX Runtime's dynamic int8 quantization
+(per-channel weights by default). Embeddings, exit heads and the rule stay in PyTorch on the host.
+
+Each graph takes the running rows' hidden states (n, T, H) float32 and their 0/1 attention mask (n, T)
+int64 and builds the attention mask inside the graph, so the engine's row dropping and length trimming need
+nothing but the two dynamic axes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import LayerExitError, bad_value
+from . import BACKENDS
+from .base import LayerBackend, unique_layers
+from .torch_backends import _read_manifest, _write_manifest
+
+
+def require_onnxruntime():
+    """The ``onnxruntime`` module, or a clear error saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise LayerExitError("backend='onnx' is invalid here: ONNX Runtime is not installed; install it with "
+                             "`pip install 'layerexit[onnx]'` (onnx, onnxruntime, onnxscript), or choose "
+                             "backend='int8' or 'bf16'") from None
+    return onnxruntime
+
+
+_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+           "none": "ORT_DISABLE_ALL"}
+
+
+class _LayerGraph(nn.Module):
+    """What one exported graph computes: (hidden (n, T, H), mask (n, T)) -> hidden (n, T, H)."""
+
+    def __init__(self, adapter, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.backbone = adapter.backbone  # prepare() may read backbone parts (MPNet's relative position bias)
+        self._adapter = adapter
+
+    def forward(self, hidden, mask):
+        out = self._adapter.call_layer(self.layer, hidden, self._adapter.prepare(hidden, mask))
+        return out[0] if isinstance(out, tuple) else out
+
+
+@BACKENDS.register("onnx", "each layer an ONNX Runtime session (float32, dynamic rows and length)")
+class OnnxBackend(LayerBackend):
+    name = "onnx"
+    hidden_dtype = torch.float32
+    saves_files = True
+    quantized = False
+
+    def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo"):
+        super().__init__()
+        if optimization not in _LEVELS:
+            raise bad_value("optimization", optimization, f"choose one of {', '.join(_LEVELS)}")
+        if exporter not in ("dynamo", "torchscript"):
+            raise bad_value("exporter", exporter, "choose 'dynamo' (torch.export-based, the default) or "
+                            "'torchscript' (the legacy exporter: deprecated, but ~15x faster to export)")
+        self.threads = threads
+        self.optimization = optimization
+        self.exporter = exporter
+
+    # --- building ------------------------------------------------------------------------------------
+    def build(self) -> None:
+        require_onnxruntime()
+        with tempfile.TemporaryDirectory(prefix="layerexit-onnx-") as tmp:
+            self._export(Path(tmp))
+            self._open(Path(tmp))
+
+    def _export(self, directory: Path) -> None:
+        model = self.model
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise LayerExitError(f"backend={self.name!r} is invalid for a model on {device}: export on the CPU; move "
+                                 "the model with model.to('cpu') first")
+        modules, positions = unique_layers(model.adapter.layers)
+        hidden_size = model.config.hidden_size
+        # example rows with ragged padding, so the graph keeps the masked path
+        hidden = torch.randn(2, 5, hidden_size)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+        was_dtype = next(model.backbone.parameters()).dtype
+        for i, module in enumerate(modules):
+            graph = _LayerGraph(model.adapter, module).eval()
+            if was_dtype != torch.float32:
+                graph = _float_copy(graph)
+            path = directory / f"layer_{i}.onnx"
+            _export_graph(graph, (hidden, mask), path, self.exporter)
+            if self.quantized:
+                self._quantize(path)
+        self._positions = positions
+        self._files = [f"layer_{i}.onnx" for i in range(len(modules))]
+
+    def _quantize(self, path: Path) -> None:
+        pass
+
+    def _open(self, directory: Path) -> None:
+        ort = require_onnxruntime()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(self.threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.optimization])
+        sessions = []
+        for name in self._files:
+            try:
+                session = ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # noqa: BLE001  (ORT raises its own exception types)
+                raise LayerExitError(f"optimized={str(directory)!r} is invalid: ONNX Runtime "
+                                     f"{ort.__version__} cannot run {name}: {str(err).splitlines()[0]}; re-export "
+                                     f"with model.optimize({self.name!r}) on this installation") from None
+            sessions.append(session)
+        self._graph_bytes = {name: (directory / name).read_bytes() for name in self._files}
+        inputs = {i.name for i in sessions[0].get_inputs()}
+        self._uses_mask = "mask" in inputs  # unused inputs are dropped at export (ViT: no padding, no mask)
+        self.sessions = [sessions[i] for i in self._positions]
+
+    # --- computation ---------------------------------------------------------------------------------
+    def run_layer(self, index, hidden, state):
+        feed = {"hidden": hidden.detach().float().contiguous().numpy()}  # (n, T, H) float32, no copy
+        if self._uses_mask:
+            feed["mask"] = np.ascontiguousarray(state.attention_mask.numpy(), dtype=np.int64)  # (n, T)
+        return torch.from_numpy(self.sessions[index].run(None, feed)[0])  # (n, T, H)
+
+    def describe(self):
+        ort = require_onnxruntime()
+        return {"backend": self.name, "runtime": f"onnxruntime {ort.__version__}", "precision": "float32",
+                "optimization": self.optimization, "exporter": self.exporter}
+
+    # --- persistence ---------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        for name, data in self._graph_bytes.items():
+            (directory / name).write_bytes(data)
+        _write_manifest(directory, self, positions=self._positions, files=self._files)
+
+    def check_saved(self, directory: Path) -> None:
+        super().check_saved(directory)
+        require_onnxruntime()
+        manifest = _read_manifest(directory, self)
+        self._positions, self._files = manifest["positions"], manifest["files"]
+        if len(self._positions) != self.model.config.num_layers:
+            raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "
+                                 f"the model {self.model.config.num_layers}")
+
+    def load(self, directory: Path) -> None:
+        self._open(directory)
+
+
+@BACKENDS.register("onnx-int8", "each layer an ONNX Runtime session with dynamic int8 MatMuls (per-channel weights)")
+class OnnxInt8Backend(OnnxBackend):
+    name = "onnx-int8"
+    quantized = True
+
+    def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo",
+                 per_channel: bool = True):
+        super().__init__(threads, optimization, exporter)
+        self.per_channel = bool(per_channel)
+
+    def _quantize(self, path: Path) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out = path.with_suffix(".int8.onnx")
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process concerns static quantization
+        try:
+            quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel)
+        finally:
+            logging.getLogger().setLevel(quiet)
+        os.replace(out, path)
+
+    def describe(self):
+        return {**super().describe(), "precision": "int8 dynamic (weights per-"
+                f"{'channel' if self.per_channel else 'tensor'}, activations per-tensor)"}
+
+
+def _float_copy(graph: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(graph)
+    clone.float()
+    clone._adapter = type(graph._adapter)(clone.backbone)
+    return clone
+
+
+def _export_graph(graph: nn.Module, example: tuple, path: Path, exporter: str) -> None:
+    """``torch.onnx.export`` with dynamic rows and sequence length on both inputs."""
+    names = {"input_names": ["hidden", "mask"], "output_names": ["output"]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {"hidden": {0: "rows", 1: "length"}, "mask": {0: "rows", 1: "length"}}
+            torch.onnx.export(graph, example, str(path), dynamic_axes=axes, dynamo=False, opset_version=18, **names)
+            return
+        rows, length = torch.export.Dim("rows"), torch.export.Dim("length")
+        torch.onnx.export(graph, example, str(path), dynamic_shapes={"hidden": {0: rows, 1: length},
+                          "mask": {0: rows, 1: length}}, dynamo=True, external_data=False, verbose=False, **names)

@@ -1,0 +1,253 @@
+"""Layer backends (eager, bf16, int8, ONNX Runtime fp32 and int8): the engine on each backend.
+
+Each backend must (1) compute what the eager layers compute, within its precision; (2) keep the engine and
+the simulator equal when the simulator's logits come from the same backend (int8 against the int8
+simulator, not fp32); (3) survive row dropping and length trimming; (4) save and load.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from layerexit.errors import LayerExitError
+from layerexit.evaluation.simulate import simulate
+from layerexit.rules import make_rule
+from tiny import make_batch, make_model, row
+
+pytest.importorskip("onnxruntime")
+
+#: backend -> (options, max |logit - eager logit| allowed on the tiny models)
+BACKENDS = {
+    "eager": ({}, 0.0),
+    "bf16": ({}, 0.2),
+    "int8": ({}, 0.2),
+    "onnx": ({"exporter": "torchscript"}, 1e-4),
+    "onnx-int8": ({"exporter": "torchscript"}, 0.2),
+}
+CASES = [("bert", "mean"), ("mpnet", "pooler"), ("distilbert", "cls")]
+N = 12
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    """(arch, feature, backend) -> a float32 tiny model optimized with that backend (built once)."""
+    cache = {}
+
+    def get(arch, feature, backend):
+        if (arch, feature, backend) not in cache:
+            model = make_model(arch, feature, double=False)
+            options, _ = BACKENDS[backend]
+            model.optimize(backend, **options)
+            cache[arch, feature, backend] = model
+        return cache[arch, feature, backend]
+
+    return get
+
+
+def _inputs(arch, batch=N, seed=3):
+    b = make_batch(arch, batch=batch, seed=seed)
+    return {k: v for k, v in b.items() if v is not None}
+
+
+@pytest.mark.parametrize("arch,feature", CASES, ids=[f"{a}-{f}" for a, f in CASES])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_backend_logits_close_to_eager(optimized, arch, feature, backend):
+    model = optimized(arch, feature, backend)
+    eager = make_model(arch, feature, double=False)
+    inputs = _inputs(arch)
+    with torch.no_grad():
+        got, want = model(**inputs), eager(**inputs)  # (L, N, C)
+    assert got.dtype == torch.float32  # heads and rules always see float32 logits
+    diff = float((got - want).abs().max())
+    assert diff <= BACKENDS[backend][1], diff
+    if backend in ("bf16", "int8", "onnx-int8"):
+        assert diff > 0, "a reduced-precision backend returned the eager logits exactly: it did not run"
+
+
+@pytest.mark.parametrize("arch,feature", CASES, ids=[f"{a}-{f}" for a, f in CASES])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_engine_equals_simulator_on_the_same_backend_row_by_row(optimized, arch, feature, backend):
+    """One row at a time the engine and the logit cache run identical shapes, so they agree exactly on
+    every backend, int8 included (its activation scales are then the same too)."""
+    model = optimized(arch, feature, backend)
+    inputs = _inputs(arch)
+    rule = make_rule("maxprob", threshold=0.8)
+    exits = set()
+    for i in range(N):
+        one = row(inputs, i)
+        with torch.no_grad():
+            reference = model(**one)  # (L, 1, C) on this backend
+        sim = simulate(make_rule("maxprob", threshold=0.8), reference)
+        out = model.early_exit(**one, rule=rule)
+        assert torch.equal(out.exit_layer, sim.exit_layer), i
+        torch.testing.assert_close(out.logits, reference[out.exit_layer - 1, 0], rtol=0, atol=0)
+        exits.add(int(out.exit_layer))
+    assert len(exits) > 1, "every row exited at the same layer: the test does not exercise skipping"
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_batched_engine_drops_rows_and_trims_length_on_every_backend(optimized, backend):
+    """Rows leave and padding columns are cut between layers; each backend must accept the smaller shapes
+    and give every row (almost) the exit and prediction the batched simulator gives on that backend."""
+    model = optimized("bert", "cls", backend)
+    inputs = _inputs("bert", batch=N, seed=5)
+    with torch.no_grad():
+        reference = model(**inputs)  # (L, N, C)
+    rule = make_rule("maxprob", threshold=0.8)
+    sim = simulate(make_rule("maxprob", threshold=0.8), reference)
+    out = model.early_exit(**inputs, rule=rule)
+    assert len(set(out.exit_layer.tolist())) > 1
+    same = int((out.exit_layer == sim.exit_layer).sum())
+    if backend in ("eager", "onnx"):  # float32: only summation order differs between shapes
+        torch.testing.assert_close(out.logits, reference[out.exit_layer - 1, torch.arange(N)], rtol=1e-4, atol=1e-4)
+        assert same == N
+    else:  # bf16 rounding and int8 per-batch activation scales depend on the batch's shape
+        assert same >= N - 2, f"only {same}/{N} rows exit where the {backend} simulator says"
+
+
+def test_bf16_layers_keep_the_checkpoint_weights_and_hidden_dtype(optimized):
+    model = optimized("bert", "cls", "bf16")
+    assert next(model.backbone.parameters()).dtype == torch.float32  # the backend runs copies
+    assert model.backend.layers[0].attention.self.query.weight.dtype == torch.bfloat16
+    state = model.start(**_inputs("bert"))
+    assert state.hidden.dtype == torch.bfloat16
+    assert model.exit_feature(state).dtype == torch.float32
+
+
+def test_albert_shared_layer_is_exported_once_with_the_dynamo_exporter():
+    """The default (torch.export-based) exporter; ALBERT's one shared layer group gives one graph."""
+    model = make_model("albert", "pooler", double=False)
+    eager = make_model("albert", "pooler", double=False)
+    backend = model.optimize("onnx")
+    assert backend.exporter == "dynamo" and len(backend._files) == 1 and len(backend.sessions) == 4
+    inputs = _inputs("albert")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_back_to_eager_and_bad_names():
+    model = make_model("bert", "cls", double=False)
+    inputs = _inputs("bert")
+    with torch.no_grad():
+        want = model(**inputs)
+        model.optimize("int8")
+        assert not torch.equal(model(**inputs), want)
+        assert model.optimize("eager").name == "eager"
+        assert torch.equal(model(**inputs), want)
+    with pytest.raises(LayerExitError, match=r"backend='int4' is invalid: choose one of bf16, eager, int8, onnx"):
+        model.optimize("int4")
+    with pytest.raises(LayerExitError, match="exporter='jit' is invalid"):
+        model.optimize("onnx", exporter="jit")
+
+
+def test_training_refuses_a_quantized_backend():
+    model = make_model("bert", "cls", double=False)
+    model.optimize("int8")
+    model.train()
+    with pytest.raises(LayerExitError, match="backend='int8' is for inference"):
+        model(**_inputs("bert"))
+
+
+def test_missing_onnxruntime_gives_a_clear_error(monkeypatch):
+    model = make_model("bert", "cls", double=False)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(LayerExitError, match=r"ONNX Runtime is not installed; install it with .*layerexit\[onnx\]"):
+        model.optimize("onnx", exporter="torchscript")
+
+
+@pytest.mark.parametrize("backend", ["int8", "onnx", "onnx-int8"])
+def test_save_and_load_optimized(tmp_path, optimized, backend):
+    model = optimized("bert", "mean", backend)
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)
+    folder = model.save_optimized(checkpoint)
+    assert folder == checkpoint / "optimized" / backend and (folder / "backend.json").is_file()
+    from layerexit.model import MultiExitModel
+
+    loaded = MultiExitModel.from_pretrained(checkpoint)
+    loaded.optimize(backend, saved=checkpoint)
+    inputs = _inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs), model(**inputs), rtol=0, atol=0)
+
+
+def test_saved_backend_refuses_other_weights_and_missing_folders(tmp_path):
+    model = make_model("bert", "cls", double=False)
+    model.optimize("int8")
+    folder = model.save_optimized(tmp_path)
+    other = make_model("bert", "cls", seed=9, double=False)
+    with pytest.raises(LayerExitError, match="built from other layer weights"):
+        other.optimize("int8", saved=folder)
+    with pytest.raises(LayerExitError, match="no such folder"):
+        other.optimize("int8", saved=tmp_path / "nowhere")
+    assert model.optimize("bf16").saves_files is False and model.save_optimized(tmp_path) is None
+
+
+def test_logit_cache_is_collected_with_the_serving_backend(optimized):
+    """Calibration per backend: collect_logits runs through the backend, so simulated operating points are
+    those of the backend that serves."""
+    from layerexit.evaluation.cache import collect_logits
+
+    model = optimized("bert", "cls", "int8")
+    eager = make_model("bert", "cls", double=False)
+    encoded = _TinyEncoded(_inputs("bert", batch=6))
+    cache = collect_logits(model, encoded, batch_size=1, progress=False)
+    for i in range(6):
+        with torch.no_grad():
+            want = model(**row(encoded.batch, i))[:, 0]  # (L, C) int8
+            fp32 = eager(**row(encoded.batch, i))[:, 0]
+        torch.testing.assert_close(cache.logits[:, i], want, rtol=0, atol=0)
+        assert not torch.equal(cache.logits[:, i], fp32)
+
+
+class _TinyEncoded:
+    """The slice of ``layerexit.data.Encoded`` that collect_logits reads, over a pre-made batch."""
+
+    def __init__(self, batch):
+        self.batch = batch
+        lengths = batch["attention_mask"].sum(1).tolist()
+        self.features = {"input_ids": [batch["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)]}
+        self.labels = [0] * len(lengths)
+
+    def __getitem__(self, i):
+        return row(self.batch, i)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def collate(self, items):
+        assert len(items) == 1
+        return items[0]
+
+
+def test_benchmark_cli_times_a_backend_against_its_own_full_model(tmp_path):
+    """`--backend` on the CLI; the saved optimized/<backend>/ beside the checkpoint is used when present."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from layerexit.cli.main import main
+    from layerexit.model import MultiExitModel
+    from tiny_text import write_backbone, write_csv
+
+    write_backbone(tmp_path / "backbone", layers=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "test.csv", 24, seed=3, label_words=True)
+    model = MultiExitModel.from_backbone(str(tmp_path / "backbone"), 2, label_names=["negative", "positive"])
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "backbone"))
+    model.optimize("onnx-int8", exporter="torchscript")
+    model.save_optimized(checkpoint)
+    for backend in ("int8", "onnx-int8"):
+        out = tmp_path / f"{backend}.json"
+        code = main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", backend,
+                     "--param", "threshold=0.6", "--batch-sizes", "1,4", "--examples", "8", "--rounds", "1",
+                     "--output", str(out)])
+        assert code == 0
+        entries = json.loads(out.read_text())["measured"]
+        assert [e["backend"] for e in entries] == [backend, backend] and all(e["seconds_plain"] > 0 for e in entries)
+    assert main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", "int4"]) == 2
