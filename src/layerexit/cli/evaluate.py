@@ -37,6 +37,9 @@ def add_parser(subparsers):
     arg(p, "--rounds", type=int, default=DEFAULT_ROUNDS, check=at_least(1),
         help="interleaved timing rounds (median and spread are reported; fewer than 3 is flagged)")
     add_control_options(p)
+    arg(p, "--alpha", type=float, check=at_least(0, "an alpha"),
+        help="alpha-conditioned ConsistentEE model: the layer-cost dial its policy uses (default: the one it was "
+        "trained with); larger alpha, earlier exits")
     p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
                    "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
     add_device_options(p)
@@ -64,6 +67,10 @@ def run(args) -> int:
 
     model, tokenizer = load_checkpoint(args)
     model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
+    if args.alpha is not None:
+        from ..consistentee.sweep import set_alpha
+
+        set_alpha(model, args.alpha)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,

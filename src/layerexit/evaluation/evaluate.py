@@ -27,17 +27,23 @@ def curve_name(rule_name: str) -> str:
 
 
 def sweep(cache: LogitCache, rule_names: list[str]) -> dict[str, list[dict]]:
-    """Simulated curve of every rule, keyed by curve name: one POINT per parameter setting of its grid."""
-    num_layers, _, num_classes = cache.logits.shape
+    """Simulated curve of every rule, keyed by curve name: one POINT per parameter setting of its sweep grid
+    (thresholds at the quantiles of the rule's own signal on this cache, see ``ExitRule.sweep_grid``)."""
+    num_layers = cache.num_layers
     curves = {}
     for name in rule_names:
         cls = RULES.get(name, "rules")
         points = []
-        for params in cls.grid(num_layers, num_classes):
+        for params in cls.sweep_grid(cache.logits, cache.signals):
             rule = cls(**params)
             points.append(simulate(rule, cache.logits, signals=cache.signals).point(cache.labels, num_layers,
                                                                                      rule.params))
         curves[curve_name(name)] = points
+        dial = cls.dial_grid(cache.signals) if hasattr(cls, "dial_grid") else []
+        if dial:  # an alpha-conditioned ConsistentEE policy: its alpha dial is a curve of its own
+            curves[cls.dial_curve_name] = [
+                simulate(cls(**params), cache.logits, signals=cache.signals).point(cache.labels, num_layers, params)
+                for params in dial]
     return curves
 
 
