@@ -101,11 +101,11 @@ class Int8Backend(_CopiedLayers):
                 if bias is not None:
                     tensors[f"{key}.bias"] = bias.detach().contiguous()
         save_file(tensors, str(directory / "int8_layers.safetensors"))
-        _write_manifest(directory, self, positions=positions, per_channel=self.per_channel)
+        write_manifest(directory, self, positions=positions, per_channel=self.per_channel)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
-        manifest = _read_manifest(directory, self)
+        manifest = read_manifest(directory, self)
         self.per_channel = manifest["per_channel"]
 
     def load(self, directory: Path) -> None:
@@ -140,14 +140,14 @@ def _quantized_linears(module: nn.Module):
     return [(name, m) for name, m in module.named_modules() if isinstance(m, DynamicLinear)]
 
 
-def _write_manifest(directory: Path, backend: LayerBackend, **extra) -> None:
+def write_manifest(directory: Path, backend: LayerBackend, **extra) -> None:
     model = backend.model
     manifest = {"backend": backend.name, "num_layers": model.config.num_layers, "layer_digest": layer_digest(model),
                 "torch": torch.__version__, **backend.describe(), **extra}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _read_manifest(directory: Path, backend: LayerBackend) -> dict:
+def read_manifest(directory: Path, backend: LayerBackend) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has no {MANIFEST}; write it with "
