@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel
 from .backbones import EncoderState, adapter_for
 from .config import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
 from .errors import LayerExitError, bad_value
-from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
+from .heads import FEATURES, POLICY_INPUTS, ExitClassifier, PolicyNetwork, mean_weights, policy_extras
 from .io import atomic_directory
 from .resources import resolve_model
 from .rules.base import ExitRule
@@ -92,20 +92,46 @@ class MultiExitModel(nn.Module):
         )
         self.policies: nn.ModuleList | None = None
         if config.policy_hidden:
-            self.add_policies(config.policy_hidden)
+            self.add_policies(config.policy_hidden, config.policy_inputs, config.policy_alpha_range,
+                              config.policy_alpha)
         from .execution import EagerBackend
 
         self.backend = EagerBackend().bind(self)  # where run_layers' layers come from; see optimize()
 
-    def add_policies(self, hidden_size: int = 32) -> "MultiExitModel":
-        """Attach one ConsistentEE policy network per layer (saved and loaded with the model)."""
+    def add_policies(self, hidden_size: int = 32, inputs: list[str] | tuple[str, ...] = (),
+                     alpha_range: list[float] | tuple[float, float] | None = None,
+                     alpha: float | None = None) -> "MultiExitModel":
+        """Attach one ConsistentEE policy network per layer (saved and loaded with the model).
+
+        ``inputs``: extra policy inputs beside the exit feature (:data:`layerexit.heads.POLICY_INPUTS`; none is
+        the paper's form). ``alpha_range`` (low, high) makes the policies alpha-conditioned: alpha becomes an
+        input and a dial at inference, ``alpha`` its default.
+        """
+        unknown = [name for name in inputs if name not in POLICY_INPUTS]
+        if unknown:
+            raise bad_value("policy_inputs", list(inputs), f"choose from {', '.join(POLICY_INPUTS)}")
+        if alpha_range:
+            low, high = (float(v) for v in alpha_range)
+            if not 0 <= low < high:
+                raise bad_value("alpha_range", list(alpha_range), "give low < high, both >= 0")
+            alpha_range = [low, high]
         self.config.policy_hidden = int(hidden_size)
+        self.config.policy_inputs = list(inputs)
+        self.config.policy_alpha_range = list(alpha_range or [])
+        if alpha is not None:
+            self.config.policy_alpha = float(alpha)
+        extra = len(inputs) + (1 if alpha_range else 0)
         device = next(self.exits.parameters()).device
         dtype = next(self.exits.parameters()).dtype
         self.policies = nn.ModuleList(
-            PolicyNetwork(self.config.hidden_size, hidden_size) for _ in range(self.config.num_layers)
+            PolicyNetwork(self.config.hidden_size, hidden_size, extra) for _ in range(self.config.num_layers)
         ).to(device=device, dtype=dtype)
         return self
+
+    @property
+    def alpha_conditioned(self) -> bool:
+        """Whether the policies take the layer cost alpha as an input (a dial at inference)."""
+        return bool(self.config.policy_alpha_range)
 
     # --- construction --------------------------------------------------------------------------------
     @classmethod
@@ -239,14 +265,22 @@ class MultiExitModel(nn.Module):
             return hidden[:, 0]
         return self.adapter.pool(hidden)
 
-    def policy_probability(self, index: int, feature: torch.Tensor) -> torch.Tensor:
-        """(n, H) exit feature -> (n,) the policy's probability of exiting at layer ``index``."""
+    def policy_probability(self, index: int, feature: torch.Tensor, logits: torch.Tensor | None = None,
+                           alpha: float | torch.Tensor | None = None) -> torch.Tensor:
+        """(n, H) exit feature and (n, C) exit logits -> (n,) the policy's probability of exiting at layer
+        ``index``. ``alpha`` turns the dial of an alpha-conditioned policy (default: ``config.policy_alpha``)."""
         if self.policies is None:
             raise LayerExitError(
                 "rule='consistentee' is invalid for this model: it has no ConsistentEE policies; train it with "
                 "`layerexit train --method consistentee` or call model.add_policies() and train them"
             )
-        return self.policies[index](feature)
+        if alpha is not None and not self.alpha_conditioned:
+            raise bad_value("alpha", alpha, "this model's policies were trained with one fixed alpha, so alpha is "
+                            "no dial here; train with --alpha-range for an alpha-conditioned policy, or drop alpha")
+        if self.alpha_conditioned and alpha is None:
+            alpha = self.config.policy_alpha
+        extra = policy_extras(logits, index, self.config.num_layers, self.config.policy_inputs, alpha)
+        return self.policies[index](feature, extra)
 
     # --- input checks at the public entry points ----------------------------------------------------
     def max_positions(self) -> int | None:
@@ -368,7 +402,7 @@ class MultiExitModel(nn.Module):
                 out_logits[rows] = logits.to(out_logits.dtype)  # autocast computes exits in lower precision
                 break
             if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
-                rule_state["policy"] = self.policy_probability(index, feature)
+                rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
             done = rule.should_exit(logits, index, rule_state)  # (n,) bool
             if bool(done.any()):
                 out_logits[rows[done]] = logits[done].to(out_logits.dtype)

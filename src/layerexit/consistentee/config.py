@@ -4,10 +4,18 @@ these fields)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..catalog import ACTIONS
 from ..errors import bad_value
 from ..training.config import option
+
+#: the policies' optional inputs beside the exit feature (described in layerexit.heads.POLICY_INPUTS)
+POLICY_INPUT_NAMES = ("maxprob", "margin", "entropy", "layer")
+#: the default policy inputs (the paper's form is none: ``policy_inputs=""``)
+DEFAULT_POLICY_INPUTS = POLICY_INPUT_NAMES
+#: "paper": -CE minus the (hardness-weighted) layer cost; "ce": -CE alone, as the released reference code trains
+REWARDS = ("paper", "ce")
 
 
 @dataclass
@@ -28,8 +36,58 @@ class ConsistentEEConfig:
     stage3_epochs: int = option(1, "epochs of stage 3 per round (0 skips it: policies only)")
     stage3_batch_size: int = option(32, "batch size of stage 3")
     stage3_learning_rate: float = option(3e-5, "learning rate of stage 3")
+    reward: str = option("paper", "paper: -CE - layer cost; ce: -CE alone (the released reference code, where "
+                         "alpha has no effect)", REWARDS)
+    policy_inputs: str = option(",".join(DEFAULT_POLICY_INPUTS), "policy inputs beside the exit feature, comma "
+                                f"separated, from {','.join(POLICY_INPUT_NAMES)}; 'none' for the paper's policy on "
+                                "the feature alone (a sequence of names in Python)")
+    alpha_range: str = option("", "LOW,HIGH: an alpha-conditioned policy (alpha drawn per instance and given to "
+                              "the policy, a dial at inference: evaluate --alpha); alpha is then its default "
+                              "(a (low, high) pair or None in Python)")
+    all_exits_weight: float = option(0.0, "stage 3: add this multiple of the weighted loss over all exits, so "
+                                     "exits the policy never picks still learn")
+    policy_entropy: float = option(0.0, "subtract this multiple of the policies' entropy from their loss (keeps "
+                                   "them exploring)")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """``policy_inputs`` as a tuple of names (from a comma-separated string or a sequence)."""
+        value = self.policy_inputs
+        if isinstance(value, str):
+            value = [] if value.strip().lower() in ("", "none") else value.split(",")
+        return tuple(str(v).strip() for v in value if str(v).strip())
+
+    @property
+    def alpha_bounds(self) -> tuple[float, float] | None:
+        """``alpha_range`` as (low, high), or None for one fixed alpha."""
+        value = self.alpha_range
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        parts: Sequence = value.split(",") if isinstance(value, str) else value
+        try:
+            low, high = (float(v) for v in parts)
+        except (TypeError, ValueError):
+            raise bad_value("alpha_range", value, "give LOW,HIGH, e.g. 0.1,3") from None
+        return low, high
 
     def validate(self) -> None:
+        if self.reward not in REWARDS:
+            raise bad_value("reward", self.reward, f"choose one of {', '.join(REWARDS)}")
+        inputs = self.inputs
+        unknown = [name for name in inputs if name not in POLICY_INPUT_NAMES]
+        if unknown or len(set(inputs)) != len(inputs):
+            raise bad_value("policy_inputs", ",".join(inputs), f"choose distinct names from "
+                            f"{', '.join(POLICY_INPUT_NAMES)} (none: the paper's policy on the exit feature alone)")
+        bounds = self.alpha_bounds
+        if bounds is not None:
+            low, high = bounds
+            if not 0 <= low < high:
+                raise bad_value("alpha_range", f"{low},{high}", "give low < high, both >= 0, e.g. 0.1,3")
+            if not low <= self.alpha <= high:
+                raise bad_value("alpha", self.alpha, f"the default dial must lie in alpha_range [{low}, {high}]")
+        for name in ("all_exits_weight", "policy_entropy"):
+            if not getattr(self, name) >= 0:
+                raise bad_value(name, getattr(self, name), "use a weight >= 0 (0 turns it off)")
         if self.action not in ACTIONS:
             raise bad_value("action", self.action, f"choose one of {', '.join(ACTIONS)}")
         if not self.alpha >= 0:

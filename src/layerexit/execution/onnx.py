@@ -21,8 +21,7 @@ from torch import nn
 
 from ..errors import LayerExitError, bad_value
 from . import BACKENDS
-from .base import LayerBackend, unique_layers
-from .torch_backends import read_manifest, write_manifest
+from .base import LayerBackend, read_manifest, unique_layers, write_manifest
 
 
 def require_onnxruntime():
