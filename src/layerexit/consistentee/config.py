@@ -41,7 +41,7 @@ class ConsistentEEConfig:
     policy_inputs: str = option(",".join(DEFAULT_POLICY_INPUTS), "policy inputs beside the exit feature, comma "
                                 f"separated, from {','.join(POLICY_INPUT_NAMES)}; 'none' for the paper's policy on "
                                 "the feature alone (a sequence of names in Python)")
-    alpha_range: str = option(None, "LOW,HIGH: an alpha-conditioned policy (alpha drawn per instance and given to "
+    alpha_range: str = option("", "LOW,HIGH: an alpha-conditioned policy (alpha drawn per instance and given to "
                               "the policy, a dial at inference: evaluate --alpha); alpha is then its default "
                               "(a (low, high) pair or None in Python)")
     all_exits_weight: float = option(0.0, "stage 3: add this multiple of the weighted loss over all exits, so "
