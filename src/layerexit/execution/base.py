@@ -11,6 +11,8 @@ import torch
 
 from ..errors import LayerExitError
 
+MANIFEST = "backend.json"
+
 
 class LayerBackend:
     """How the layers of a :class:`~layerexit.MultiExitModel` are computed.
@@ -95,19 +97,16 @@ def unique_layers(layers: list) -> tuple[list, list[int]]:
     return modules, positions
 
 
-MANIFEST = "backend.json"
-
-
-def write_manifest(directory: Path, backend: "LayerBackend", **extra) -> None:
-    """Describe a saved backend (name, layer digest, versions) so a later load can refuse a mismatch."""
+def write_manifest(directory: Path, backend: LayerBackend, **extra) -> None:
+    """``backend.json``: the backend, its settings, versions and the digest of the layers it was built from."""
     model = backend.model
     manifest = {"backend": backend.name, "num_layers": model.config.num_layers, "layer_digest": layer_digest(model),
                 "torch": torch.__version__, **backend.describe(), **extra}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def read_manifest(directory: Path, backend: "LayerBackend") -> dict:
-    """The manifest of a saved backend, refused when it belongs to another backend or other layer weights."""
+def read_manifest(directory: Path, backend: LayerBackend) -> dict:
+    """The saved manifest, after checking it is this backend's and was built from this model's layers."""
     path = directory / MANIFEST
     if not path.is_file():
         raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has no {MANIFEST}; write it with "

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import LayerExitError
 from . import BACKENDS
-from .base import LayerBackend, layer_digest, read_manifest, unique_layers, write_manifest
+from .base import LayerBackend, read_manifest, unique_layers, write_manifest
 
 
 
