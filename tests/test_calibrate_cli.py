@@ -82,7 +82,9 @@ def test_evaluate_refuses_fitting_on_the_evaluation_split(trained, capsys):
                  "--output", str(trained / "same")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "fit(cache.split)='test' is invalid" in err and "Traceback" not in err
+    # refused while checking the options, before the model is loaded or any logit computed
+    assert "--fit-split='test' is invalid" in err and "validation" in err and "Traceback" not in err
+    assert not (trained / "same").exists()
 
 
 def test_target_accuracy_needs_fitted_rules(trained, capsys):
@@ -98,7 +100,9 @@ def test_evaluate_refuses_rules_fitted_on_the_split_it_reports(trained, capsys):
                  "--split", "validation", "--rules", "maxprob", "--measure-rules", "", "--fit-split", "validation",
                  "--output", str(trained / "same-name")])
     assert code == 2
-    assert "fitted on split 'validation' and would be evaluated on split 'validation'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # refused while checking the options, before any model is loaded
+    assert "--fit-split='validation' is invalid: it is the split being evaluated" in err
+    assert not (trained / "same-name").exists()
 
 
 def test_evaluate_fits_once_writes_once_and_reports_control(trained, monkeypatch, capsys):
@@ -136,3 +140,20 @@ def test_evaluate_fits_once_writes_once_and_reports_control(trained, monkeypatch
     assert "| pcee |" in text and "At the asked target 80.0%" in text and "](budgets.png)" in text
     assert "| rule | mean \\|target − achieved\\| (pt) |" in text  # one escape per pipe, not two
     assert "accuracy control" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_most_of_the_fitting_rows_under_another_name(trained, capsys):
+    """60 of the 96 validation rows copied into a file named like a test split: compared row by row."""
+    cal = trained / "cal-rows"
+    assert main(["calibrate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                 "--split", "validation", "--output", str(cal)]) == 0
+    lines = (trained / "data" / "validation.csv").read_text().splitlines()
+    subset = trained / "renamed"
+    subset.mkdir()
+    (subset / "test.csv").write_text("\n".join(lines[:61]) + "\n")  # header + 60 of the fitting rows
+    code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(subset), "--rules", "maxprob",
+                 "--measure-rules", "", "--calibration", str(cal), "--target-accuracy", "0.8",
+                 "--output", str(trained / "rows-eval")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "60 of the 60 evaluated rows" in err and "compared row by row" in err and "Traceback" not in err

@@ -1,4 +1,5 @@
-"""`layerexit demo --quick` end to end on the packaged MiniLM and the packaged data (about a minute)."""
+"""`layerexit demo --quick` end to end on the packaged MiniLM and the packaged data (about a minute): the weighted
+model, ConsistentEE's policies on it, PCEE and the classic rules in one report."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def test_demo_quick(tmp_path, capsys):
     for name in ("report.md", "tradeoff.png", "per_layer_accuracy.png", "logits.pt"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "model" / "best" / "model.safetensors").is_file()
+    # the core methods side by side: ConsistentEE (one alpha-conditioned model: its dial and its threshold
+    # sweep), PCEE fitted on the validation split, and the classic rules
+    curves = results["curves"]
+    assert {"consistentee", "consistentee-threshold", "pcee", "pcee-ws", "maxprob", "entropy"} <= set(curves)
+    assert len({p["params"]["alpha"] for p in curves["consistentee"]}) > 10
+    assert results["controllability"]["fit_split"] == "validation"
+    assert "consistentee" in out and "pcee" in out
+    assert (tmp_path / "consistentee" / "final" / "consistentee.json").is_file()
 
 
 @needs_packages

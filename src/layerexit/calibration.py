@@ -29,8 +29,7 @@ import torch
 
 from .errors import bad_value
 
-BINNINGS = ("width", "mass")
-SMOOTHINGS = ("isotonic", "neighbour")
+from .catalog import BINNINGS, SMOOTHINGS  # names kept in the torch-free index
 
 
 def check_binning(param: str, num_bins: int, binning: str) -> tuple[int, str]:

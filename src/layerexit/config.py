@@ -46,6 +46,12 @@ class MultiExitConfig:
     max_length: int = 128
     #: hidden width of the per-layer ConsistentEE policies; 0 = the model has no policies
     policy_hidden: int = 0
+    #: the policies' inputs beside the exit feature (layerexit.heads.POLICY_INPUTS); [] = the paper's form
+    policy_inputs: list[str] = field(default_factory=list)
+    #: [low, high] of the layer cost alpha an alpha-conditioned policy was trained on ([] = one fixed alpha)
+    policy_alpha_range: list[float] = field(default_factory=list)
+    #: the alpha an alpha-conditioned policy uses when the rule gives none
+    policy_alpha: float = 1.0
     layerexit_version: str = ""
 
     def save(self, directory: str | Path) -> None:
@@ -98,6 +104,9 @@ class MultiExitConfig:
                 dropout=float(data.get("dropout", 0.1)), label_names=labels,
                 backbone_fingerprint=dict(data.get("backbone_fingerprint") or {}),
                 max_length=int(data.get("max_seq_length", 128)), policy_hidden=int(data.get("policy_hidden", 0)),
+                policy_inputs=[str(v) for v in data.get("policy_inputs") or []],
+                policy_alpha_range=[float(v) for v in data.get("policy_alpha_range") or []],
+                policy_alpha=float(data.get("policy_alpha", 1.0)),
                 layerexit_version=str(data.get("layerexit_version", "")),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -125,6 +134,9 @@ class LayerExitConfig(PretrainedConfig):
     backbone_fingerprint: dict | None = None
     max_seq_length: int = 128
     policy_hidden: int = 0
+    policy_inputs: list | None = None
+    policy_alpha_range: list | None = None
+    policy_alpha: float = 1.0
     layerexit_version: str = ""
     heads_only: bool = False
     backbone_config: dict | None = None

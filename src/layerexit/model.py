@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel
 from .backbones import EncoderState, adapter_for
 from .config import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
 from .errors import LayerExitError, bad_value
-from .heads import FEATURES, ExitClassifier, PolicyNetwork, mean_weights
+from .heads import FEATURES, POLICY_INPUTS, ExitClassifier, PolicyNetwork, mean_weights, policy_extras
 from .io import atomic_directory
 from .resources import resolve_model
 from .rules.base import ExitRule
@@ -92,20 +92,46 @@ class MultiExitModel(nn.Module):
         )
         self.policies: nn.ModuleList | None = None
         if config.policy_hidden:
-            self.add_policies(config.policy_hidden)
+            self.add_policies(config.policy_hidden, config.policy_inputs, config.policy_alpha_range,
+                              config.policy_alpha)
         from .execution import EagerBackend
 
         self.backend = EagerBackend().bind(self)  # where run_layers' layers come from; see optimize()
 
-    def add_policies(self, hidden_size: int = 32) -> "MultiExitModel":
-        """Attach one ConsistentEE policy network per layer (saved and loaded with the model)."""
+    def add_policies(self, hidden_size: int = 32, inputs: list[str] | tuple[str, ...] = (),
+                     alpha_range: list[float] | tuple[float, float] | None = None,
+                     alpha: float | None = None) -> "MultiExitModel":
+        """Attach one ConsistentEE policy network per layer (saved and loaded with the model).
+
+        ``inputs``: extra policy inputs beside the exit feature (:data:`layerexit.heads.POLICY_INPUTS`; none is
+        the paper's form). ``alpha_range`` (low, high) makes the policies alpha-conditioned: alpha becomes an
+        input and a dial at inference, ``alpha`` its default.
+        """
+        unknown = [name for name in inputs if name not in POLICY_INPUTS]
+        if unknown:
+            raise bad_value("policy_inputs", list(inputs), f"choose from {', '.join(POLICY_INPUTS)}")
+        if alpha_range:
+            low, high = (float(v) for v in alpha_range)
+            if not 0 <= low < high:
+                raise bad_value("alpha_range", list(alpha_range), "give low < high, both >= 0")
+            alpha_range = [low, high]
         self.config.policy_hidden = int(hidden_size)
+        self.config.policy_inputs = list(inputs)
+        self.config.policy_alpha_range = list(alpha_range or [])
+        if alpha is not None:
+            self.config.policy_alpha = float(alpha)
+        extra = len(inputs) + (1 if alpha_range else 0)
         device = next(self.exits.parameters()).device
         dtype = next(self.exits.parameters()).dtype
         self.policies = nn.ModuleList(
-            PolicyNetwork(self.config.hidden_size, hidden_size) for _ in range(self.config.num_layers)
+            PolicyNetwork(self.config.hidden_size, hidden_size, extra) for _ in range(self.config.num_layers)
         ).to(device=device, dtype=dtype)
         return self
+
+    @property
+    def alpha_conditioned(self) -> bool:
+        """Whether the policies take the layer cost alpha as an input (a dial at inference)."""
+        return bool(self.config.policy_alpha_range)
 
     # --- construction --------------------------------------------------------------------------------
     @classmethod
@@ -239,14 +265,22 @@ class MultiExitModel(nn.Module):
             return hidden[:, 0]
         return self.adapter.pool(hidden)
 
-    def policy_probability(self, index: int, feature: torch.Tensor) -> torch.Tensor:
-        """(n, H) exit feature -> (n,) the policy's probability of exiting at layer ``index``."""
+    def policy_probability(self, index: int, feature: torch.Tensor, logits: torch.Tensor | None = None,
+                           alpha: float | torch.Tensor | None = None) -> torch.Tensor:
+        """(n, H) exit feature and (n, C) exit logits -> (n,) the policy's probability of exiting at layer
+        ``index``. ``alpha`` turns the dial of an alpha-conditioned policy (default: ``config.policy_alpha``)."""
         if self.policies is None:
             raise LayerExitError(
                 "rule='consistentee' is invalid for this model: it has no ConsistentEE policies; train it with "
                 "`layerexit train --method consistentee` or call model.add_policies() and train them"
             )
-        return self.policies[index](feature)
+        if alpha is not None and not self.alpha_conditioned:
+            raise bad_value("alpha", alpha, "this model's policies were trained with one fixed alpha, so alpha is "
+                            "no dial here; train with --alpha-range for an alpha-conditioned policy, or drop alpha")
+        if self.alpha_conditioned and alpha is None:
+            alpha = self.config.policy_alpha
+        extra = policy_extras(logits, index, self.config.num_layers, self.config.policy_inputs, alpha)
+        return self.policies[index](feature, extra)
 
     # --- input checks at the public entry points ----------------------------------------------------
     def max_positions(self) -> int | None:
@@ -288,12 +322,6 @@ class MultiExitModel(nn.Module):
         if limit is not None and length > limit:
             raise bad_value("input_ids", _describe(input_ids), f"sequences of {length} tokens exceed the model's "
                             f"{limit} positions: tokenize with truncation=True, max_length={limit}")
-        low, high = torch.aminmax(input_ids)
-        vocab = getattr(self.backbone.config, "vocab_size", None)
-        if int(low) < 0 or (vocab is not None and int(high) >= vocab):
-            raise bad_value("input_ids", f"ids from {int(low)} to {int(high)}", f"ids must lie in [0, {vocab}) for "
-                            "this model's vocabulary: tokenize with the checkpoint's own tokenizer "
-                            "(AutoTokenizer.from_pretrained(checkpoint))")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -304,7 +332,14 @@ class MultiExitModel(nn.Module):
             raise bad_value("token_type_ids", _describe(token_type_ids), f"it must have the shape of input_ids "
                             f"{tuple(input_ids.shape)}, or be None")
         empty = attention_mask[:, 0] == 0  # (B,) with right padding: the row has no real token
-        if bool(empty.any()):
+        low, high = torch.aminmax(input_ids)
+        low, high, empty_rows = torch.stack([low, high, empty.sum().to(low.dtype)]).tolist()  # one device sync
+        vocab = getattr(self.backbone.config, "vocab_size", None)
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise bad_value("input_ids", f"ids from {low} to {high}", f"ids must lie in [0, {vocab}) for "
+                            "this model's vocabulary: tokenize with the checkpoint's own tokenizer "
+                            "(AutoTokenizer.from_pretrained(checkpoint))")
+        if empty_rows:
             rows = empty.nonzero().flatten().tolist()
             raise bad_value("attention_mask", f"rows {rows[:10]} all padding (or left-padded)",
                             "every row needs at least one real token, padded on the right (the tokenizer's "
@@ -367,7 +402,7 @@ class MultiExitModel(nn.Module):
                 out_logits[rows] = logits.to(out_logits.dtype)  # autocast computes exits in lower precision
                 break
             if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
-                rule_state["policy"] = self.policy_probability(index, feature)
+                rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
             done = rule.should_exit(logits, index, rule_state)  # (n,) bool
             if bool(done.any()):
                 out_logits[rows[done]] = logits[done].to(out_logits.dtype)
@@ -466,7 +501,7 @@ class MultiExitModel(nn.Module):
         else:
             module = AutoModel.from_config(backbone_config)
             target = dtype or _saved_dtype(hf_config, tensors)
-        model = cls(module, config).to(target)
+        model = cls(module, config).to(device=device, dtype=target)  # the weights were read onto `device`
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if external:
             missing = [k for k in missing if not k.startswith("backbone.")]
@@ -475,8 +510,6 @@ class MultiExitModel(nn.Module):
                 f"checkpoint={str(directory)!r} is invalid: missing weights {missing[:5]}, unexpected "
                 f"{unexpected[:5]}; it was not written by layerexit for this kind of backbone"
             )
-        if device is not None:
-            model.to(device)
         model.eval()
         return model
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 
-
-from ..evaluation.evaluate import benchmark
-from ..evaluation.table import format_measured
-from ..io import write_json_atomic
-from ..rules import RULES
-from .common import (load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from,
-                     int_list, parse_rule_params)
+from ..catalog import BACKENDS, DEFAULT_ROUNDS, DEFAULT_TOLERANCE, RULES
+from ..preflight import checkpoint_config, writable_file
+from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
+                     in_range, int_list, load_checkpoint, parse_rule_params, positive_int_list, require)
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -29,24 +26,39 @@ def add_parser(subparsers):
     add_config_option(p)
     p.add_argument("--model", help="checkpoint folder (required)")
     add_data_options(p, split="test")
-    p.add_argument("--rule", default="maxprob", choices=RULES.names())
+    p.add_argument("--rule", default="maxprob", choices=sorted(RULES))
     p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
-    p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--backend", default="eager", help="layer backend: eager, bf16, int8, onnx, onnx-int8 "
-                   "(docs/backends.md); thresholds are fitted with its own logits")
-    p.add_argument("--batch-sizes", default="1,32")
-    p.add_argument("--examples", type=int, default=500, help="examples timed per batch size")
-    p.add_argument("--rounds", type=int, default=5)
+    arg(p, "--tolerance", type=float, default=DEFAULT_TOLERANCE, check=in_range(0, 1, example="0.01"),
+        help="without --param: the operating point keeps accuracy >= full - tolerance")
+    arg(p, "--backend", default="eager", choices=sorted(BACKENDS),
+        help="layer backend (docs/backends.md); thresholds are fitted with its own logits")
+    arg(p, "--batch-sizes", default="1,32", check=positive_int_list("--batch-sizes"), help="batch sizes timed")
+    arg(p, "--examples", type=int, default=500, check=at_least(1), help="examples timed per batch size")
+    arg(p, "--rounds", type=int, default=DEFAULT_ROUNDS, check=at_least(1),
+        help="interleaved timing rounds (median and spread are reported; fewer than 3 is flagged)")
     p.add_argument("--output", help="write the JSON here")
     add_device_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
     return p
 
 
+def check(args) -> None:
+    """Every option, the checkpoint's files and the output file, before any model is loaded."""
+    require(args, "model", "--model runs/rt/best")
+    parse_rule_params(args.param)
+    checkpoint_config("--model", args.model)
+    if args.output:
+        writable_file("--output", args.output)
+
+
 def run(args) -> int:
+    data = data_from(args)  # data errors (bad rows, encodings) before torch or the model loads
+    from ..evaluation.evaluate import benchmark
+    from ..evaluation.table import format_measured
+    from ..io import write_json_atomic
+
     model, tokenizer = load_checkpoint(args)
     model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
-    data = data_from(args)
     entries = benchmark(model, tokenizer, data, args.rule, parse_rule_params(args.param), args.tolerance,
                         tuple(int_list(args.batch_sizes)), args.examples, args.rounds)
     for entry in entries:

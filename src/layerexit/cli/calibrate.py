@@ -13,12 +13,14 @@ Also holds the options ``layerexit evaluate`` gains from it: ``--calibration``, 
 
 from __future__ import annotations
 
+from pathlib import Path
 
+from ..catalog import BINNINGS, COSTS, SMOOTHINGS
+from ..data import is_test_split
 from ..errors import bad_value
-from ..evaluation.control import ControlOptions, calibrate
-from ..evaluation.table import format_calibration
-from ..rules.fitting import is_test_split
-from .common import load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from, require
+from ..preflight import checkpoint_config, read_json, writable_folder
+from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
+                     in_range, load_checkpoint, require)
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
@@ -27,6 +29,10 @@ EXAMPLES = """examples:
   layerexit evaluate --model runs/sst2/best --data ../shared/data/sst2 --split test \\
       --calibration runs/sst2/calibration --target-accuracy 0.85 --budget 0.5 --output runs/sst2/eval
 """
+
+#: an accuracy target and a budget are fractions in (0, 1]
+TARGET_CHECK = in_range(0, 1, low_open=True, example="0.9")
+BUDGET_CHECK = in_range(0, 1, low_open=True, example="0.5 (half the full model's cost)")
 
 
 def add_parser(subparsers):
@@ -37,30 +43,40 @@ def add_parser(subparsers):
     p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="validation")
     p.add_argument("--output", default="runs/calibration", help="folder for rules.json, plots, calibration.json")
-    p.add_argument("--target-accuracy", type=float, default=0.9, help="target accuracy δ stored in the rules "
-                   "(evaluate can use any other without refitting)")
-    p.add_argument("--budget", type=float, help="also fit the budget rule: fraction of the full cost, e.g. 0.5")
-    p.add_argument("--cost", default="layers", choices=["layers", "macs"], help="what the budget counts")
+    arg(p, "--target-accuracy", type=float, default=0.9, check=TARGET_CHECK, help="target accuracy δ stored in "
+        "the rules (evaluate can use any other without refitting)")
+    arg(p, "--budget", type=float, check=BUDGET_CHECK, help="also fit the budget rule: fraction of the full cost, "
+        "e.g. 0.5")
+    p.add_argument("--cost", default="layers", choices=list(COSTS), help="what the budget counts")
     add_bin_options(p)
-    p.add_argument("--batch-size", type=int, default=128, help="batch size for caching the exits' logits")
+    arg(p, "--batch-size", type=int, default=128, check=at_least(1), help="batch size for caching the exits' logits")
     add_device_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
     return p
 
 
 def add_bin_options(p) -> None:
-    p.add_argument("--num-bins", type=int, default=10, help="PCEE bins per exit")
-    p.add_argument("--binning", default="width", choices=["width", "mass"], help="equal-width or equal-mass bins")
-    p.add_argument("--smoothing", default="neighbour", choices=["neighbour", "isotonic"], help="PCEE-WS smoothing")
+    arg(p, "--num-bins", type=int, default=10, check=at_least(1), help="PCEE bins per exit")
+    p.add_argument("--binning", default="width", choices=list(BINNINGS), help="equal-width or equal-mass bins")
+    p.add_argument("--smoothing", default="neighbour", choices=list(SMOOTHINGS), help="PCEE-WS smoothing")
 
 
-def run(args) -> int:
+def check(args) -> None:
+    """Every option, the checkpoint's files and the output folder, before any model is loaded or logit computed."""
     require(args, "model", "--model runs/rt/best")
     if is_test_split(args.split):
         raise bad_value("--split", args.split, "rules are fitted on a validation split and reported on the test "
                         "split; calibrate on e.g. --split validation (or dev)")
+    checkpoint_config("--model", args.model)
+    writable_folder("--output", args.output)
+
+
+def run(args) -> int:
+    data = data_from(args, label_names=None)  # data errors (bad rows, encodings) before torch or the model loads
+    from ..evaluation.control import calibrate
+    from ..evaluation.table import format_calibration
+
     model, tokenizer = load_checkpoint(args)
-    data = data_from(args, label_names=None)
     out = calibrate(model, tokenizer, data, args.output, args.target_accuracy, args.budget, args.cost, args.num_bins,
                     args.binning, args.smoothing, args.batch_size, model_name=str(args.model), data_name=str(args.data))
     print(format_calibration(out["table"], out["rules"].get("budget"), out["split"]))
@@ -76,20 +92,46 @@ def add_control_options(p) -> None:
     group = p.add_argument_group("accuracy control and budgets (PCEE)")
     group.add_argument("--calibration", help="folder written by `layerexit calibrate` (rules.json, fit_logits.pt)")
     group.add_argument("--fit-split", help="instead of --calibration: fit the rules here on this split of --data")
-    group.add_argument("--target-accuracy", type=float, help="report PCEE, PCEE-WS and max-prob at this target "
-                       "accuracy, and time PCEE at it")
-    group.add_argument("--budget", type=float, help="report the budget rule at this fraction of the full cost")
-    group.add_argument("--cost", default="layers", choices=["layers", "macs"], help="what --budget counts")
-    group.add_argument("--num-bins", type=int, default=10, help="PCEE bins per exit (with --fit-split)")
-    group.add_argument("--binning", default="width", choices=["width", "mass"], help="bin type (with --fit-split)")
-    group.add_argument("--smoothing", default="neighbour", choices=["neighbour", "isotonic"],
+    arg(group, "--target-accuracy", type=float, check=TARGET_CHECK, help="report PCEE, PCEE-WS and max-prob at "
+        "this target accuracy, and time PCEE at it")
+    arg(group, "--budget", type=float, check=BUDGET_CHECK, help="report the budget rule at this fraction of the "
+        "full cost")
+    group.add_argument("--cost", default="layers", choices=list(COSTS), help="what --budget counts")
+    arg(group, "--num-bins", type=int, default=10, check=at_least(1), help="PCEE bins per exit (with --fit-split)")
+    group.add_argument("--binning", default="width", choices=list(BINNINGS), help="bin type (with --fit-split)")
+    group.add_argument("--smoothing", default="neighbour", choices=list(SMOOTHINGS),
                        help="PCEE-WS smoothing (with --fit-split)")
 
 
-def control_options(args, fit_data=None) -> ControlOptions | None:
+def check_control(args) -> None:
+    """The control options of `layerexit evaluate`, before any model is loaded."""
+    wanted = args.calibration or args.fit_split or args.target_accuracy is not None or args.budget is not None
+    if wanted and not (args.calibration or args.fit_split):
+        raise bad_value("--target-accuracy/--budget", args.target_accuracy if args.budget is None else args.budget,
+                        "the rules must be fitted on another split first: pass --calibration DIR (from `layerexit "
+                        "calibrate`) or --fit-split validation")
+    if args.fit_split and is_test_split(args.fit_split):
+        raise bad_value("--fit-split", args.fit_split, "rules are fitted on a validation split; use e.g. "
+                        "--fit-split validation (or dev)")
+    if args.fit_split and args.fit_split == args.split:
+        raise bad_value("--fit-split", args.fit_split, f"it is the split being evaluated (--split {args.split}): "
+                        "rules fitted on the rows they are evaluated on say nothing about unseen data; fit on "
+                        "another split (e.g. --fit-split dev with --split test)")
+    if args.calibration:
+        folder = Path(args.calibration)
+        for name in ("rules.json", "fit_logits.pt"):
+            if not (folder / name).is_file():
+                raise bad_value("--calibration", args.calibration, f"it has no {name}; give a folder written by "
+                                "`layerexit calibrate`")
+        read_json(folder / "rules.json", "rules file")
+
+
+def control_options(args, fit_data=None):
     """The evaluate command's control options as a ``ControlOptions`` (None when none was given)."""
     wanted = args.calibration or args.fit_split or args.target_accuracy is not None or args.budget is not None
     if not wanted:
         return None
+    from ..evaluation.control import ControlOptions
+
     return ControlOptions(args.calibration, fit_data, args.target_accuracy, args.budget, args.cost, args.num_bins,
                           args.binning, args.smoothing)

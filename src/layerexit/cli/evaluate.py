@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from ..evaluation.evaluate import evaluate
-from ..evaluation.table import format_summary
-from ..rules import DEFAULT_SWEEP
-from .calibrate import add_control_options, control_options
-from .common import (load_checkpoint, Formatter, add_config_option, add_data_options, add_device_options, data_from,
-                     int_list, name_list)
+from ..catalog import BACKENDS, DEFAULT_ROUNDS, DEFAULT_SWEEP, DEFAULT_TOLERANCE, RULES
+from ..preflight import checkpoint_config, writable_folder
+from .calibrate import add_control_options, check_control, control_options
+from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
+                     in_range, int_list, known_names, load_checkpoint, name_list, positive_int_list, require)
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
@@ -24,29 +23,54 @@ def add_parser(subparsers):
     p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="test")
     p.add_argument("--output", default="runs/eval", help="report folder")
-    p.add_argument("--backend", default="eager", help="layer backend: eager, bf16, int8, onnx, onnx-int8 "
-                   "(docs/backends.md); thresholds are fitted with its own logits")
-    p.add_argument("--rules", default=",".join(DEFAULT_SWEEP), help="rules to sweep, comma separated")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="operating point: most layers saved with accuracy >= full - tolerance")
-    p.add_argument("--measure-rules", help="rules whose operating point is timed (default: all swept; '' for none)")
-    p.add_argument("--batch-sizes", default="1,32", help="batch sizes for the wall-clock measurement")
-    p.add_argument("--measure-examples", type=int, default=500, help="examples timed per batch size")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds (median is reported)")
+    arg(p, "--backend", default="eager", choices=sorted(BACKENDS),
+        help="layer backend (docs/backends.md); thresholds are fitted with its own logits")
+    arg(p, "--rules", default=",".join(DEFAULT_SWEEP), check=known_names("--rules", RULES),
+        help="rules to sweep, comma separated")
+    arg(p, "--tolerance", type=float, default=DEFAULT_TOLERANCE, check=in_range(0, 1, example="0.01"),
+        help="operating point: most layers saved with accuracy >= full - tolerance")
+    arg(p, "--measure-rules", check=known_names("--measure-rules", RULES),
+        help="rules whose operating point is timed (default: all swept; '' for none)")
+    arg(p, "--batch-sizes", default="1,32", check=positive_int_list("--batch-sizes"),
+        help="batch sizes for the wall-clock measurement")
+    arg(p, "--measure-examples", type=int, default=500, check=at_least(1), help="examples timed per batch size")
+    arg(p, "--rounds", type=int, default=DEFAULT_ROUNDS, check=at_least(1),
+        help="interleaved timing rounds (median and spread are reported; fewer than 3 is flagged)")
     add_control_options(p)
+    arg(p, "--alpha", type=float, check=at_least(0, "an alpha"),
+        help="alpha-conditioned ConsistentEE model: the layer-cost dial its policy uses (default: the one it was "
+        "trained with); larger alpha, earlier exits")
     p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
                    "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
     add_device_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
     return p
 
 
+def check(args) -> None:
+    """The checkpoint's files, the control options and the report folder, before any model is loaded."""
+    require(args, "model", "--model runs/rt/best")
+    checkpoint_config("--model", args.model)
+    check_control(args)
+    for run_folder in name_list(args.consistentee_runs or ""):
+        checkpoint_config("--consistentee-runs", run_folder)
+    writable_folder("--output", args.output)
+
+
 def run(args) -> int:
+    # data first (bad rows, encodings), then torch and the model
     fit_data = data_from(args, split=args.fit_split, label_names=None) if args.fit_split else None
     control = control_options(args, fit_data)
     data = data_from(args, label_names=None)
+    from ..evaluation.evaluate import evaluate
+    from ..evaluation.table import format_summary
+
     model, tokenizer = load_checkpoint(args)
     model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
+    if args.alpha is not None:
+        from ..consistentee.sweep import set_alpha
+
+        set_alpha(model, args.alpha)
     rules = name_list(args.rules)
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,

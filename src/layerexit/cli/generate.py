@@ -14,16 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from ..catalog import CORPORA, DEFAULT_DECODER, GENERATION_OBJECTIVES, KV_STRATEGIES, PACKAGED_DECODERS, TOKEN_RULES
 from ..errors import bad_value
-from ..generation.corpus import CORPORA, frequent_tokens, load_passages, require_eos, token_blocks
-from ..generation.evaluate import compare, plot, report, run_spec
-from ..generation.loading import PACKAGED_DECODERS, SMOLLM2, load_causal_lm
-from ..generation.model import EarlyExitLM
-from ..generation.rules import TOKEN_RULES
-from ..io import write_json_atomic
-from .common import Formatter, add_config_option, add_device_options, device_and_dtype, int_list
+from ..preflight import check_decoder, writable_folder
+from .common import (Formatter, add_config_option, add_device_options, arg, at_least, device_and_dtype, in_range,
+                     int_list, positive_int_list)
+
+#: a rule threshold, a draft probability: probabilities or cosine similarities in [0, 1]
+PROBABILITY = in_range(0, 1, example="0.9")
 
 EXAMPLES = """examples:
   layerexit generate --prompt "Once upon a time" --strategy speculative --draft-layers 12
@@ -39,30 +37,31 @@ def add_parser(subparsers):
     p = subparsers.add_parser("generate", help="generate text with early exit or self-speculative decoding",
                               description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
     add_config_option(p)
-    p.add_argument("--model", default=SMOLLM2, help=f"decoder: packaged {sorted(PACKAGED_DECODERS)}, a hub name or "
+    p.add_argument("--model", default=DEFAULT_DECODER, help=f"decoder: packaged {sorted(PACKAGED_DECODERS)}, a hub name or "
                    "a local folder (Llama/Mistral/Qwen2/GPT-2 layouts)")
     p.add_argument("--exits", help="folder of trained exits (save_exits / --train-exits); default: shared head")
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--strategy", default="early-exit", choices=["full", "early-exit", "speculative"])
-    p.add_argument("--rule", default="maxprob", choices=TOKEN_RULES.names())
-    p.add_argument("--threshold", type=float, help="rule threshold (default: the rule's own)")
-    p.add_argument("--min-layer", type=int, default=1, help="no exit before this layer (1-based)")
-    p.add_argument("--exit-layers", help="only these layers may exit, e.g. 10,15,20")
+    p.add_argument("--rule", default="maxprob", choices=sorted(TOKEN_RULES))
+    p.add_argument("--threshold", type=float, help="rule threshold: a probability in [0, 1], for saturation a cosine "
+                   "similarity in [-1, 1] (default: the rule's own)")
+    arg(p, "--min-layer", type=int, default=1, check=at_least(1), help="no exit before this layer (1-based)")
+    arg(p, "--exit-layers", check=positive_int_list("--exit-layers"), help="only these layers may exit, e.g. 10,15,20")
     p.add_argument("--decay", action="store_true", help="CALM's decaying threshold along the sequence")
-    p.add_argument("--kv", default="propagate", choices=["propagate", "recompute"],
+    p.add_argument("--kv", default="propagate", choices=list(KV_STRATEGIES),
                    help="KV cache of skipped layers: state propagation or deferred recomputation")
-    p.add_argument("--draft-layers", type=int, help="speculative: layers used to draft (default L/2)")
-    p.add_argument("--num-draft", type=int, default=4, help="speculative: tokens drafted per step")
-    p.add_argument("--draft-threshold", type=float, help="speculative: stop drafting after a draft token whose "
-                   "probability is below this (adaptive draft length)")
+    arg(p, "--draft-layers", type=int, check=at_least(1), help="speculative: layers used to draft (default L/2)")
+    arg(p, "--num-draft", type=int, default=4, check=at_least(1), help="speculative: tokens drafted per step")
+    arg(p, "--draft-threshold", type=float, check=PROBABILITY, help="speculative: stop drafting after a draft token "
+        "whose probability is below this (adaptive draft length)")
     p.add_argument("--draft-vocab", type=int, help="speculative: draft over the N most frequent tokens of --corpus "
                    "only (a cheaper draft head; the output is still exactly the full model's)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    arg(p, "--max-new-tokens", type=int, default=64, check=at_least(1), help="tokens generated per prompt")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at the tokenizer's end-of-sequence token")
     p.add_argument("--no-stream", action="store_true", help="print each continuation only when it is complete")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    arg(p, "--threads", type=int, check=at_least(1), help="torch CPU threads")
     p.add_argument("--evaluate", action="store_true", help="compare with the full model (writes --output)")
     p.add_argument("--compare-hf", action="store_true", help="with --evaluate: also time transformers' generate")
     p.add_argument("--output", help="folder for results.json, report.md and plots (--evaluate)")
@@ -75,16 +74,38 @@ def add_parser(subparsers):
                    help="linear: affine shortcut per exit fitted by ridge regression (fast, no gradients); "
                    "lowrank: residual adapters trained with --objective")
     g.add_argument("--adapter-rank", type=int, default=64)
-    g.add_argument("--objective", default="distill", choices=["distill", "weighted"])
-    g.add_argument("--steps", type=int, default=100, help="training steps (linear: blocks fitted = steps x batch)")
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--lora-rank", type=int, default=0, help="also train LoRA in the attention (needs peft; use "
-                   "--adapter-kind lowrank, --adapter-rank 0 for LoRA alone)")
-    g.add_argument("--lora-lr", type=float, default=1e-4)
-    p.set_defaults(run=run)
+    g.add_argument("--objective", default="distill", choices=list(GENERATION_OBJECTIVES),
+                   help="distill: match the last layer's distribution; weighted: next-token cross-entropy")
+    arg(g, "--steps", type=int, default=100, check=at_least(1), help="training steps (linear: blocks fitted = "
+        "steps x batch)")
+    arg(g, "--batch-size", type=int, default=4, check=at_least(1), help="blocks per training step")
+    arg(g, "--seq-len", type=int, default=128, check=at_least(2), help="tokens per training block")
+    arg(g, "--lr", type=float, default=1e-3, check=in_range(0, 1, low_open=True), help="learning rate of the exits")
+    arg(g, "--lora-rank", type=int, default=0, check=at_least(0), help="also train LoRA in the attention (needs "
+        "peft; use --adapter-kind lowrank, --adapter-rank 0 for LoRA alone)")
+    arg(g, "--lora-lr", type=float, default=1e-4, check=in_range(0, 1, low_open=True), help="learning rate of LoRA")
+    p.set_defaults(run=run, check=check)
     return p
+
+
+def check(args) -> None:
+    """Every option, the decoder's kind and the output folders, before any model is loaded."""
+    if args.threshold is not None:
+        low = -1 if args.rule == "saturation" else 0  # cos(h_{l-1}, h_l) lies in [-1, 1]; probabilities in [0, 1]
+        in_range(low, 1, example="0.9")("--threshold", args.threshold)
+    if args.prompt or args.prompts_file or not args.train_exits:
+        read_prompts(args)
+    if args.draft_vocab is not None and (args.strategy != "speculative" or args.draft_vocab < 1):
+        raise bad_value("--draft-vocab", args.draft_vocab, "give a positive size, with --strategy speculative")
+    if args.evaluate and not args.output:
+        raise bad_value("--output", None, "--evaluate writes results.json, report.md and plots: give --output DIR")
+    if args.exits and not Path(args.exits).is_dir():
+        raise bad_value("--exits", args.exits, "give a folder of trained exits (from --train-exits)")
+    check_decoder("--model", args.model)
+    if args.output:
+        writable_folder("--output", args.output)
+    if args.train_exits:
+        writable_folder("--train-exits", args.train_exits)
 
 
 def read_prompts(args) -> list[str]:
@@ -124,7 +145,9 @@ def build_spec(args, num_layers: int) -> dict:
     return {"strategy": "early-exit", "rule": args.rule, "params": params, "kv": args.kv}
 
 
-def train_and_save(args, lm, tokenizer) -> EarlyExitLM:
+def train_and_save(args, lm, tokenizer):
+    from ..generation.corpus import load_passages, token_blocks
+    from ..generation.model import EarlyExitLM
     from ..generation.train import ExitTrainConfig, fit_shortcuts, train_exits
 
     layers = int_list(args.train_layers) if args.train_layers else None
@@ -151,15 +174,19 @@ def train_and_save(args, lm, tokenizer) -> EarlyExitLM:
 
 
 def run(args) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ..generation.corpus import frequent_tokens, load_passages, require_eos, token_blocks
+    from ..generation.evaluate import compare, plot, report, run_spec
+    from ..generation.loading import load_causal_lm
+    from ..generation.model import EarlyExitLM
+    from ..io import write_json_atomic
+
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args) if (args.prompt or args.prompts_file or not args.train_exits) else []
-    if args.draft_vocab is not None and (args.strategy != "speculative" or args.draft_vocab < 1):
-        raise bad_value("--draft-vocab", args.draft_vocab, "give a positive size, with --strategy speculative")
-    if args.evaluate and not args.output:
-        raise bad_value("--output", None, "--evaluate writes results.json, report.md and plots: give --output DIR")
     device, dtype = device_and_dtype(args)
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
     lm, tokenizer = load_causal_lm(args.model, dtype=dtype or torch.float32)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from ..backbones import ADAPTERS
+from .. import catalog
 from ..data import PACKAGED
-from ..heads import FEATURES
 from ..resources import PACKAGED_MODELS
-from ..rules import RULES
-from ..training import OBJECTIVES
 from .common import Formatter
 
 
@@ -28,21 +25,17 @@ def _section(title: str, rows) -> None:
 
 
 def run(args) -> int:
+    """Prints the torch-free index (``layerexit.catalog``), which the test suite keeps equal to the registries."""
     _section("backbones (by config.model_type)", [
-        (f"{name} ({', '.join(ADAPTERS.get(name).model_types)})", text) for name, text in ADAPTERS.describe()])
-    _section("exit rules", RULES.describe())
-    _section("objectives", OBJECTIVES.describe())
-    _section("exit features", FEATURES.items())
+        (f"{name} ({', '.join(types)})", text) for name, (types, text) in sorted(catalog.BACKBONES.items())])
+    _section("exit rules", sorted(catalog.RULES.items()))
+    _section("objectives", sorted(catalog.OBJECTIVES.items()))
+    _section("exit features", catalog.FEATURES.items())
     _section("packaged models", [(name, spec[3]) for name, spec in PACKAGED_MODELS.items()])
     _section("packaged data", PACKAGED.items())
-    from ..generation.adapters import DECODERS
-    from ..generation.corpus import CORPORA
-    from ..generation.loading import PACKAGED_DECODERS
-    from ..generation.rules import TOKEN_RULES
-
     _section("decoders for generation (by config.model_type)", [
-        (f"{name} ({', '.join(DECODERS.get(name).model_types)})", text) for name, text in DECODERS.describe()])
-    _section("per-token exit rules (generation)", TOKEN_RULES.describe())
-    _section("packaged decoders", [(name, spec[3]) for name, spec in PACKAGED_DECODERS.items()])
-    _section("packaged corpora (exit training)", [(name, spec[3]) for name, spec in CORPORA.items()])
+        (f"{name} ({', '.join(types)})", text) for name, (types, text) in sorted(catalog.DECODERS.items())])
+    _section("per-token exit rules (generation)", sorted(catalog.TOKEN_RULES.items()))
+    _section("packaged decoders", catalog.PACKAGED_DECODERS.items())
+    _section("packaged corpora (exit training)", catalog.CORPORA.items())
     return 0

@@ -1,4 +1,9 @@
-"""The `layerexit` command: one subcommand per file in this package."""
+"""The `layerexit` command: one subcommand per file in this package.
+
+Parsers are built from light modules only (no torch, transformers or matplotlib), so ``--help``, ``list`` and
+every option check answer at once; a command imports what it runs inside its ``run``. Every option is checked
+(flags and --config values alike) before any model is loaded.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ import argparse
 import os
 import sys
 
+from .. import __version__
 from ..errors import LayerExitError
 from . import benchmark, calibrate, demo, evaluate, generate, list as list_cmd, predict, serve, train
-from .common import apply_config
+from .common import apply_config, run_checks
 
 DESCRIPTION = """layerexit: early exiting for transformer encoders.
 
@@ -23,13 +29,16 @@ EXAMPLES = """examples:
   layerexit list
 """
 
+COMMANDS = (train, evaluate, calibrate, benchmark, demo, generate, list_cmd, serve, predict)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerexit", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"layerexit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}
-    for module in (train, evaluate, calibrate, benchmark, demo, generate, list_cmd, serve, predict):
+    for module in COMMANDS:
         p = module.add_parser(sub)
         subparsers[p.prog.split()[-1]] = p
     parser.subparsers = subparsers
@@ -48,10 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sub = parser.subparsers[command]
         args = apply_config(sub, argv[1:], sub.parse_args(argv[1:]))
+        run_checks(sub, args)  # every option, before any model is loaded
         return args.run(args)
     except LayerExitError as err:
         print(f"layerexit {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"layerexit {command}: interrupted; {_where(command, args)}", file=sys.stderr)
+        return 130
+    except OSError as err:  # disk full, permissions, a file removed under us
+        place = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(f"layerexit {command}: error: {err.strerror or err}{place}; {_where(command, args)}", file=sys.stderr)
+        return 1
+
+
+def _where(command: str, args) -> str:
+    """What an interrupted command leaves behind, in one sentence."""
+    from ..preflight import resume_hint
+
+    if command == "train":
+        return resume_hint(getattr(args, "output", None))
+    return "nothing is resumed: run the command again"
 
 
 if __name__ == "__main__":

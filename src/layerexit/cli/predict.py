@@ -30,7 +30,7 @@ def add_parser(subparsers):
     p.add_argument("--model", help="checkpoint folder or hub id (required)")
     p.add_argument("--file", help="a UTF-8 text file with one text per line; '-' reads standard input")
     p.add_argument("--rule", help="exit rule name (default: the checkpoint's stored rule, else maxprob); with "
-                   "--calibration, which fitted rule to use (default pcee)")
+                   "--calibration, the fitted rule to use, pcee if not given")
     p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
     p.add_argument("--calibration", help="folder written by `layerexit calibrate` (its rules.json)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch")

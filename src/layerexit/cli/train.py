@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from ..consistentee import ConsistentEEConfig, train_consistentee
-from ..errors import bad_value
-from ..heads import FEATURES
+from ..catalog import FEATURES, OBJECTIVES
+from ..consistentee.config import ConsistentEEConfig
+from ..errors import LayerExitError, bad_value
+from ..preflight import check_max_length, writable_folder
 from ..resources import DEFAULT_MODEL
-from ..training import OBJECTIVES, TrainConfig
-from ..training.run import train_classifier
-from .common import Formatter, add_config_option, add_data_options, data_from
+from ..training.config import TrainConfig
+from .common import (Formatter, add_config_option, add_data_options, add_fields, arg, at_least, config_from,
+                     data_from, field_help)
 
 EXAMPLES = """examples:
   layerexit train --output runs/rt                      # packaged MiniLM on the packaged movie reviews
   layerexit train --data ../shared/data/sst2 --split train --eval-split dev --limit 8000 --output runs/sst2
+  layerexit train --data glue/sst2 --eval-split validation --output runs/glue-sst2     # hub data set, subset
   layerexit train --objective two-stage --epochs 1 --output runs/deebert
   layerexit train --config configs/sst2-minilm.yaml --epochs 3     # YAML options, flags override
   layerexit train --method consistentee --alpha 1.0 --copies 8 --output runs/cee      # ConsistentEE
   layerexit train --method consistentee --stage1 runs/rt --alpha 0.5 --output runs/cee-a0.5
-  accelerate launch -m layerexit.cli.main train --model bert-base-uncased --data glue --output runs/bert
+  accelerate launch -m layerexit.cli.main train --model bert-base-uncased --data glue/sst2 --output runs/bert
 """
+
+#: every TrainConfig field is an option, in field order (a field added there appears here with its help)
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+#: every ConsistentEEConfig field but hardness (which is --no-hardness); the learning rates keep short flags
+CEE_FIELDS = [f.name for f in dataclasses.fields(ConsistentEEConfig) if f.name != "hardness"]
+CEE_FLAGS = {"stage2_learning_rate": "--stage2-lr", "stage3_learning_rate": "--stage3-lr"}
 
 
 def add_parser(subparsers):
@@ -30,65 +39,71 @@ def add_parser(subparsers):
     p.add_argument("--model", default=DEFAULT_MODEL, help="backbone: packaged name, hub name or local folder")
     add_data_options(p, split="train")
     p.add_argument("--eval-split", default="validation", help="split evaluated each epoch ('none' to skip)")
-    p.add_argument("--eval-limit", type=int, help="use only the first N evaluation examples")
+    arg(p, "--eval-limit", type=int, check=at_least(1), help="use only the first N evaluation examples")
     p.add_argument("--output", default="runs/train", help="output folder (best/, final/, state/)")
-    p.add_argument("--objective", default="weighted", choices=OBJECTIVES.names(), help="training objective")
+    p.add_argument("--objective", default="weighted", choices=list(OBJECTIVES), help="training objective")
     p.add_argument("--layer-weights", type=float, nargs="+", help="per-exit weights for --objective custom")
     p.add_argument("--exit-feature", choices=list(FEATURES), help="exit feature (default: the checkpoint's "
                    "declared pooling, else the architecture's default)")
-    p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=5e-5)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--save-steps", type=int, default=200, help="resume point every N steps (and every epoch)")
-    p.add_argument("--select-metric", default="mean_exit_accuracy", choices=["mean_exit_accuracy", "final_accuracy"])
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input (at least 2, at most "
+                   "the backbone's positions)")
+    add_fields(p, TrainConfig, TRAIN_FIELDS)
     p.add_argument("--no-resume", action="store_true", help="discard a previous run in OUTPUT and start over "
                    "(without it, a run resumes only when its options and data match the folder's run_config.json)")
-    p.add_argument("--save-total-limit", type=int, default=1, help="resume points kept while training (each holds "
-                   "weights and optimizer moments, ~3x the model); a finished run keeps only a light one")
-    p.add_argument("--keep-optimizer-state", action="store_true", help="keep the optimizer moments (2x the model) "
-                   "after the run finishes, so a rerun with more --epochs continues them")
     cee = p.add_argument_group("ConsistentEE (--method consistentee; Zeng et al., AAAI 2024)")
     cee.add_argument("--method", default="joint", choices=["joint", "consistentee"],
                      help="joint: the --objective alone; consistentee: stage 1 (weighted) + RL policy stages")
-    cee.add_argument("--alpha", type=float, default=1.0, help="layer cost in the reward -CE - alpha*(e/L)*(1-m/L); "
-                     "the reference code's raw-layer alpha_ref equals alpha / L")
-    cee.add_argument("--no-hardness", action="store_true", help="reward -CE - alpha*e/L (no memorized-layer factor)")
-    cee.add_argument("--copies", type=int, default=8, help="K rollouts per instance (group-mean baseline)")
-    cee.add_argument("--action", default="bernoulli", choices=["bernoulli", "greedy", "eps_greedy"])
-    cee.add_argument("--epsilon", type=float, default=0.1, help="exploration rate for eps_greedy")
-    cee.add_argument("--rounds", type=int, default=1, help="alternating stage-2/stage-3 rounds")
-    cee.add_argument("--policy-hidden", type=int, default=32)
-    cee.add_argument("--stage2-epochs", type=int, default=2)
-    cee.add_argument("--stage2-lr", type=float, default=3e-4)
-    cee.add_argument("--stage3-epochs", type=int, default=1, help="0 skips stage 3 (policies only)")
-    cee.add_argument("--stage3-lr", type=float, default=3e-5)
+    cee.add_argument("--no-hardness", action="store_true",
+                     help=f"turn off: {field_help(ConsistentEEConfig, 'hardness')}")
+    add_fields(cee, ConsistentEEConfig, CEE_FIELDS, CEE_FLAGS)
     cee.add_argument("--stage1", help="reuse a finished stage-1 (joint) run folder instead of training one")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, check=check)
     return p
 
 
-def run(args) -> int:
-    train_data = data_from(args)
-    eval_data = None
-    if args.eval_split and args.eval_split != "none":
-        eval_data = data_from(args, split=args.eval_split, limit=args.eval_limit, label_names=train_data.label_names)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, save_steps=args.save_steps,
-                         select_metric=args.select_metric, seed=args.seed,
-                         save_total_limit=args.save_total_limit, keep_optimizer_state=args.keep_optimizer_state)
+def configs(args) -> tuple[TrainConfig, ConsistentEEConfig]:
+    return config_from(args, TrainConfig), config_from(args, ConsistentEEConfig, hardness=not args.no_hardness)
+
+
+def validate_as_flags(config) -> None:
+    """``config.validate()``, its message naming the option (``--warmup-ratio``) instead of the field."""
+    try:
+        config.validate()
+    except LayerExitError as err:
+        field, _, rest = str(err).partition("=")
+        flag = CEE_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise LayerExitError(f"{flag}={rest}") from None
+
+
+def check(args) -> None:
+    """Every option, the backbone's positions and the output folder, before any data or model is loaded."""
+    train_config, cee_config = configs(args)
+    validate_as_flags(train_config)
     if args.method == "consistentee":
-        cee = ConsistentEEConfig(alpha=args.alpha, hardness=not args.no_hardness, copies=args.copies,
-                                 action=args.action, epsilon=args.epsilon, rounds=args.rounds,
-                                 policy_hidden=args.policy_hidden, stage2_epochs=args.stage2_epochs,
-                                 stage2_learning_rate=args.stage2_lr, stage3_epochs=args.stage3_epochs,
-                                 stage3_learning_rate=args.stage3_lr)
+        validate_as_flags(cee_config)
         if args.no_resume and Path(args.output).exists():
             raise bad_value("--no-resume", True, f"{args.output} exists; ConsistentEE resumes stage by stage, so "
                             "choose a new --output to start over")
+        if args.stage1 and not Path(args.stage1).is_dir():
+            raise bad_value("--stage1", args.stage1, "give a finished stage-1 run folder (from `layerexit train`)")
+    if args.objective == "custom" and not args.layer_weights:
+        raise bad_value("--layer-weights", None, "--objective custom needs one weight per exit, e.g. "
+                        "--layer-weights 1 2 3 4 5 6")
+    check_max_length("--max-length", args.max_length, args.model)
+    writable_folder("--output", args.output)
+
+
+def run(args) -> int:
+    train_data = data_from(args)  # data errors (bad rows, encodings) before torch or the model loads
+    eval_data = None
+    if args.eval_split and args.eval_split != "none":
+        eval_data = data_from(args, split=args.eval_split, limit=args.eval_limit, label_names=train_data.label_names)
+    from ..training.run import train_classifier
+
+    config, cee = configs(args)
+    if args.method == "consistentee":
+        from ..consistentee import train_consistentee
+
         train_consistentee(args.model, train_data, eval_data, args.output, cee, config, args.exit_feature,
                            args.max_length, stage1_dir=args.stage1)
         if _is_main_process():

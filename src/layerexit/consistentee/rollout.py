@@ -5,6 +5,8 @@ Notation (the paper's; see docs/methods.md): L exits, ``pi_l`` the policy's exit
 
     R = -CE(z_e, y) - alpha * (e / L) * (1 - m / L)        (hardness=True, the paper's form)
     R = -CE(z_e, y) - alpha * (e / L)                      (hardness=False)
+    R = -CE(z_e, y)                                        (kind="ce": the released reference code's reward,
+                                                            every layer and hardness term commented out)
 
 with the mean reward of the K copies as baseline and loss ``-mean(A.detach() * log pi(path))``.
 
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import bad_value
 
-ACTIONS = ("bernoulli", "greedy", "eps_greedy")
+from ..catalog import ACTIONS  # names kept in the torch-free index
+from .config import REWARDS  # noqa: E402  ("paper" or "ce", see reward())
 
 
 def memorized_layer(correct: torch.Tensor) -> torch.Tensor:
@@ -71,9 +74,16 @@ def path_log_prob(probs: torch.Tensor, exit_layer: torch.Tensor) -> torch.Tensor
     return terms.sum(dim=-1)
 
 
-def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, num_layers: int, alpha: float,
-           hardness: bool = True) -> torch.Tensor:
-    """R = -CE - alpha * (e/L) * (1 - m/L) with hardness, else -CE - alpha * (e/L)."""
+def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, num_layers: int,
+           alpha: float | torch.Tensor, hardness: bool = True, kind: str = "paper") -> torch.Tensor:
+    """R = -CE - alpha * (e/L) * (1 - m/L) with hardness, else -CE - alpha * (e/L); -CE alone for kind="ce".
+
+    ``alpha`` is a float or a tensor broadcastable to ``ce`` (one alpha per instance for a conditioned policy).
+    """
+    if kind == "ce":
+        return -ce
+    if kind != "paper":
+        raise bad_value("reward", kind, f"choose one of {', '.join(REWARDS)}")
     cost = alpha * exit_layer.to(ce.dtype) / num_layers
     if hardness:
         cost = cost * (1.0 - memorized.to(ce.dtype) / num_layers)
@@ -92,12 +102,15 @@ class RolloutStats:
 
 
 def rollout_loss(logits: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, memorized: torch.Tensor,
-                 alpha: float, hardness: bool = True, action: str = "bernoulli", epsilon: float = 0.1,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, RolloutStats]:
+                 alpha: float | torch.Tensor, hardness: bool = True, action: str = "bernoulli", epsilon: float = 0.1,
+                 generator: torch.Generator | None = None, reward_kind: str = "paper",
+                 entropy_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, RolloutStats]:
     """K rollouts per instance; returns (policy loss, CE at the chosen exits, stats).
 
     logits (K, B, L, C) and probs (K, B, L): the exits' logits and the policies' exit probabilities of K
-    copies of a batch (the copies differ by dropout and by sampled actions); labels (B,); memorized (B,).
+    copies of a batch (the copies differ by dropout and by sampled actions); labels (B,); memorized (B,);
+    alpha a float or (B,) per instance. ``entropy_weight`` > 0 subtracts that multiple of the policies' mean
+    Bernoulli entropy (layers 1..L-1) from the loss, which keeps them from collapsing onto one exit.
     """
     num_copies, batch, num_layers, num_classes = logits.shape
     actions = choose_actions(probs.detach(), action, epsilon, generator)  # (K, B, L)
@@ -105,9 +118,14 @@ def rollout_loss(logits: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor
     chosen = logits.gather(2, (exit_layer - 1)[..., None, None].expand(-1, -1, 1, num_classes)).squeeze(2)
     ce = F.cross_entropy(chosen.reshape(-1, num_classes), labels.repeat(num_copies), reduction="none")
     ce = ce.view(num_copies, batch)  # (K, B)
-    rewards = reward(ce.detach(), exit_layer, memorized.expand(num_copies, -1), num_layers, alpha, hardness)
+    rewards = reward(ce.detach(), exit_layer, memorized.expand(num_copies, -1), num_layers, alpha, hardness,
+                     reward_kind)  # (K, B)
     advantage = rewards - rewards.mean(dim=0, keepdim=True)  # group-mean baseline over the K copies
     policy_loss = -(advantage.detach() * path_log_prob(probs, exit_layer)).mean()
+    if entropy_weight:
+        p = probs[..., :-1].clamp(1e-6, 1 - 1e-6)  # (K, B, L-1): the last layer exits by force
+        bernoulli_entropy = -(p * p.log() + (1 - p) * (1 - p).log())
+        policy_loss = policy_loss - entropy_weight * bernoulli_entropy.mean()
     correct = (chosen.argmax(-1) == labels).double()
     stats = RolloutStats(float(rewards.mean()), float(exit_layer.double().mean()), float(correct.mean()),
                          torch.bincount(exit_layer.flatten() - 1, minlength=num_layers).cpu())

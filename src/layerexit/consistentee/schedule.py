@@ -7,6 +7,19 @@
    standing in for the backbone dropout that gives the reference code its diversity across copies.
 4. Stage 3, everything: cross-entropy of the exit each copy chose plus the policy loss. One backbone pass
    per batch; the K copies share it and differ by dropout on the exit features and by their actions.
+
+Beyond the paper (each an option; the paper's form is ``policy_inputs=""`` and no ``alpha_range``, and the
+released reference code's reward is ``reward="ce"``):
+
+- ``policy_inputs``: the policy also sees its exit's max probability, margin, entropy and depth, so it can at
+  least do what max-prob does (the paper's policy sees the exit feature alone).
+- ``alpha_range``: alpha is drawn per instance, uniformly from the range, in stages 2 and 3 and given to the
+  policy as an input; at inference alpha is a dial (``make_rule("consistentee", alpha=...)``), so one model
+  traces the whole accuracy-versus-cost curve.
+- Exits that stage 3 would starve (it trains only the exit each copy chose): ``all_exits_weight`` adds that
+  multiple of the weighted average loss over all exits (stage 1's objective) in stage 3; ``policy_entropy``
+  rewards the policies' Bernoulli entropy so they keep exploring; ``rounds`` repeats stages 2 and 3.
+
 Stages 2 and 3 alternate for ``rounds`` rounds. Every stage writes its result into the run folder and is
 skipped when the run is started again, so an interrupted run resumes (stages 1 and 3 also resume inside
 an epoch, through the training loop).
@@ -24,7 +37,7 @@ Run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +49,8 @@ from transformers import AutoTokenizer
 
 from ..data import Encoded, TextClassificationData, check_labels, model_inputs
 from ..errors import bad_value
-from ..evaluation.cache import collect_logits
+from ..evaluation.cache import collect_logits, data_digest
+from ..heads import policy_extras
 from ..evaluation.simulate import simulate
 from ..io import write_json_atomic
 from ..model import MultiExitModel
@@ -48,40 +62,17 @@ from ..training.run import train_classifier
 from ..training.state import load_tensors
 from ..training.trainer import (TrainConfig, locked_run, make_accelerator, prepare_run_folder, seed_everything,
                                 train)
-from .rollout import ACTIONS, memorized_layer, rollout_loss
+from .config import ConsistentEEConfig
+from .rollout import memorized_layer, rollout_loss
 
 
-@dataclass
-class ConsistentEEConfig:
-    """ConsistentEE's own hyper-parameters (defaults: the reference code's, scaled to a CPU budget)."""
-
-    alpha: float = 1.0
-    hardness: bool = True
-    copies: int = 8
-    action: str = "bernoulli"
-    epsilon: float = 0.1
-    rounds: int = 1
-    policy_hidden: int = 32
-    stage2_epochs: int = 2
-    stage2_batch_size: int = 32
-    stage2_learning_rate: float = 3e-4
-    stage3_epochs: int = 1
-    stage3_batch_size: int = 32
-    stage3_learning_rate: float = 3e-5
-
-    def validate(self) -> None:
-        if self.action not in ACTIONS:
-            raise bad_value("action", self.action, f"choose one of {', '.join(ACTIONS)}")
-        if not self.alpha >= 0:
-            raise bad_value("alpha", self.alpha, "use alpha >= 0 (0 turns the layer cost off)")
-        if int(self.copies) < 2:
-            raise bad_value("copies", self.copies, "use K >= 2: the baseline is the mean reward of the K copies, "
-                            "so one copy has zero advantage and learns nothing")
-        if not 0 <= self.epsilon <= 1:
-            raise bad_value("epsilon", self.epsilon, "use a probability in [0, 1]")
-        for name in ("rounds", "stage2_epochs", "stage3_epochs", "stage2_batch_size", "stage3_batch_size"):
-            if int(getattr(self, name)) < (0 if name == "stage3_epochs" else 1):
-                raise bad_value(name, getattr(self, name), "use a whole number >= 1")
+def sample_alpha(config: ConsistentEEConfig, batch: int, device=None, generator=None) -> float | torch.Tensor:
+    """The layer cost of each instance: ``config.alpha``, or (B,) uniform draws from ``config.alpha_range``."""
+    bounds = config.alpha_bounds
+    if bounds is None:
+        return config.alpha
+    low, high = bounds
+    return low + (high - low) * torch.rand(batch, generator=generator).to(device)
 
 
 def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: torch.Tensor,
@@ -91,9 +82,13 @@ def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: t
     copies = features.transpose(0, 1).unsqueeze(0).expand(config.copies, batch, num_layers, hidden)  # (K, B, L, H)
     logits = torch.stack([model.exits[l](copies[:, :, l]) for l in range(num_layers)], dim=2)  # (K, B, L, C)
     noisy = F.dropout(copies, model.config.dropout, training=model.training)
-    probs = torch.stack([model.policies[l](noisy[:, :, l]) for l in range(num_layers)], dim=2)  # (K, B, L)
-    return rollout_loss(logits, probs, labels, memorized, config.alpha, config.hardness, config.action,
-                        config.epsilon, generator)
+    alpha = sample_alpha(config, batch, features.device, generator)  # float or (B,)
+    policy_alpha = alpha if model.alpha_conditioned else None
+    probs = torch.stack([model.policies[l](noisy[:, :, l], policy_extras(
+        logits[:, :, l], l, num_layers, model.config.policy_inputs, policy_alpha)) for l in range(num_layers)],
+        dim=2)  # (K, B, L)
+    return rollout_loss(logits, probs, labels, memorized, alpha, config.hardness, config.action,
+                        config.epsilon, generator, config.reward, config.policy_entropy)
 
 
 def compute_memorized(model: MultiExitModel, train_set: Encoded, batch_size: int = 128,
@@ -176,10 +171,53 @@ def stage3(memorized: torch.Tensor, config: ConsistentEEConfig, num_layers: int)
         logits_all, features = model(**batch, return_features=True)  # (L, B, C), (L, B, H)
         policy_loss, ce, stats = rollout_on_features(_unwrap(model), features, labels, memorized[index.cpu()].to(
             labels.device), config)
-        return ce + policy_loss, {"reward": stats.reward, "exit_layer": stats.exit_layer,
-                                  "accuracy_at_exit": stats.accuracy}
+        loss = ce + policy_loss
+        if config.all_exits_weight:  # keep every exit learning, not only those the policy picks
+            loss = loss + config.all_exits_weight * weighted_exit_loss(logits_all, labels)
+        return loss, {"reward": stats.reward, "exit_layer": stats.exit_layer, "accuracy_at_exit": stats.accuracy}
 
     return Stage("consistentee", [1.0] * num_layers, train_backbone=True, train_policies=True, loss=loss)
+
+
+def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PABEE's weighted average of the exits' losses, sum_l l * CE_l / sum_l l, for logits (L, B, C)."""
+    num_layers, batch, num_classes = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, num_classes), labels.repeat(num_layers), reduction="none")
+    weights = torch.arange(1, num_layers + 1, device=logits.device, dtype=ce.dtype)  # (L,)
+    return (ce.view(num_layers, batch).mean(dim=1) * weights).sum() / weights.sum()
+
+
+@torch.no_grad()
+def stage1_pass(model: MultiExitModel, train_set: Encoded, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the frozen model (eval mode) over the training set: (N,) memorized layers and (N, L, H) exit
+    features, the two things stages 2 and 3 need from stage 1 (one process)."""
+    model.eval()
+    correct = torch.empty(model.config.num_layers, len(train_set), dtype=torch.bool)
+    out = torch.empty(len(train_set), model.config.num_layers, model.config.hidden_size)
+    labels = torch.tensor(train_set.labels)
+    for start in range(0, len(train_set), batch_size):
+        idx = list(range(start, min(start + batch_size, len(train_set))))
+        batch = model_inputs(train_set.collate([train_set[i] for i in idx]))
+        logits, features = model(**batch, return_features=True)  # (L, b, C), (L, b, H)
+        correct[:, idx] = logits.argmax(-1).cpu() == labels[idx]
+        out[idx] = features.transpose(0, 1).float().cpu()
+    return memorized_layer(correct), out
+
+
+def shared_stage1(model, train_set, cache_dir, stage1: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stage1_pass``, kept in ``cache_dir`` for runs that share the stage-1 model and the training data."""
+    path = Path(cache_dir) / "stage1_pass.pt"
+    key = f"{Path(stage1).resolve()}|{data_digest(train_set)}"
+    if path.is_file():
+        saved = load_tensors(path)
+        if saved is not None and saved.get("key") == key:
+            return saved["memorized"], saved["features"]
+    memorized, features = stage1_pass(model, train_set)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "memorized": memorized, "features": features}, tmp)
+    tmp.replace(path)  # atomic
+    return memorized, features
 
 
 def _unwrap(model):
@@ -207,9 +245,11 @@ def train_consistentee(
     exit_feature: str | None = None,
     max_length: int = 128,
     stage1_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
 ):
     """The whole schedule; returns (ConsistentEE model, tokenizer). ``stage1_dir`` reuses a finished stage 1
-    (e.g. shared by an alpha sweep).
+    (e.g. shared by an alpha sweep); ``cache_dir`` (one process) keeps the stage-1 model's memorized layers and
+    exit features there, so runs sharing that stage 1 and training data compute them once.
 
     The output folder is locked while it runs and resumes only a run with the same options and data. With
     several processes (``torchrun``, ``accelerate launch``) the memorized-layer pass, the feature cache and
@@ -229,11 +269,11 @@ def train_consistentee(
         if accelerator.is_main_process:
             runfolder.write_run_config(output_dir, settings)
         return _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature,
-                                   max_length, stage1_dir, accelerator)
+                                   max_length, stage1_dir, accelerator, cache_dir)
 
 
 def _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature, max_length,
-                        stage1_dir, accelerator):
+                        stage1_dir, accelerator, cache_dir=None):
     history_path = output_dir / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     logged = {(h["round"], h["stage"], h["epoch"]) for h in history if "round" in h}
@@ -262,15 +302,20 @@ def _train_consistentee(backbone, train_data, eval_data, output_dir, config, tra
     eval_set = Encoded(eval_data, tokenizer, model.config.max_length) if eval_data is not None else None
     seed_everything(train_config.seed)
     if model.policies is None:
-        model.add_policies(config.policy_hidden)
+        model.add_policies(config.policy_hidden, config.inputs, config.alpha_bounds, config.alpha)
 
     # memorized layers --------------------------------------------------------------------------------
     memorized_path = output_dir / "memorized.pt"
     saved = load_tensors(memorized_path) if memorized_path.is_file() else None
+    first_features = None  # round 1's exit features, from the same pass as the memorized layers
+    shared = cache_dir is not None and accelerator.num_processes == 1
     if saved is not None and saved["num_examples"] == len(train_set):
         memorized = saved["memorized"]
+    elif shared:
+        memorized, first_features = shared_stage1(model, train_set, cache_dir, stage1)
     else:
         memorized = compute_memorized(model, train_set, accelerator=accelerator)
+    if saved is None or saved["num_examples"] != len(train_set):
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
@@ -284,7 +329,10 @@ def _train_consistentee(backbone, train_data, eval_data, output_dir, config, tra
         if (round_dir / "stage2" / "layerexit_config.json").is_file():
             model = MultiExitModel.from_pretrained(round_dir / "stage2")
         else:
-            features = cached_features(model, train_set, rows=rows)
+            if round_index == 1 and shared and first_features is None:
+                first_features = shared_stage1(model, train_set, cache_dir, stage1)[1]
+            first = round_index == 1 and first_features is not None
+            features = first_features if first else cached_features(model, train_set, rows=rows)
             records = run_stage2(model, features, labels[rows], memorized[rows], config,
                                  train_config.seed + round_index, accelerator)
             records[-1].update(policy_summary(model, eval_set))

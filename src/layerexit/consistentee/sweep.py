@@ -38,3 +38,21 @@ def alpha_sweep_curve(run_dirs: list[str | Path], data: TextClassificationData, 
         points.append(simulate(PolicyRule(threshold), cache.logits, signals=cache.signals).point(
             cache.labels, model.config.num_layers, params))
     return sorted(points, key=lambda p: p["params"]["alpha"])
+
+
+def set_alpha(model: MultiExitModel, alpha: float) -> MultiExitModel:
+    """Turn an alpha-conditioned model's dial: its policies use ``alpha`` wherever a rule gives none (the
+    ``consistentee`` rule, the logit cache's ``policy`` signal, the report)."""
+    if model.policies is None or not model.alpha_conditioned:
+        raise bad_value("--alpha", alpha, "only an alpha-conditioned ConsistentEE model has an alpha dial; train "
+                        "one with `layerexit train --method consistentee --alpha-range LOW,HIGH`")
+    if not float(alpha) >= 0:
+        raise bad_value("--alpha", alpha, "use alpha >= 0 (larger alpha: earlier exits)")
+    low, high = model.config.policy_alpha_range
+    if not low <= float(alpha) <= high:
+        import warnings
+
+        warnings.warn(f"alpha={alpha} lies outside the range [{low}, {high}] the policy was trained on",
+                      stacklevel=2)
+    model.config.policy_alpha = float(alpha)
+    return model

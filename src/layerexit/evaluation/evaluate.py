@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..catalog import DEFAULT_ROUNDS
 from ..data import Encoded, TextClassificationData, check_labels
 from ..errors import LayerExitError
 from ..io import write_json_atomic
@@ -26,17 +27,23 @@ def curve_name(rule_name: str) -> str:
 
 
 def sweep(cache: LogitCache, rule_names: list[str]) -> dict[str, list[dict]]:
-    """Simulated curve of every rule, keyed by curve name: one POINT per parameter setting of its grid."""
-    num_layers, _, num_classes = cache.logits.shape
+    """Simulated curve of every rule, keyed by curve name: one POINT per parameter setting of its sweep grid
+    (thresholds at the quantiles of the rule's own signal on this cache, see ``ExitRule.sweep_grid``)."""
+    num_layers = cache.num_layers
     curves = {}
     for name in rule_names:
         cls = RULES.get(name, "rules")
         points = []
-        for params in cls.grid(num_layers, num_classes):
+        for params in cls.sweep_grid(cache.logits, cache.signals):
             rule = cls(**params)
             points.append(simulate(rule, cache.logits, signals=cache.signals).point(cache.labels, num_layers,
                                                                                      rule.params))
         curves[curve_name(name)] = points
+        dial = cls.dial_grid(cache.signals) if hasattr(cls, "dial_grid") else []
+        if dial:  # an alpha-conditioned ConsistentEE policy: its alpha dial is a curve of its own
+            curves[cls.dial_curve_name] = [
+                simulate(cls(**params), cache.logits, signals=cache.signals).point(cache.labels, num_layers, params)
+                for params in dial]
     return curves
 
 
@@ -82,7 +89,7 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
 
 def benchmark(model: MultiExitModel, tokenizer, data: TextClassificationData, rule_name: str,
               params: dict | None = None, tolerance: float = DEFAULT_TOLERANCE, batch_sizes: tuple[int, ...] = (1, 32),
-              examples: int | None = 500, rounds: int = 5) -> list[dict]:
+              examples: int | None = 500, rounds: int = DEFAULT_ROUNDS) -> list[dict]:
     """Time one rule against the full model at each batch size (``speed_report`` entries, ``exit_layers``
     dropped). Without ``params`` the rule runs at its operating point, found by simulation on the same data:
     the most layers saved within ``tolerance`` of the full model's accuracy."""
@@ -114,7 +121,7 @@ def evaluate(
     measure_rules: list[str] | None = None,
     batch_sizes: tuple[int, ...] = (1, 32),
     measure_examples: int | None = 500,
-    rounds: int = 5,
+    rounds: int = DEFAULT_ROUNDS,
     batch_size: int = 128,
     control: ControlOptions | None = None,
     consistentee_runs: list[str | Path] = (),

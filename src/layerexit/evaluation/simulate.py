@@ -40,18 +40,19 @@ def simulate(rule: ExitRule, logits: torch.Tensor, targets: torch.Tensor | None 
     """
     num_layers, n, num_classes = logits.shape
     rule.bind(num_layers, num_classes)
-    missing = [name for name in rule.needs if signals is None or signals.get(name) is None]
+    keys = {name: rule.signal_key(name) for name in rule.needs}
+    missing = [key for key in keys.values() if signals is None or signals.get(key) is None]
     if missing:
         from ..errors import bad_value
 
-        raise bad_value("rule", rule.name, f"it needs {missing} for every layer; evaluate a model that has them "
-                        "(e.g. ConsistentEE policies)")
+        raise bad_value("rule", repr(rule), f"it needs {missing} for every layer; evaluate a model that has them "
+                        "(e.g. ConsistentEE policies; an alpha dial needs a cache collected at that alpha)")
     state = rule.init_state(n, targets=targets, device=logits.device)
     exit_layer = torch.full((n,), num_layers, dtype=torch.long, device=logits.device)  # same device as the cache
     running = torch.ones(n, dtype=torch.bool, device=logits.device)
     for index in range(num_layers - 1):
-        for name in rule.needs:
-            state[name] = signals[name][index]
+        for name, key in keys.items():
+            state[name] = signals[key][index]
         done = rule.should_exit(logits[index], index, state) & running
         exit_layer[done] = index + 1
         running &= ~done

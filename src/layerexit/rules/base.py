@@ -37,6 +37,11 @@ class ExitRule:
         """Check the parameters against the model's depth and classes (raise if exiting is impossible)."""
         return self
 
+    def signal_key(self, name: str) -> str:
+        """The key under which the simulator finds the values of the needed signal ``name`` (e.g. the policy's
+        probabilities at this rule's alpha); the engine computes them itself."""
+        return name
+
     def init_state(self, n: int, targets: torch.Tensor | None = None, device=None) -> RuleState:
         return {}
 
@@ -50,8 +55,20 @@ class ExitRule:
 
     @classmethod
     def grid(cls, num_layers: int, num_classes: int) -> list[dict[str, Any]]:
-        """Parameter settings that trace this rule's accuracy-versus-cost curve."""
+        """Parameter settings that trace this rule's accuracy-versus-cost curve (fixed, data-free)."""
         return [{}]
+
+    @classmethod
+    def sweep_grid(cls, logits: torch.Tensor, signals: dict[str, torch.Tensor] | None = None
+                   ) -> list[dict[str, Any]]:
+        """Parameter settings for sweeping this rule over cached logits (L, N, C) and ``signals``.
+
+        By default the fixed :meth:`grid`. Rules that threshold one scalar signal override it with thresholds
+        at the quantiles of that signal on the cache plus the two ends (every row exits at layer 1 / no row
+        exits early), so each curve covers the whole saved-layers range whatever the number of classes.
+        """
+        num_layers, _, num_classes = logits.shape
+        return cls.grid(num_layers, num_classes)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -79,3 +96,27 @@ def make_rule(name: str, **params: Any) -> ExitRule:
         from ..errors import bad_value
 
         raise bad_value(f"{name} parameters", params, f"{cls.__name__} takes {cls.__init__.__doc__ or err}") from None
+
+
+#: quantile levels of a rule's signal used as thresholds by ``sweep_grid`` (plus the grid's two ends)
+QUANTILES = 32
+
+
+def quantile_thresholds(values: torch.Tensor, ends: tuple[float, float], levels: int = QUANTILES,
+                        low: float | None = None, high: float | None = None) -> list[float]:
+    """Sorted distinct thresholds: ``levels`` evenly spaced quantiles of ``values`` (any shape; the signal at
+    the exits a rule can take early, i.e. layers 1..L-1) plus ``ends``, clipped to ``[low, high]``."""
+    flat = values.detach().double().flatten()
+    flat = flat[torch.isfinite(flat)]
+    if flat.numel() > 200_000:  # quantile of a large cache: an evenly strided sample is plenty
+        flat = flat[:: flat.numel() // 200_000 + 1]
+    qs = torch.quantile(flat, torch.linspace(0, 1, levels, dtype=torch.float64)).tolist() if flat.numel() else []
+    out = []
+    for v in [*ends, *qs]:
+        v = float(v)
+        if low is not None:
+            v = max(v, low)
+        if high is not None:
+            v = min(v, high)
+        out.append(v)
+    return sorted(set(out))

@@ -20,7 +20,7 @@ from .base import RULES
 from .confidence import MaxProb
 from .fitting import CalibratedRule
 
-COSTS = ("layers", "macs")
+from ..catalog import COSTS  # names kept in the torch-free index
 
 
 @RULES.register("maxprob-ts", "max-prob after per-exit temperature scaling fitted on validation data (fit first)")

@@ -10,7 +10,9 @@ checks keep fitting and reporting apart:
    rules that never saw it.
 2. :func:`check_held_out` (called by every evaluation that reports a fitted rule: the controllability report,
    ``layerexit evaluate --calibration``) refuses to evaluate a rule on the split it was fitted on, by name or
-   by the examples' digest, so renaming a split does not get around it.
+   by the examples' digest, so renaming a split does not get around it; and row by row (``fit_row_ids_``,
+   one digest per fitting row), so a subset of the fitting rows does not either: more than
+   ``MAX_FITTED_SHARE`` (1%) of the evaluated rows fitted on is refused, any smaller overlap is warned about.
 
 **Saving.** :func:`rule_to_dict` / :func:`rule_from_dict` turn any registered rule into JSON and back (fitted
 state included); :func:`save_rules` / :func:`load_rules` write a file of named rules (``layerexit calibrate``
@@ -24,17 +26,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..data import is_test_split
 from ..errors import LayerExitError, bad_value
 from ..io import write_json_atomic
 from .base import RULES, ExitRule, FittedRule, make_rule
 
 RULES_FORMAT = "layerexit-rules/1"
-
-
-def is_test_split(split: str) -> bool:
-    """Whether a split name says it is test data: its base name starts with "test"."""
-    base = Path(str(split)).name.lower()
-    return base.startswith("test")
 
 
 def check_fit_data(rule_name: str, cache: Any) -> None:
@@ -59,6 +56,12 @@ def check_fit_data(rule_name: str, cache: Any) -> None:
 def record_fit_data(rule: FittedRule, cache: Any) -> None:
     rule.fit_split_ = str(cache.split)
     rule.fit_data_id_ = str(getattr(cache, "data_id", "") or "")
+    rule.fit_row_ids_ = sorted(set(getattr(cache, "row_ids", None) or []))
+
+
+#: the share of evaluated rows that may have been fitted on (a few duplicate sentences across splits) before
+#: the evaluation is refused; any overlap at all is reported as a warning
+MAX_FITTED_SHARE = 0.01
 
 
 def check_held_out(rule: ExitRule, cache: Any) -> None:
@@ -70,6 +73,21 @@ def check_held_out(rule: ExitRule, cache: Any) -> None:
     same_name = bool(split) and split == fitted_on
     fit_id, data_id = getattr(rule, "fit_data_id_", ""), str(getattr(cache, "data_id", "") or "")
     same_data = bool(fit_id) and fit_id == data_id
+    fitted_rows = set(getattr(rule, "fit_row_ids_", None) or [])
+    rows = list(getattr(cache, "row_ids", None) or [])
+    overlap = sum(row in fitted_rows for row in rows)
+    if not (same_name or same_data) and overlap > MAX_FITTED_SHARE * len(rows):
+        raise LayerExitError(
+            f"rule={rule.name!r} is invalid for this evaluation: {overlap} of the {len(rows)} evaluated rows (split "
+            f"{split!r}) are rows it was fitted on (split {fitted_on!r}, compared row by row); its accuracy there "
+            "says nothing about control on unseen data. Evaluate on rows kept apart from the fitting split (remove "
+            "the shared rows, or fit on 'dev' and evaluate on 'test')"
+        )
+    if overlap and not (same_name or same_data):
+        import warnings
+
+        warnings.warn(f"{overlap} of the {len(rows)} evaluated rows were also in the fitting split {fitted_on!r} "
+                      "(duplicates across splits?); their figures are not held out", stacklevel=2)
     if same_name or same_data:
         why = f"split {split!r}" if same_name else f"the same examples (split {split!r}, digest {data_id[:12]})"
         raise LayerExitError(
@@ -149,8 +167,8 @@ class CalibratedRule(FittedRule):
         import torch
 
         fitted = {}
-        for key in self.fitted_attributes + ("fit_split_", "fit_data_id_"):
-            value = getattr(self, key)
+        for key in self.fitted_attributes + ("fit_split_", "fit_data_id_", "fit_row_ids_"):
+            value = getattr(self, key) if key != "fit_row_ids_" else getattr(self, key, [])
             if isinstance(value, torch.Tensor):
                 value = {"tensor": [[None if v != v else v for v in row] for row in value.double().reshape(
                     value.shape[0] if value.dim() > 1 else 1, -1).tolist()], "shape": list(value.shape)}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import bad_value
-from .base import RULES, ExitRule
-from .confidence import CONFIDENCE_GRID, check_threshold
+from .base import RULES, ExitRule, QUANTILES, quantile_thresholds
+from .confidence import CONFIDENCE_GRID, check_threshold, max_probability
 
 
 def _check_patience(name: str, patience: int) -> int:
@@ -91,7 +91,7 @@ class PatienceConfidence(ExitRule):
         return {"count": torch.zeros(n, dtype=torch.long, device=device)}
 
     def should_exit(self, logits, layer, state):
-        confident = logits.softmax(dim=-1).amax(dim=-1) >= self.threshold
+        confident = max_probability(logits) >= self.threshold
         state["count"] = torch.where(confident, state["count"] + 1, torch.zeros_like(state["count"]))
         return state["count"] >= self.patience
 
@@ -102,4 +102,10 @@ class PatienceConfidence(ExitRule):
     @classmethod
     def grid(cls, num_layers, num_classes):
         thresholds = [t for t in CONFIDENCE_GRID if t >= 1.0 / num_classes][::2]
+        return [{"threshold": t, "patience": p} for p in (1, 2, 3) if p <= num_layers - 1 for t in thresholds]
+
+    @classmethod
+    def sweep_grid(cls, logits, signals=None):
+        num_layers = logits.shape[0]
+        thresholds = quantile_thresholds(max_probability(logits[:-1]), (0.0, 1.0), levels=QUANTILES // 2)
         return [{"threshold": t, "patience": p} for p in (1, 2, 3) if p <= num_layers - 1 for t in thresholds]

@@ -48,44 +48,12 @@ from ..evaluation.simulate import per_layer_accuracy
 from ..io import atomic_directory, write_json_atomic
 from ..model import MultiExitModel
 from . import runfolder
+from .config import TrainConfig
 from .objectives import Objective, Stage, weighted_exit_loss
 from .state import load_structure, rng_state, save_structure, set_rng_state
 
-SELECT_METRICS = ("mean_exit_accuracy", "final_accuracy")
 STATE_WEIGHTS = "model.safetensors"
 TRAINING_CONFIG = "training_config.json"  # the run's effective configuration, copied into best/ and final/
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one run (defaults: what short runs on MiniLM-L6 found to work; see docs/methods.md).
-
-    ``save_total_limit``: resume points kept while training (each holds the weights and the optimizer's
-    moments, about 3x the model). ``keep_optimizer_state``: keep the moments once the run is finished (a
-    later run with more ``epochs`` then continues them instead of starting AdamW afresh).
-    """
-
-    epochs: int = 2
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    eval_batch_size: int = 128
-    save_steps: int = 200
-    select_metric: str = "mean_exit_accuracy"
-    seed: int = 42
-    save_total_limit: int = 1
-    keep_optimizer_state: bool = False
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "save_steps", "save_total_limit"):
-            if int(getattr(self, name)) < 1:
-                raise bad_value(name, getattr(self, name), "use a whole number >= 1")
-        if not self.learning_rate > 0:
-            raise bad_value("learning_rate", self.learning_rate, "use a positive learning rate, e.g. 5e-5")
-        if self.select_metric not in SELECT_METRICS:
-            raise bad_value("select_metric", self.select_metric, f"choose one of {', '.join(SELECT_METRICS)}")
 
 
 @dataclass
