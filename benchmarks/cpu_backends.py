@@ -42,7 +42,7 @@ from layerexit.data import Encoded, load_data
 from layerexit.evaluation.benchmark import Batches
 from layerexit.evaluation.cache import collect_logits
 from layerexit.evaluation.evaluate import sweep
-from layerexit.evaluation.report import operating_point
+from layerexit.evaluation.metrics import operating_point
 from layerexit.evaluation.simulate import per_layer_accuracy
 from layerexit.io import write_json_atomic
 from layerexit.model import MultiExitModel

@@ -125,3 +125,26 @@ def test_package_dir_names_what_needs_the_missing_package():
     with pytest.raises(LayerExitError, match=r"corpus='x' needs its package: pip install --no-deps nope==1\.0"):
         package_dir("layerexit_no_such_package", "corpus='x'", "nope==1.0")
     assert (package_dir("layerexit", "test", "-") / "resources.py").is_file()
+
+
+def test_benchmarks_and_examples_import_public_names_that_exist():
+    """Scripts are not run by the tests; their imports of layerexit are checked here: each names a public
+    attribute that the library module really has (a moved function breaks this test, not a benchmark run)."""
+    import importlib.util
+
+    root = PACKAGE.parent.parent
+    scripts = sorted((root / "benchmarks").glob("*.py")) + sorted((root / "examples").glob("*.py"))
+    if not scripts:
+        pytest.skip("no benchmarks/ or examples/ beside the package (installed without the repository)")
+    problems, checked = [], 0
+    for script in scripts:
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layerexit"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    checked += 1
+                    if alias.name.startswith("_") or not hasattr(module, alias.name) and \
+                            importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                        problems.append(f"{script.name}: from {node.module} import {alias.name}")
+    assert checked > 10
+    assert not problems, problems

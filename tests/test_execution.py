@@ -223,7 +223,7 @@ class _TinyEncoded:
         return items[0]
 
 
-def test_benchmark_cli_times_a_backend_against_its_own_full_model(tmp_path):
+def test_benchmark_cli_times_a_backend_against_its_own_full_model(tmp_path, capsys):
     """`--backend` on the CLI; the saved optimized/<backend>/ beside the checkpoint is used when present."""
     import json
 
@@ -250,4 +250,7 @@ def test_benchmark_cli_times_a_backend_against_its_own_full_model(tmp_path):
         assert code == 0
         entries = json.loads(out.read_text())["measured"]
         assert [e["backend"] for e in entries] == [backend, backend] and all(e["seconds_plain"] > 0 for e in entries)
-    assert main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", "int4"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse's own error, naming the option and its choices
+        main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", "int4"])
+    assert refused.value.code == 2
+    assert "argument --backend: invalid choice: 'int4'" in capsys.readouterr().err

@@ -20,6 +20,10 @@ COSTS = ("layers", "macs")
 #: PCEE's confidence bins and the smoothing of PCEE-WS (``calibration``)
 BINNINGS = ("width", "mass")
 SMOOTHINGS = ("isotonic", "neighbour")
+#: the accuracy a rule may lose against the full model at its operating point (``evaluation.metrics``)
+DEFAULT_TOLERANCE = 0.01
+#: interleaved timing rounds behind every measured speed-up (``evaluation.benchmark``)
+DEFAULT_ROUNDS = 5
 #: the metric that picks the best epoch (``training.config.TrainConfig``)
 SELECT_METRICS = ("mean_exit_accuracy", "final_accuracy")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ..catalog import BACKENDS, RULES
+from ..catalog import BACKENDS, DEFAULT_ROUNDS, DEFAULT_TOLERANCE, RULES
 from ..preflight import checkpoint_config, writable_file
 from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
                      in_range, int_list, load_checkpoint, parse_rule_params, positive_int_list, require)
@@ -28,13 +28,14 @@ def add_parser(subparsers):
     add_data_options(p, split="test")
     p.add_argument("--rule", default="maxprob", choices=sorted(RULES))
     p.add_argument("--param", action="append", help="rule parameter NAME=VALUE (repeatable)")
-    arg(p, "--tolerance", type=float, default=0.01, check=in_range(0, 1, example="0.01"),
+    arg(p, "--tolerance", type=float, default=DEFAULT_TOLERANCE, check=in_range(0, 1, example="0.01"),
         help="without --param: the operating point keeps accuracy >= full - tolerance")
     arg(p, "--backend", default="eager", choices=sorted(BACKENDS),
         help="layer backend (docs/backends.md); thresholds are fitted with its own logits")
     arg(p, "--batch-sizes", default="1,32", check=positive_int_list("--batch-sizes"), help="batch sizes timed")
     arg(p, "--examples", type=int, default=500, check=at_least(1), help="examples timed per batch size")
-    arg(p, "--rounds", type=int, default=5, check=at_least(1), help="timing rounds (median is reported)")
+    arg(p, "--rounds", type=int, default=DEFAULT_ROUNDS, check=at_least(1),
+        help="interleaved timing rounds (median and spread are reported; fewer than 3 is flagged)")
     p.add_argument("--output", help="write the JSON here")
     add_device_options(p)
     p.set_defaults(run=run, check=check)

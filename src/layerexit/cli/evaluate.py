@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..catalog import BACKENDS, DEFAULT_SWEEP, RULES
+from ..catalog import BACKENDS, DEFAULT_ROUNDS, DEFAULT_SWEEP, DEFAULT_TOLERANCE, RULES
 from ..preflight import checkpoint_config, writable_folder
 from .calibrate import add_control_options, check_control, control_options
 from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
@@ -27,14 +27,15 @@ def add_parser(subparsers):
         help="layer backend (docs/backends.md); thresholds are fitted with its own logits")
     arg(p, "--rules", default=",".join(DEFAULT_SWEEP), check=known_names("--rules", RULES),
         help="rules to sweep, comma separated")
-    arg(p, "--tolerance", type=float, default=0.01, check=in_range(0, 1, example="0.01"),
+    arg(p, "--tolerance", type=float, default=DEFAULT_TOLERANCE, check=in_range(0, 1, example="0.01"),
         help="operating point: most layers saved with accuracy >= full - tolerance")
     arg(p, "--measure-rules", check=known_names("--measure-rules", RULES),
         help="rules whose operating point is timed (default: all swept; '' for none)")
     arg(p, "--batch-sizes", default="1,32", check=positive_int_list("--batch-sizes"),
         help="batch sizes for the wall-clock measurement")
     arg(p, "--measure-examples", type=int, default=500, check=at_least(1), help="examples timed per batch size")
-    arg(p, "--rounds", type=int, default=3, check=at_least(1), help="timing rounds (median is reported)")
+    arg(p, "--rounds", type=int, default=DEFAULT_ROUNDS, check=at_least(1),
+        help="interleaved timing rounds (median and spread are reported; fewer than 3 is flagged)")
     add_control_options(p)
     arg(p, "--alpha", type=float, check=at_least(0, "an alpha"),
         help="alpha-conditioned ConsistentEE model: the layer-cost dial its policy uses (default: the one it was "

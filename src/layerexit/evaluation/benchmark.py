@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..catalog import DEFAULT_ROUNDS
 from ..data import Encoded, model_inputs
 from ..model import MultiExitModel
 from ..rules import ExitRule, Full
@@ -91,7 +92,7 @@ def measure(
     model: MultiExitModel,
     batches: Batches,
     rules: dict[str, ExitRule],
-    rounds: int = 5,
+    rounds: int = DEFAULT_ROUNDS,
     warmup: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -131,7 +132,7 @@ def measure(
 
 
 def speed_report(model: MultiExitModel, encoded: Encoded, rules: dict[str, ExitRule], batch_size: int,
-                 limit: int | None = None, rounds: int = 5, progress: bool = True) -> list[dict]:
+                 limit: int | None = None, rounds: int = DEFAULT_ROUNDS, progress: bool = True) -> list[dict]:
     """One entry per rule: accuracy, avg layers, measured and ideal speed-up, their ratio, head overhead,
     the spread of the per-round speed-up and overhead, the machine's load, and ``warnings`` where the timing
     is implausible (see ``layerexit.evaluation.timing``)."""

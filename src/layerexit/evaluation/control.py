@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..catalog import DEFAULT_ROUNDS
 from ..data import Encoded, TextClassificationData, check_labels
 from ..errors import bad_value
 from ..io import write_json_atomic
@@ -105,7 +106,7 @@ def calibrate(model, tokenizer, data: TextClassificationData, output: str | Path
 
 
 def control_report(model, tokenizer, encoded: Encoded, test: LogitCache, options: ControlOptions,
-                   batch_sizes: list[int] = (), measure_examples: int | None = None, rounds: int = 5) -> dict:
+                   batch_sizes: list[int] = (), measure_examples: int | None = None, rounds: int = DEFAULT_ROUNDS) -> dict:
     """The controllability report of ``test`` (a tagged cache of the evaluation split) and its curves.
 
     Returns ``{"controllability": report, "curves": {"pcee": [...], "pcee-ws": [...]}}``; with a target

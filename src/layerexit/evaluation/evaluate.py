@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..catalog import DEFAULT_ROUNDS
 from ..data import Encoded, TextClassificationData, check_labels
 from ..errors import LayerExitError
 from ..io import write_json_atomic
@@ -88,7 +89,7 @@ def measured_results(model: MultiExitModel, encoded: Encoded, cache: LogitCache,
 
 def benchmark(model: MultiExitModel, tokenizer, data: TextClassificationData, rule_name: str,
               params: dict | None = None, tolerance: float = DEFAULT_TOLERANCE, batch_sizes: tuple[int, ...] = (1, 32),
-              examples: int | None = 500, rounds: int = 5) -> list[dict]:
+              examples: int | None = 500, rounds: int = DEFAULT_ROUNDS) -> list[dict]:
     """Time one rule against the full model at each batch size (``speed_report`` entries, ``exit_layers``
     dropped). Without ``params`` the rule runs at its operating point, found by simulation on the same data:
     the most layers saved within ``tolerance`` of the full model's accuracy."""
@@ -120,7 +121,7 @@ def evaluate(
     measure_rules: list[str] | None = None,
     batch_sizes: tuple[int, ...] = (1, 32),
     measure_examples: int | None = 500,
-    rounds: int = 5,
+    rounds: int = DEFAULT_ROUNDS,
     batch_size: int = 128,
     control: ControlOptions | None = None,
     consistentee_runs: list[str | Path] = (),

@@ -10,10 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..catalog import DEFAULT_TOLERANCE  # one accuracy point
 from ..errors import bad_value
-
-#: the accuracy a rule may lose against the full model at its operating point: one point
-DEFAULT_TOLERANCE = 0.01
 
 # Slack for comparing accuracies against ``full − tolerance``: 0.8 − 0.1 is 0.7000000000000001 in floating
 # point, and an accuracy of exactly 70/100 must still count as within ten points of 80/100.

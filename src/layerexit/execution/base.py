@@ -4,6 +4,7 @@ still in the batch (any number of rows, any sequence length: the engine trims bo
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -92,3 +93,30 @@ def unique_layers(layers: list) -> tuple[list, list[int]]:
             modules.append(layer)
         positions.append(index_of[id(layer)])
     return modules, positions
+
+
+MANIFEST = "backend.json"
+
+
+def write_manifest(directory: Path, backend: "LayerBackend", **extra) -> None:
+    """Describe a saved backend (name, layer digest, versions) so a later load can refuse a mismatch."""
+    model = backend.model
+    manifest = {"backend": backend.name, "num_layers": model.config.num_layers, "layer_digest": layer_digest(model),
+                "torch": torch.__version__, **backend.describe(), **extra}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(directory: Path, backend: "LayerBackend") -> dict:
+    """The manifest of a saved backend, refused when it belongs to another backend or other layer weights."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has no {MANIFEST}; write it with "
+                             "model.save_optimized(checkpoint)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("backend") != backend.name:
+        raise LayerExitError(f"optimized={str(directory)!r} is invalid: it holds backend "
+                             f"{manifest.get('backend')!r}, not {backend.name!r}")
+    if manifest.get("layer_digest") != layer_digest(backend.model):
+        raise LayerExitError(f"optimized={str(directory)!r} is invalid: it was built from other layer weights than "
+                             "this model's; rebuild it with model.optimize(...) and model.save_optimized(...)")
+    return manifest

@@ -21,8 +21,7 @@ from torch import nn
 
 from ..errors import LayerExitError, bad_value
 from . import BACKENDS
-from .base import LayerBackend, unique_layers
-from .torch_backends import _read_manifest, _write_manifest
+from .base import LayerBackend, read_manifest, unique_layers, write_manifest
 
 
 def require_onnxruntime():
@@ -142,12 +141,12 @@ class OnnxBackend(LayerBackend):
     def save(self, directory: Path) -> None:
         for name, data in self._graph_bytes.items():
             (directory / name).write_bytes(data)
-        _write_manifest(directory, self, positions=self._positions, files=self._files)
+        write_manifest(directory, self, positions=self._positions, files=self._files)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
         require_onnxruntime()
-        manifest = _read_manifest(directory, self)
+        manifest = read_manifest(directory, self)
         self._positions, self._files = manifest["positions"], manifest["files"]
         if len(self._positions) != self.model.config.num_layers:
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "

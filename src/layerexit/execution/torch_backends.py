@@ -11,7 +11,6 @@ the FBGEMM kernel here (see docs/backends.md). The choice is confined to :func:`
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from torch import nn
 
 from ..errors import LayerExitError
 from . import BACKENDS
-from .base import LayerBackend, layer_digest, unique_layers
+from .base import LayerBackend, layer_digest, read_manifest, unique_layers, write_manifest
 
-MANIFEST = "backend.json"
 
 
 @BACKENDS.register("eager", "the backbone's own layers in their own dtype (the default)")
@@ -101,11 +99,11 @@ class Int8Backend(_CopiedLayers):
                 if bias is not None:
                     tensors[f"{key}.bias"] = bias.detach().contiguous()
         save_file(tensors, str(directory / "int8_layers.safetensors"))
-        _write_manifest(directory, self, positions=positions, per_channel=self.per_channel)
+        write_manifest(directory, self, positions=positions, per_channel=self.per_channel)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
-        manifest = _read_manifest(directory, self)
+        manifest = read_manifest(directory, self)
         self.per_channel = manifest["per_channel"]
 
     def load(self, directory: Path) -> None:
@@ -138,25 +136,3 @@ def _quantized_linears(module: nn.Module):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     return [(name, m) for name, m in module.named_modules() if isinstance(m, DynamicLinear)]
-
-
-def _write_manifest(directory: Path, backend: LayerBackend, **extra) -> None:
-    model = backend.model
-    manifest = {"backend": backend.name, "num_layers": model.config.num_layers, "layer_digest": layer_digest(model),
-                "torch": torch.__version__, **backend.describe(), **extra}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _read_manifest(directory: Path, backend: LayerBackend) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has no {MANIFEST}; write it with "
-                             "model.save_optimized(checkpoint)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("backend") != backend.name:
-        raise LayerExitError(f"optimized={str(directory)!r} is invalid: it holds backend "
-                             f"{manifest.get('backend')!r}, not {backend.name!r}")
-    if manifest.get("layer_digest") != layer_digest(backend.model):
-        raise LayerExitError(f"optimized={str(directory)!r} is invalid: it was built from other layer weights than "
-                             "this model's; rebuild it with model.optimize(...) and model.save_optimized(...)")
-    return manifest
