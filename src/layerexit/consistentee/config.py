@@ -41,8 +41,8 @@ class ConsistentEEConfig:
     policy_inputs: str = option(",".join(DEFAULT_POLICY_INPUTS), "policy inputs beside the exit feature, comma "
                                 f"separated, from {','.join(POLICY_INPUT_NAMES)}; 'none' for the paper's policy on "
                                 "the feature alone (a sequence of names in Python)")
-    alpha_range: str = option("", "LOW,HIGH: an alpha-conditioned policy (alpha drawn per instance and given to "
-                              "the policy, a dial at inference: evaluate --alpha); alpha is then its default "
+    alpha_range: str = option("none", "LOW,HIGH: an alpha-conditioned policy (alpha drawn per instance and given to "
+                              "the policy, a dial at inference: evaluate --alpha); none: one fixed alpha "
                               "(a (low, high) pair or None in Python)")
     all_exits_weight: float = option(0.0, "stage 3: add this multiple of the weighted loss over all exits, so "
                                      "exits the policy never picks still learn")
@@ -61,7 +61,7 @@ class ConsistentEEConfig:
     def alpha_bounds(self) -> tuple[float, float] | None:
         """``alpha_range`` as (low, high), or None for one fixed alpha."""
         value = self.alpha_range
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             return None
         parts: Sequence = value.split(",") if isinstance(value, str) else value
         try:
