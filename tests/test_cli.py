@@ -51,6 +51,11 @@ def test_evaluate_writes_results_contract(trained, workspace, capsys):
                 "oracles", "curves", "measured"):
         assert key in results
     assert results["num_examples"] == 64 and len(results["per_layer_accuracy"]) == 3
+    provenance = results["provenance"]  # how the model was trained and evaluated, in the results themselves
+    assert provenance["options"]["tolerance"] == 0.05 and provenance["options"]["rounds"] == 1
+    settings = provenance["training"]["settings"]  # the checkpoint's effective training configuration
+    assert settings["epochs"] == 2 and settings["batch_size"] == 16 and settings["learning_rate"] == 2e-3
+    assert set(provenance["versions"]) == {"layerexit", "torch", "transformers"}
     assert set(results["oracles"]) == {"gold", "agreement"}
     assert results["oracles"]["agreement"]["accuracy"] == pytest.approx(results["full"]["accuracy"])
     assert {"maxprob", "margin", "entropy", "patience", "patience-confidence", "static"} <= set(results["curves"])

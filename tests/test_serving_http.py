@@ -17,6 +17,7 @@ import torch
 from serving_fixtures import LABELS, Server, ThreadServer, write_calibration, write_checkpoint
 
 from layerexit.cli.main import main
+from layerexit.errors import LayerExitError
 from layerexit.rules import MaxProb
 from layerexit.serving.service import load_service
 
@@ -206,6 +207,18 @@ def test_target_accuracy_per_request_with_a_calibration(checkpoint, calibration)
             response = post(s, {"inputs": "good", **body})
             assert response.status_code == 422 and words in response.json()["error"]
         assert httpx2.get(s.url + "/info").json()["rule"]["name"] == "pcee-ws"
+
+
+def test_a_backend_serves_its_own_layers(checkpoint):
+    """--backend int8: the service runs the int8 layers, and answers as the int8 model does offline."""
+    service = load_service(checkpoint, rule="maxprob", threshold=THRESHOLD, backend="int8")
+    assert service.engine.model.backend.name == "int8"
+    want = offline(service, TEXTS, MaxProb(THRESHOLD))
+    with ThreadServer(service) as s:
+        got = post(s, {"inputs": TEXTS}).json()
+    assert [a[0]["exit_layer"] for a in got] == want.exit_layer.tolist()
+    with pytest.raises(LayerExitError, match="backend='int4'"):
+        load_service(checkpoint, backend="int4")
 
 
 def test_budget_server_reports_its_controller(checkpoint, calibration):

@@ -75,7 +75,21 @@ def run(args) -> int:
     measure = rules if args.measure_rules is None else name_list(args.measure_rules)
     results = evaluate(model, tokenizer, data, args.output, rules, args.tolerance, measure,
                        tuple(int_list(args.batch_sizes)), args.measure_examples, args.rounds, control=control,
-                       consistentee_runs=name_list(args.consistentee_runs or ""))
+                       consistentee_runs=name_list(args.consistentee_runs or ""), provenance=provenance(args))
     print(format_summary(results, args.tolerance))
     print(f"\nwrote {args.output}/results.json, report.md, tradeoff.png, per_layer_accuracy.png")
     return 0
+
+
+def provenance(args) -> dict:
+    """What results.json records about its own making: the options given, the checkpoint's effective training
+    configuration (``layerexit train`` writes it beside the weights) and the library versions."""
+    import platform
+    from importlib.metadata import version
+
+    from ..training.runfolder import training_config
+
+    options = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None), list))}
+    versions = {name: version(name) for name in ("layerexit", "torch", "transformers")}
+    return {"command": "layerexit evaluate", "options": options, "training": training_config(args.model),
+            "versions": versions, "python": platform.python_version()}

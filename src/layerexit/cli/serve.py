@@ -10,6 +10,7 @@ Needs the `serve` extra: pip install 'layerexit[serve]'.
 
 from __future__ import annotations
 
+from ..catalog import BACKENDS
 from .common import Formatter, add_config_option
 
 EXAMPLES = """examples:
@@ -46,6 +47,8 @@ def add_parser(subparsers):
     net.add_argument("--max-queue", type=int, default=1024, help="rows accepted and unanswered before 503")
     net.add_argument("--max-client-batch", type=int, default=32, help="most inputs in one request (else 413)")
     net.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    net.add_argument("--backend", default="eager", choices=sorted(BACKENDS),
+                     help="layer backend (docs/backends.md); a saved CHECKPOINT/optimized/<backend>/ is used")
     ray = p.add_argument_group("scale-out on Ray Serve (pip install 'layerexit[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas of the same service")
     ray.add_argument("--replicas", type=int, default=1, help="number of replicas (with --ray)")
@@ -64,7 +67,7 @@ def run(args) -> int:  # heavy imports here, not at parse time
                   calibration=args.calibration, target_accuracy=args.target_accuracy, budget=args.budget,
                   scheduler=args.scheduler, policy=args.policy, max_batch=args.max_batch,
                   max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_client_batch=args.max_client_batch,
-                  threads=args.threads)
+                  threads=args.threads, backend=args.backend)
     if args.ray:
         return _run_ray(args, kwargs)
 

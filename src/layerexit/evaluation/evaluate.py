@@ -125,8 +125,12 @@ def evaluate(
     batch_size: int = 128,
     control: ControlOptions | None = None,
     consistentee_runs: list[str | Path] = (),
+    provenance: dict | None = None,
 ) -> dict:
     """The whole evaluation; writes results.json, logits.pt, report.md and plots into ``output_dir`` once.
+
+    ``provenance`` (the evaluation's options, the checkpoint's effective training configuration, versions)
+    is stored as ``results["provenance"]`` so a results.json says how its model was trained and evaluated.
 
     ``control`` adds accuracy control and budgets (rules fitted on another split; see
     ``layerexit.evaluation.control``): its checks run before any timing, its results go into
@@ -140,6 +144,8 @@ def evaluate(
     cache = tag_split(collect_logits(model, encoded, batch_size), data.split, encoded)
     cache.save(output_dir / "logits.pt")
     results = simulated_results(cache, model.config.backbone, data, rule_names, tolerance)
+    if provenance is not None:
+        results["provenance"] = provenance
     if consistentee_runs:
         from ..consistentee.sweep import alpha_sweep_curve
 

@@ -204,12 +204,18 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
                  params: dict | None = None, calibration: str | Path | None = None,
                  target_accuracy: float | None = None, budget: float | None = None, scheduler: str = "layer",
                  policy: str = "largest", max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 1024,
-                 max_client_batch: int = 32, threads: int | None = None) -> Service:
-    """Load a checkpoint folder and build a (not yet started) :class:`Service`."""
+                 max_client_batch: int = 32, threads: int | None = None, backend: str = "eager") -> Service:
+    """Load a checkpoint folder and build a (not yet started) :class:`Service`.
+
+    ``backend`` chooses how the layers run (``layerexit.execution``: eager, bf16, int8, onnx, onnx-int8); a
+    saved ``optimized/<backend>/`` beside the checkpoint is loaded instead of being built again. Rules from a
+    calibration folder keep the thresholds they were fitted with: fit them on the same backend.
+    """
     import torch
     from transformers import AutoTokenizer
 
     from ..model import MultiExitModel
+    from ..catalog import BACKENDS as BACKEND_NAMES
     from .schedulers import POLICIES, SCHEDULERS
 
     # every option is checked before the model loads
@@ -217,6 +223,8 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
         raise bad_value("scheduler", scheduler, f"use one of {', '.join(SCHEDULERS)}")
     if policy not in POLICIES:
         raise bad_value("policy", policy, f"use one of {', '.join(POLICIES)}")
+    if backend not in BACKEND_NAMES:
+        raise bad_value("backend", backend, f"use one of {', '.join(sorted(BACKEND_NAMES))}")
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_client_batch", max_client_batch)):
         if isinstance(value, bool) or int(value) != value or value < 1:
             raise bad_value(name, value, "use a whole number >= 1")
@@ -238,6 +246,7 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
     if threads:
         torch.set_num_threads(int(threads))
     network = MultiExitModel.from_pretrained(folder)
+    network.optimize(backend, saved=folder)
     engine = Engine(network, AutoTokenizer.from_pretrained(folder))
     rules = load_rules_for(engine, rule, threshold, params, calibration, target_accuracy, budget)
     sched = make_scheduler(scheduler, engine, max_batch, max_wait_ms, max_queue, policy)
