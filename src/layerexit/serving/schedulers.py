@@ -153,6 +153,18 @@ class Scheduler:
                 row.future.set_exception(err)
         self._finished(len(rows))
 
+    def _step(self, rows: list[Row], layer: int) -> list[Row]:
+        """Run ``layer`` for ``rows``; answer the rows that exit and return those that go on (none when the step
+        failed: its rows are answered with the error and the scheduler goes on)."""
+        try:
+            exited = self.engine.step(rows, layer)
+        except Exception as err:  # noqa: BLE001 - reported to those rows' clients
+            self._fail(rows, err)
+            return []
+        self._finished(len(exited))
+        gone = set(map(id, exited))
+        return [r for r in rows if id(r) not in gone]
+
     def _run_batch(self, rows: list[Row]) -> None:
         """Embed ``rows`` and run them layer by layer until the last exits (rows leave as they exit)."""
         try:
@@ -161,14 +173,7 @@ class Scheduler:
             self._fail(rows, err)
             return
         for layer in range(self.engine.num_layers):
-            try:
-                exited = self.engine.step(rows, layer)
-            except Exception as err:  # noqa: BLE001
-                self._fail(rows, err)
-                return
-            self._finished(len(exited))
-            gone = set(map(id, exited))
-            rows = [r for r in rows if id(r) not in gone]
+            rows = self._step(rows, layer)
             if not rows:
                 return
 
@@ -253,14 +258,7 @@ class LayerScheduler(Scheduler):
             self._skipped[other] = 0 if other == layer or not self._pool[other] else self._skipped[other] + 1
         group = self._pool[layer]
         rows, self._pool[layer] = group[: self.max_batch], group[self.max_batch :]
-        try:
-            exited = self.engine.step(rows, layer)
-        except Exception as err:  # noqa: BLE001
-            self._fail(rows, err)
-            return
-        self._finished(len(exited))
-        gone = set(map(id, exited))
-        moved = [r for r in rows if id(r) not in gone]
+        moved = self._step(rows, layer)
         if moved:
             self._pool[layer + 1].extend(moved)
 
