@@ -85,11 +85,14 @@ def provenance(args) -> dict:
     """What results.json records about its own making: the options given, the checkpoint's effective training
     configuration (``layerexit train`` writes it beside the weights) and the library versions."""
     import platform
-    from importlib.metadata import version
 
+    import torch
+    import transformers
+
+    from .. import __version__
     from ..training.runfolder import training_config
 
     options = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None), list))}
-    versions = {name: version(name) for name in ("layerexit", "torch", "transformers")}
+    versions = {"layerexit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
     return {"command": "layerexit evaluate", "options": options, "training": training_config(args.model),
             "versions": versions, "python": platform.python_version()}
