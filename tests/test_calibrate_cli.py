@@ -45,6 +45,31 @@ def test_calibrate_writes_rules_diagrams_and_ece(trained, capsys):
     assert "ECE" in capsys.readouterr().out
 
 
+def test_calibrate_fits_on_the_backend_that_serves_and_evaluate_warns_on_another(trained, capsys):
+    import torch
+
+    from layerexit.evaluation.cache import LogitCache
+
+    common = ["--model", str(trained / "run" / "best"), "--data", str(trained / "data"), "--split", "validation",
+              "--num-bins", "5"]
+    assert main(["calibrate", *common, "--output", str(trained / "cal-eager")]) == 0
+    assert main(["calibrate", *common, "--backend", "int8", "--output", str(trained / "cal-int8")]) == 0
+    saved = json.loads((trained / "cal-int8" / "rules.json").read_text())
+    assert saved["backend"] == "int8"
+    assert json.loads((trained / "cal-int8" / "calibration.json").read_text())["backend"] == "int8"
+    int8 = LogitCache.load(trained / "cal-int8" / "fit_logits.pt").logits
+    eager = LogitCache.load(trained / "cal-eager" / "fit_logits.pt").logits
+    assert int8.shape == eager.shape and not torch.equal(int8, eager)  # fitted on int8's own logits
+    with pytest.warns(UserWarning, match=r"fitted with backend 'int8' but the model runs backend 'eager'.*"
+                      r"layerexit calibrate --backend eager"):
+        code = main(["evaluate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
+                     "--rules", "maxprob", "--measure-rules", "", "--batch-sizes", "1", "--measure-examples", "4",
+                     "--rounds", "1", "--calibration", str(trained / "cal-int8"), "--target-accuracy", "0.8",
+                     "--output", str(trained / "eval-mismatch")])
+    assert code == 0
+    capsys.readouterr()
+
+
 def test_calibrate_refuses_the_test_split(trained, capsys):
     code = main(["calibrate", "--model", str(trained / "run" / "best"), "--data", str(trained / "data"),
                  "--split", "test", "--output", str(trained / "bad")])

@@ -143,6 +143,59 @@ def test_optimize_back_to_eager_and_bad_names():
         model.optimize("onnx", exporter="jit")
 
 
+def test_layer_sessions_default_to_their_own_pools_without_spinning(optimized):
+    model = optimized("bert", "mean", "onnx")
+    assert model.backend.describe()["thread_pool"] == "session"
+    options = model.backend.sessions[0].get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(LayerExitError, match=r"thread_pool='global' is invalid: choose 'session'"):
+        make_model("bert", "mean", double=False).optimize("onnx", thread_pool="global")
+    from layerexit.execution import own_process_options  # what evaluate, benchmark and serve pass
+
+    assert own_process_options("onnx-int8") == {"thread_pool": "shared"} and own_process_options("int8") == {}
+
+
+SHARED_POOL_SCRIPT = """
+import warnings, torch, onnxruntime as ort
+from tiny import make_model, make_batch
+model = make_model("bert", "mean", double=False)
+model.optimize("onnx", exporter="torchscript", thread_pool="shared", threads=2)
+assert model.backend.describe()["thread_pool"] == "shared"
+b = {k: v for k, v in make_batch("bert", batch=5, seed=3).items() if v is not None}
+with torch.no_grad():
+    shared = model(**b)
+other = make_model("bert", "mean", double=False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    other.optimize("onnx", exporter="torchscript", thread_pool="shared", threads=3)
+assert any("has 2 threads" in str(w.message) for w in caught), [str(w.message) for w in caught]
+# a later backend asking for its own pools must still run: the process-wide pool exists now
+third = make_model("bert", "mean", double=False)
+third.optimize("onnx", exporter="torchscript")
+assert third.backend.describe()["thread_pool"] == "shared"
+eager = make_model("bert", "mean", double=False)
+with torch.no_grad():
+    torch.testing.assert_close(shared, eager(**b), rtol=0, atol=1e-4)
+    torch.testing.assert_close(third(**b), shared, rtol=0, atol=1e-5)
+print("ok")
+"""
+
+
+def test_shared_thread_pool_is_made_once_and_every_later_session_uses_it(tmp_path):
+    """ONNX Runtime makes the process-wide pool once and then refuses per-session pools, so this runs in a
+    fresh interpreter (the test process keeps per-session pools)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "src"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", SHARED_POOL_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_training_refuses_a_quantized_backend():
     model = make_model("bert", "cls", double=False)
     model.optimize("int8")

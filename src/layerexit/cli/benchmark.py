@@ -56,9 +56,11 @@ def run(args) -> int:
     from ..evaluation.evaluate import benchmark
     from ..evaluation.table import format_measured
     from ..io import write_json_atomic
+    from ..execution import own_process_options
 
     model, tokenizer = load_checkpoint(args)
-    model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
+    # a saved optimized/<backend>/ beside the checkpoint wins over building the backend now
+    model.optimize(args.backend, saved=args.model, **own_process_options(args.backend))
     entries = benchmark(model, tokenizer, data, args.rule, parse_rule_params(args.param), args.tolerance,
                         tuple(int_list(args.batch_sizes)), args.examples, args.rounds)
     for entry in entries:

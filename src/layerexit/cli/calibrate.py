@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..catalog import BINNINGS, COSTS, SMOOTHINGS
+from ..catalog import BACKENDS, BINNINGS, COSTS, SMOOTHINGS
 from ..data import is_test_split
 from ..errors import bad_value
 from ..preflight import checkpoint_config, read_json, writable_folder
@@ -50,6 +50,8 @@ def add_parser(subparsers):
     p.add_argument("--cost", default="layers", choices=list(COSTS), help="what the budget counts")
     add_bin_options(p)
     arg(p, "--batch-size", type=int, default=128, check=at_least(1), help="batch size for caching the exits' logits")
+    arg(p, "--backend", default="eager", choices=sorted(BACKENDS), help="layer backend whose logits the rules are "
+        "fitted on: the one that will serve (docs/backends.md); a saved MODEL/optimized/<backend>/ is used")
     add_device_options(p)
     p.set_defaults(run=run, check=check)
     return p
@@ -75,8 +77,10 @@ def run(args) -> int:
     data = data_from(args, label_names=None)  # data errors (bad rows, encodings) before torch or the model loads
     from ..evaluation.control import calibrate
     from ..evaluation.table import format_calibration
+    from ..execution import own_process_options
 
     model, tokenizer = load_checkpoint(args)
+    model.optimize(args.backend, saved=args.model, **own_process_options(args.backend))
     out = calibrate(model, tokenizer, data, args.output, args.target_accuracy, args.budget, args.cost, args.num_bins,
                     args.binning, args.smoothing, args.batch_size, model_name=str(args.model), data_name=str(args.data))
     print(format_calibration(out["table"], out["rules"].get("budget"), out["split"]))

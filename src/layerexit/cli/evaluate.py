@@ -64,9 +64,11 @@ def run(args) -> int:
     data = data_from(args, label_names=None)
     from ..evaluation.evaluate import evaluate
     from ..evaluation.table import format_summary
+    from ..execution import own_process_options
 
     model, tokenizer = load_checkpoint(args)
-    model.optimize(args.backend, saved=args.model)  # a saved optimized/<backend>/ beside the checkpoint wins
+    # a saved optimized/<backend>/ beside the checkpoint wins over building the backend now
+    model.optimize(args.backend, saved=args.model, **own_process_options(args.backend))
     if args.alpha is not None:
         from ..consistentee.sweep import set_alpha
 

@@ -17,7 +17,7 @@ from ..data import Encoded, TextClassificationData, check_labels
 from ..errors import bad_value
 from ..io import write_json_atomic
 from ..rules import Budget, ExitRule, MaxProb
-from ..rules.fitting import check_held_out, is_test_split, load_rules, save_rules
+from ..rules.fitting import check_calibration_backend, check_held_out, is_test_split, load_rules, save_rules
 from .cache import LogitCache, collect_logits, tag_split
 from .controllability import (DEFAULT_BUDGETS, DEFAULT_TARGETS, TARGET_RULES, at_target, calibration_table,
                               controllability, fit_rules)
@@ -93,11 +93,12 @@ def calibrate(model, tokenizer, data: TextClassificationData, output: str | Path
     fit.save(output / "fit_logits.pt")
     costs = exit_costs(model, mean_tokens(encoded))
     rules = fit_calibration_rules(fit, target_accuracy, num_bins, binning, smoothing, budget, cost, costs)
+    backend = model.backend.name  # thresholds hold for the logits of the backend they were fitted on
     save_rules(output / "rules.json", rules, model=model_name, data=data_name, split=data.split,
-               num_examples=len(data), macs_per_exit=costs)
+               num_examples=len(data), macs_per_exit=costs, backend=backend)
     table = calibration_table(fit, rules["maxprob-ts"].temperatures_.tolist())
     write_json_atomic(output / "calibration.json", {"model": model_name, "data": data_name, "split": data.split,
-                                                    "exits": table})
+                                                    "backend": backend, "exits": table})
     plot_reliability(table, output / "reliability.png", f"reliability per exit on {data.split} ({len(data)} "
                      "examples); orange: after temperature scaling")
     for row in table:
@@ -146,6 +147,7 @@ def _fitted(model, tokenizer, options: ControlOptions) -> tuple[LogitCache, dict
     """The fitting cache and the target rules fitted once (or loaded, already fitted, from a calibration)."""
     if options.calibration:
         folder = Path(options.calibration)
+        check_calibration_backend(folder, model.backend.name)
         saved = load_rules(folder / "rules.json")
         fit = LogitCache.load(folder / "fit_logits.pt")
         pcee = saved["pcee"]

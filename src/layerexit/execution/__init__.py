@@ -24,5 +24,12 @@ def make_backend(name: str, **options) -> LayerBackend:
     return BACKENDS.get(name, "backend")(**options)
 
 
+def own_process_options(name: str) -> dict:
+    """The backend options of layerexit's own processes (``evaluate``, ``benchmark``, ``serve``): they own the
+    whole process, so ONNX backends take ONNX Runtime's process-wide thread pool (faster; see
+    :func:`layerexit.execution.onnx.use_shared_thread_pool` for why a library caller must opt in)."""
+    return {"thread_pool": "shared"} if issubclass(BACKENDS.get(name, "backend"), OnnxBackend) else {}
+
+
 __all__ = ["BACKENDS", "BF16Backend", "EagerBackend", "Int8Backend", "LayerBackend", "OPTIMIZED_DIR",
-           "OnnxBackend", "OnnxInt8Backend", "make_backend"]
+           "OnnxBackend", "OnnxInt8Backend", "make_backend", "own_process_options"]

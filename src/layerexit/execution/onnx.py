@@ -60,14 +60,20 @@ class OnnxBackend(LayerBackend):
     saves_files = True
     quantized = False
 
-    def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo"):
+    def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo",
+                 thread_pool: str = "session"):
         super().__init__()
+        if thread_pool not in ("session", "shared"):
+            raise bad_value("thread_pool", thread_pool, "choose 'session' (a thread pool per layer session, idle "
+                            "threads sleep; the default) or 'shared' (ONNX Runtime's process-wide pool: faster, but "
+                            "every later ONNX Runtime session in the process must use it too)")
         if optimization not in _LEVELS:
             raise bad_value("optimization", optimization, f"choose one of {', '.join(_LEVELS)}")
         if exporter not in ("dynamo", "torchscript"):
             raise bad_value("exporter", exporter, "choose 'dynamo' (torch.export-based, the default) or "
                             "'torchscript' (the legacy exporter: deprecated, but ~15x faster to export)")
         self.threads = threads
+        self.thread_pool = thread_pool
         self.optimization = optimization
         self.exporter = exporter
 
@@ -106,20 +112,22 @@ class OnnxBackend(LayerBackend):
 
     def _open(self, directory: Path) -> None:
         ort = require_onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(self.threads or torch.get_num_threads())
-        options.inter_op_num_threads = 1
+        threads = int(self.threads or torch.get_num_threads())
+        if self.thread_pool == "shared":
+            use_shared_thread_pool(threads)
+        options = _session_options(ort, threads, shared=_SHARED_POOL_THREADS is not None)
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self.optimization])
         sessions = []
         for name in self._files:
             try:
-                session = ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+                session = _session(ort, directory / name, options, threads)
             except Exception as err:  # noqa: BLE001  (ORT raises its own exception types)
                 raise LayerExitError(f"optimized={str(directory)!r} is invalid: ONNX Runtime "
                                      f"{ort.__version__} cannot run {name}: {str(err).splitlines()[0]}; re-export "
                                      f"with model.optimize({self.name!r}) on this installation") from None
             sessions.append(session)
+        self.pool_used = "session" if sessions[0].get_session_options().use_per_session_threads else "shared"
         self._graph_bytes = {name: (directory / name).read_bytes() for name in self._files}
         inputs = {i.name for i in sessions[0].get_inputs()}
         self._uses_mask = "mask" in inputs  # unused inputs are dropped at export (ViT: no padding, no mask)
@@ -135,7 +143,8 @@ class OnnxBackend(LayerBackend):
     def describe(self):
         ort = require_onnxruntime()
         return {"backend": self.name, "runtime": f"onnxruntime {ort.__version__}", "precision": "float32",
-                "optimization": self.optimization, "exporter": self.exporter}
+                "optimization": self.optimization, "exporter": self.exporter,
+                "thread_pool": getattr(self, "pool_used", self.thread_pool), "threads": self.threads}
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -162,8 +171,8 @@ class OnnxInt8Backend(OnnxBackend):
     quantized = True
 
     def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo",
-                 per_channel: bool = True):
-        super().__init__(threads, optimization, exporter)
+                 thread_pool: str = "session", per_channel: bool = True):
+        super().__init__(threads, optimization, exporter, thread_pool)
         self.per_channel = bool(per_channel)
 
     def _quantize(self, path: Path) -> None:
@@ -181,6 +190,62 @@ class OnnxInt8Backend(OnnxBackend):
     def describe(self):
         return {**super().describe(), "precision": "int8 dynamic (weights per-"
                 f"{'channel' if self.per_channel else 'tensor'}, activations per-tensor)"}
+
+
+_SHARED_POOL_THREADS: int | None = None  # size of this process's global ONNX Runtime pool, once layerexit made it
+
+
+def use_shared_thread_pool(threads: int) -> int:
+    """Create ONNX Runtime's process-wide ("global") intra-op thread pool with ``threads`` threads, once per
+    process; returns its size.
+
+    The engine calls one session per layer. With a pool per session (ONNX Runtime's default), each pool's
+    threads spin after their layer returns and starve the next layer's pool; with spinning turned off
+    (layerexit's ``thread_pool="session"``) every parallel operator pays a wake-up instead. One shared pool
+    has neither cost. ONNX Runtime allows one such pool per process and, once it exists, refuses sessions
+    that ask for their own pool: code that creates ONNX Runtime sessions later in the same process must set
+    ``SessionOptions.use_per_session_threads = False``. That is why ``thread_pool="shared"`` is an opt-in of
+    the library, and the choice of layerexit's own processes (``evaluate``, ``benchmark``, ``serve``).
+    """
+    global _SHARED_POOL_THREADS
+    ort = require_onnxruntime()
+    if _SHARED_POOL_THREADS is None:
+        try:
+            ort.set_global_thread_pool_sizes(int(threads), 1)
+        except Exception as err:  # noqa: BLE001  (ORT raises its own exception types)
+            raise LayerExitError(f"thread_pool='shared' is invalid here: ONNX Runtime's shared thread pool of this "
+                                 f"process was made by other code ({str(err).splitlines()[0]}); use "
+                                 "thread_pool='session'") from None
+        _SHARED_POOL_THREADS = int(threads)
+    elif _SHARED_POOL_THREADS != int(threads):
+        warnings.warn(f"backend onnx: ONNX Runtime's shared thread pool of this process has {_SHARED_POOL_THREADS} "
+                      f"threads (made once per process), not the {threads} asked for; using it", stacklevel=3)
+    return _SHARED_POOL_THREADS
+
+
+def _session_options(ort, threads: int, shared: bool):
+    options = ort.SessionOptions()
+    if shared:
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # idle threads of per-session pools spin by default; with a session per layer and PyTorch in between,
+        # the spinning pools of the other layers take the cores from the running one
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _session(ort, path: Path, options, threads: int):
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001
+        if not options.use_per_session_threads or "global thread pool" not in str(err):
+            raise
+    # other code made the process-wide pool: every session must use it
+    shared = _session_options(ort, threads, shared=True)
+    shared.graph_optimization_level, shared.execution_mode = options.graph_optimization_level, options.execution_mode
+    return ort.InferenceSession(str(path), shared, providers=["CPUExecutionProvider"])
 
 
 def _float_copy(graph: nn.Module) -> nn.Module:

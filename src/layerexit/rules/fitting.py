@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,21 @@ def save_rules(path: str | Path, rules: dict[str, ExitRule], **info: Any) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, payload)
     return path
+
+
+def check_calibration_backend(folder: str | Path, backend: str) -> None:
+    """Warn when the rules in ``folder`` (written by ``layerexit calibrate``) were fitted on the logits of
+    another layer backend than ``backend``, the one about to use them: quantized layers move logits, so
+    thresholds and PCEE tables fitted on one backend are off on another (files without the field: eager)."""
+    path = Path(folder) / "rules.json"
+    try:
+        fitted_on = json.loads(path.read_text()).get("backend", "eager")
+    except (OSError, json.JSONDecodeError):
+        return  # load_rules reports unreadable files with a clear error
+    if fitted_on != backend:
+        warnings.warn(f"calibration={str(folder)!r} was fitted with backend {fitted_on!r} but the model runs "
+                      f"backend {backend!r}: refit it with `layerexit calibrate --backend {backend}` so thresholds "
+                      "and PCEE tables match this backend's logits", stacklevel=2)
 
 
 def load_rules(path: str | Path) -> dict[str, ExitRule]:

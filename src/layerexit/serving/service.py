@@ -164,6 +164,9 @@ def load_rules_for(engine: Engine, rule: str | None = None, threshold: float | N
             raise bad_value("budget", budget, "give either --budget, --target-accuracy or --threshold, not several")
         from ..evaluation.cache import LogitCache
 
+        from ..rules.fitting import check_calibration_backend
+
+        check_calibration_backend(calibration, engine.model.backend.name)
         path = Path(calibration) / "fit_logits.pt"
         if not path.is_file():
             raise bad_value("calibration", str(calibration), "it has no fit_logits.pt; write it with `layerexit "
@@ -175,8 +178,9 @@ def load_rules_for(engine: Engine, rule: str | None = None, threshold: float | N
         if calibration is None:
             raise bad_value("target_accuracy", target_accuracy, "accuracy targets need fitted PCEE tables: also "
                             "give --calibration DIR (written by `layerexit calibrate`)")
-        from ..rules.fitting import load_rules
+        from ..rules.fitting import check_calibration_backend, load_rules
 
+        check_calibration_backend(calibration, engine.model.backend.name)
         saved = load_rules(Path(calibration) / "rules.json")
         name = rule or "pcee-ws"
         if name not in saved:
@@ -215,6 +219,7 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
     from transformers import AutoTokenizer
 
     from ..model import MultiExitModel
+    from ..execution import own_process_options
     from ..catalog import BACKENDS as BACKEND_NAMES
     from .schedulers import POLICIES, SCHEDULERS
 
@@ -246,7 +251,7 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
     if threads:
         torch.set_num_threads(int(threads))
     network = MultiExitModel.from_pretrained(folder)
-    network.optimize(backend, saved=folder)
+    network.optimize(backend, saved=folder, **own_process_options(backend))
     engine = Engine(network, AutoTokenizer.from_pretrained(folder))
     rules = load_rules_for(engine, rule, threshold, params, calibration, target_accuracy, budget)
     sched = make_scheduler(scheduler, engine, max_batch, max_wait_ms, max_queue, policy)
