@@ -155,6 +155,31 @@ def test_layer_sessions_default_to_their_own_pools_without_spinning(optimized):
     assert own_process_options("onnx-int8") == {"thread_pool": "shared"} and own_process_options("int8") == {}
 
 
+def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_setting(optimized):
+    """PyTorch's spinning threads would take the cores ONNX Runtime's threads need: the engine runs the host
+    work (embeddings, heads, rule) on one torch thread while an ONNX backend computes the layers."""
+    model = optimized("bert", "mean", "onnx")
+    seen = []
+    hook = model.exits[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            model(**_inputs("bert"))
+            model.early_exit(**_inputs("bert"), rule=make_rule("maxprob", threshold=0.9))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        eager = optimized("bert", "mean", "eager")
+        eager_seen = []
+        handle = eager.exits[0].register_forward_hook(lambda *_: eager_seen.append(torch.get_num_threads()))
+        with torch.no_grad():
+            eager(**_inputs("bert"))
+        handle.remove()
+        assert eager_seen == [2]  # eager layers keep torch's own setting
+    finally:
+        hook.remove()
+        torch.set_num_threads(previous)
+
+
 SHARED_POOL_SCRIPT = """
 import warnings, torch, onnxruntime as ort
 from tiny import make_model, make_batch

@@ -351,6 +351,10 @@ class MultiExitModel(nn.Module):
                 pixel_values=None, **_: object):
         """All layers, all exits: logits (L, B, C); with ``return_features`` also the exit features (L, B, H)."""
         attention_mask = self.check_inputs(input_ids, attention_mask, token_type_ids, pixel_values)
+        with self.backend.host():
+            return self._all_exits(input_ids, attention_mask, token_type_ids, pixel_values, return_features)
+
+    def _all_exits(self, input_ids, attention_mask, token_type_ids, pixel_values, return_features: bool):
         state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
         logits, features = [], []
         for index in range(self.config.num_layers):
@@ -376,13 +380,14 @@ class MultiExitModel(nn.Module):
         attention_mask = self.check_inputs(input_ids, attention_mask, token_type_ids, pixel_values)
         batch = (input_ids if pixel_values is None else pixel_values).shape[0]
         _check_rule(rule, targets, batch, self.config.num_labels)
-        if not self.training:  # the usual case: no mode switch (it walks every submodule)
-            return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
-        self.eval()
-        try:
-            return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
-        finally:
-            self.train()
+        with self.backend.host():
+            if not self.training:  # the usual case: no mode switch (it walks every submodule)
+                return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
+            self.eval()
+            try:
+                return self._early_exit(input_ids, attention_mask, token_type_ids, rule, targets, pixel_values)
+            finally:
+                self.train()
 
     def _early_exit(self, input_ids, attention_mask, token_type_ids, rule, targets,
                     pixel_values=None) -> EarlyExitOutput:

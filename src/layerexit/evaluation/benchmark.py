@@ -59,8 +59,9 @@ def plain_forward(model: MultiExitModel, inputs: dict) -> torch.Tensor:
     model instead: every layer through the backend, then the last exit, so the speed-up isolates exiting.
     """
     if model.backend.name != "eager":  # another layer backend: that backend's full model is the reference
-        state = model.run_layers(model.start(**inputs), 0, model.config.num_layers)
-        return model.exits[-1](model.exit_feature(state))
+        with model.backend.host():  # the same host threading as the engine
+            state = model.run_layers(model.start(**inputs), 0, model.config.num_layers)
+            return model.exits[-1](model.exit_feature(state))
     out = model.backbone(**inputs)
     hidden = out.last_hidden_state  # (B, T, H)
     kind = model.config.exit_feature

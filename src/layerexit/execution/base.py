@@ -3,6 +3,7 @@ still in the batch (any number of rows, any sequence length: the engine trims bo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -27,6 +28,9 @@ class LayerBackend:
     hidden_dtype: torch.dtype | None = None
     #: whether :meth:`save` writes files worth keeping (exported graphs, quantized weights)
     saves_files = False
+    #: PyTorch threads for the host work around the layers (embeddings, exit heads, rule) while this backend
+    #: runs the layers; ``None``: leave torch's setting alone
+    host_threads: int | None = None
 
     def __init__(self):
         self.model = None
@@ -63,12 +67,31 @@ class LayerBackend:
         """Layer ``index`` (0-based) for the rows of ``state``: (n, T, H) -> (n, T, H)."""
         return self.model.adapter.run_layer(index, hidden, state.layer_kwargs)
 
+    def host(self):
+        """Context around one engine call: limits PyTorch's threads to :attr:`host_threads` for its duration.
+
+        When another runtime computes the layers, PyTorch only does small host work between them, yet after
+        each parallel operator its OpenMP threads spin and take the cores the runtime's threads need."""
+        if self.host_threads is None or torch.get_num_threads() <= self.host_threads:
+            return contextlib.nullcontext()
+        return _torch_threads(self.host_threads)
+
     def describe(self) -> dict:
         """What a report should say about this backend (name, precision, runtime version)."""
         return {"backend": self.name}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def layer_digest(model) -> str:

@@ -61,7 +61,7 @@ class OnnxBackend(LayerBackend):
     quantized = False
 
     def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo",
-                 thread_pool: str = "session"):
+                 thread_pool: str = "session", host_threads: int | None = 1):
         super().__init__()
         if thread_pool not in ("session", "shared"):
             raise bad_value("thread_pool", thread_pool, "choose 'session' (a thread pool per layer session, idle "
@@ -73,6 +73,7 @@ class OnnxBackend(LayerBackend):
             raise bad_value("exporter", exporter, "choose 'dynamo' (torch.export-based, the default) or "
                             "'torchscript' (the legacy exporter: deprecated, but ~15x faster to export)")
         self.threads = threads
+        self.host_threads = host_threads  # PyTorch's share: embeddings, heads, rule (tiny next to the layers)
         self.thread_pool = thread_pool
         self.optimization = optimization
         self.exporter = exporter
@@ -144,7 +145,8 @@ class OnnxBackend(LayerBackend):
         ort = require_onnxruntime()
         return {"backend": self.name, "runtime": f"onnxruntime {ort.__version__}", "precision": "float32",
                 "optimization": self.optimization, "exporter": self.exporter,
-                "thread_pool": getattr(self, "pool_used", self.thread_pool), "threads": self.threads}
+                "thread_pool": getattr(self, "pool_used", self.thread_pool), "threads": self.threads,
+                "host_threads": self.host_threads}
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -171,8 +173,8 @@ class OnnxInt8Backend(OnnxBackend):
     quantized = True
 
     def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo",
-                 thread_pool: str = "session", per_channel: bool = True):
-        super().__init__(threads, optimization, exporter, thread_pool)
+                 thread_pool: str = "session", host_threads: int | None = 1, per_channel: bool = True):
+        super().__init__(threads, optimization, exporter, thread_pool, host_threads)
         self.per_channel = bool(per_channel)
 
     def _quantize(self, path: Path) -> None:

@@ -132,6 +132,10 @@ class Engine:
     @torch.inference_mode()
     def embed(self, rows: list[Row]) -> None:
         """Embed new rows (their state before layer 0), batched, then keep each row's own (T_i, H)."""
+        with self.model.backend.host():
+            self._embed(rows)
+
+    def _embed(self, rows: list[Row]) -> None:
         ids = pad_sequence([r.input_ids for r in rows], batch_first=True, padding_value=self.pad_id)
         ids = ids.to(self.device)  # (n, T)
         mask = _mask([r.length for r in rows], self.device)  # (n, T)
@@ -153,6 +157,10 @@ class Engine:
         Exited rows get their prediction (and their future resolves); the others move to ``layer + 1``.
         """
         assert all(r.layer == layer for r in rows), "every row of a step waits at that step's layer"
+        with self.model.backend.host():
+            return self._step(rows, layer)
+
+    def _step(self, rows: list[Row], layer: int) -> list[Row]:
         lengths = [r.length for r in rows]
         hidden = pad_sequence([r.hidden for r in rows], batch_first=True)  # (n, T, H), zeros past each row's end
         mask = _mask(lengths, hidden.device)  # (n, T)
