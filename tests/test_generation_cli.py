@@ -15,7 +15,8 @@ from layerexit.errors import LayerExitError
 from layerexit.generation import EarlyExitLM, generate, make_token_rule
 from layerexit.generation.corpus import load_passages, token_blocks
 from layerexit.generation.evaluate import compare, rouge_l, token_match
-from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, policy_loss, simulate,
+from layerexit.generation.teacher_forced import simulate_tokens
+from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, policy_loss,
                                         train_exits, train_policy)
 from tiny_decoder import decoder_config, make_lm
 
@@ -218,13 +219,16 @@ def test_policy_training_learns_to_exit_and_drives_the_rule():
     model = EarlyExitLM(lm)
     blocks = torch.randint(3, 97, (6, 12), generator=torch.Generator().manual_seed(2))
     features = collect_features(model, blocks, layers=[1, 2, 3])
-    assert features.agree[-1].all() and features.ce.shape == (4, 6 * 11)
+    assert features.layers == [1, 2, 3, 4] and features.ce.shape == (4, 6 * 11) and features.normed.shape[:2] == (4, 66)
     train_policy(model, features, PolicyTrainConfig(alpha=20.0, epochs=20, batch_size=32, lr=0.05))
     assert float(model.policy(0, features.normed[0]).mean()) > 0.5  # exits pay: the policy learned to exit early
     out = generate(model, torch.randint(3, 97, (1, 5)), make_token_rule("policy", exit_layers=[1, 2, 3]), 6)
     assert out.avg_layers < model.num_layers
-    sim = simulate(features, "maxprob", 2.0, model.num_layers)
-    assert sim == {"avg_layers": 4.0, "agreement": 1.0, "threshold": 2.0}
+    # the one simulator replays the trained policy over the teacher-forced blocks, as the decoder would run it
+    rules = [make_token_rule("policy", exit_layers=[1, 2, 3]), make_token_rule("never")]
+    (policy, never), full = simulate_tokens(model, blocks[:, :-1], rules, layers=[1, 2, 3])
+    assert full.shape == (66,) and torch.equal(never.predictions, full) and never.exit_layer.eq(4).all()
+    assert float(policy.exit_layer.double().mean()) < model.num_layers
 
 
 def test_metrics():
@@ -275,3 +279,4 @@ def test_linear_shortcuts_fit_the_last_layer_better_than_identity(workspace, tmp
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(tmp_path / "cli"), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2"])
     assert code == 0 and "fitted" in capsys.readouterr().err
+
