@@ -155,7 +155,7 @@ def main() -> int:
     L = shared.num_layers
     test_blocks = token_blocks(tok, load_passages("shakespeare", "test"), 128, args.eval_blocks)
     perplexity = {"original": held_out_perplexity(shared, test_blocks)}
-    if (Path(args.exits) / "exit_config.json").is_file():
+    if any((Path(args.exits) / name).is_file() for name in ("config.json", "exit_config.json")):  # saved exits
         trained = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
         log(f"loaded exits from {args.exits}")
         if args.extra_steps and args.exit_kind == "lowrank":

@@ -4,6 +4,7 @@ saved with a word-level tokenizer (offline)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_generate_cli_trains_lora_and_decodes_merged(workspace, tmp_path, capsys
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
                  "--adapter-kind", "lowrank", "--adapter-rank", "0", "--lora-rank", "2", "--lora-lr", "1e-2"])
-    assert code == 0 and json.loads((exits / "exit_config.json").read_text())["training"]["lora_rank"] == 2
+    assert code == 0 and json.loads((exits / "config.json").read_text())["training"]["lora_rank"] == 2
     args = ["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
             "--max-new-tokens", "4", "--no-stream"]
     assert main(args + ["--strategy", "full"]) == 0
@@ -103,7 +104,7 @@ def test_generate_cli_trains_and_reloads_exits(workspace, tmp_path, capsys):
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
                  "--adapter-kind", "lowrank", "--adapter-rank", "4"])
-    assert code == 0 and (exits / "exit_config.json").is_file()
+    assert code == 0 and json.loads((exits / "config.json").read_text())["kind"] == "causal-lm"
     code = main(["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
                  "--max-new-tokens", "3", "--rule", "maxprob", "--threshold", "0.0", "--no-stream"])
     assert code == 0
@@ -280,3 +281,49 @@ def test_linear_shortcuts_fit_the_last_layer_better_than_identity(workspace, tmp
                  str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2"])
     assert code == 0 and "fitted" in capsys.readouterr().err
 
+
+# --- one checkpoint format for both kinds -------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_decoder_exits_are_saved_in_the_classifier_format_with_their_kind(tmp_path):
+    """config.json (model_type "layerexit", kind "causal-lm", heads_only) + model.safetensors, read by AutoConfig;
+    each kind's loader refuses the other's checkpoint and names the right one."""
+    from transformers import AutoConfig
+
+    from layerexit import MultiExitModel
+    from layerexit.config import WEIGHTS_NAME, CausalLMExitConfig, LayerExitConfig, MultiExitConfig
+
+    model = EarlyExitLM(make_lm("llama"), adapter_rank=4, policy=True)
+    model.save_exits(tmp_path / "exits")
+    assert sorted(p.name for p in (tmp_path / "exits").iterdir()) == ["config.json", WEIGHTS_NAME]
+    hf = AutoConfig.from_pretrained(tmp_path / "exits")
+    assert isinstance(hf, LayerExitConfig) and hf.kind == "causal-lm" and hf.heads_only and hf.adapter_rank == 4
+    assert CausalLMExitConfig.from_hf_dict(hf.to_dict()) == model.config
+    with pytest.raises(LayerExitError, match=r"exits of a causal-lm.*EarlyExitLM.with_exits"):
+        MultiExitModel.from_pretrained(tmp_path / "exits")
+    with pytest.raises(LayerExitError, match=r"exits of a causal-lm.*EarlyExitLM.with_exits"):
+        MultiExitConfig.load(tmp_path / "exits")
+    classifier = tmp_path / "classifier"
+    (classifier).mkdir()
+    (classifier / "config.json").write_text(json.dumps({"model_type": "layerexit", "backbone": "b",
+                                                        "backbone_type": "bert", "num_layers": 4}))
+    with pytest.raises(LayerExitError, match=r"exits of a classifier.*MultiExitModel.from_pretrained"):
+        EarlyExitLM.with_exits(make_lm("llama"), classifier)
+
+
+def test_decoder_exits_saved_in_the_earlier_format_still_load():
+    """A folder written by save_exits before the one format (exit_config.json + exits.safetensors)."""
+    expected = json.loads((FIXTURES / "legacy_decoder_exits_expected.json").read_text())
+    model = EarlyExitLM.with_exits(make_lm("llama"), FIXTURES / "legacy_decoder_exits")
+    assert (model.config.backbone, model.config.adapter_rank, model.config.policy) == ("tiny-llama", 4, True)
+    assert model.config.training["exits"]["objective"] == "distill"
+    ids = torch.tensor(expected["input_ids"])
+    with torch.no_grad():
+        hidden = model.all_hidden(ids)[expected["layer"] - 1]
+        logits = model.exit_logits(expected["layer"], hidden)[0, :, :5]
+        prob = model.exit_prob(expected["layer"], hidden)[0]
+    torch.testing.assert_close(logits, torch.tensor(expected["logits_first5"], dtype=logits.dtype))
+    torch.testing.assert_close(prob, torch.tensor(expected["policy"], dtype=prob.dtype))
+    assert not torch.allclose(logits, EarlyExitLM(make_lm("llama")).exit_logits(2, hidden)[0, :, :5])  # not identity
