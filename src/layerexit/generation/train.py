@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..consistentee.rollout import choose_actions, path_log_prob, reward
+from ..consistentee.rollout import exit_layers as rollout_exits
 from ..errors import bad_value
 from .teacher_forced import exit_layers, token_batches
 
@@ -199,31 +201,24 @@ class PolicyTrainConfig:
 
 def policy_loss(probs: torch.Tensor, ce: torch.Tensor, layers: list[int], L: int, alpha: float, copies: int,
                 epsilon: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """REINFORCE loss of one batch. probs, ce: (C, n) at candidate exits (last = layer L, always exits)."""
+    """REINFORCE loss of one batch. probs, ce: (C, n) at candidate exits (last = layer L, always exits).
+
+    ConsistentEE's rollout pieces (:mod:`layerexit.consistentee.rollout`) over the candidates: copy 0 never
+    exits, the others act ε-greedily; reward ``−CE − α·e/L`` (no hardness term) with e the candidate's layer,
+    the copies' mean as baseline, and the path's log-probability divided by e (the decoder version)."""
     C, n = probs.shape
     depth = torch.tensor(layers, dtype=probs.dtype, device=probs.device)  # (C,)
-    log_exit = torch.log(probs.clamp_min(1e-6))
-    log_stay = torch.log((1 - probs).clamp_min(1e-6))
-    rewards, logps, exits = [], [], []
-    for k in range(copies):
-        if k == 0:  # the first copy never exits: the reward of going all the way
-            act = torch.zeros(C, n, dtype=torch.bool, device=probs.device)
-        else:
-            explore = torch.rand(C, n, generator=gen) < epsilon
-            coin = torch.rand(C, n, generator=gen) < 0.5
-            act = torch.where(explore, coin, probs.detach() > 0.5)
-        act[-1] = True
-        e = act.float().argmax(dim=0)  # (n,) index of the first exit
-        before = torch.arange(C)[:, None] < e[None, :]  # (C, n)
-        logp = (log_stay * before).sum(0) + torch.where(e < C - 1, log_exit.gather(0, e[None])[0], 0.0)
-        layer = depth[e]  # (n,)
-        logps.append(logp / layer)
-        rewards.append(-ce.gather(0, e[None])[0] - alpha * layer / L)
-        exits.append(layer)
-    R = torch.stack(rewards)  # (K, n)
-    advantage = R - R.mean(0, keepdim=True)
-    loss = -(advantage.detach() * torch.stack(logps)).mean()
-    return loss, {"reward": float(R.mean()), "avg_exit": float(torch.stack(exits)[1:].mean()) if copies > 1 else L}
+    p = probs.T  # (n, C): the rollout functions take the exits last
+    full_depth = torch.zeros(n, C, dtype=torch.bool, device=probs.device)
+    full_depth[:, -1] = True  # the first copy never exits: the reward of going all the way
+    actions = torch.stack([full_depth] + [choose_actions(p.detach(), "eps_greedy", epsilon, gen)
+                                          for _ in range(copies - 1)])  # (K, n, C)
+    chosen = rollout_exits(actions)  # (K, n) 1-based candidate index
+    layer = depth[chosen - 1]  # (K, n)
+    rewards = reward(ce.T.gather(1, (chosen - 1).T).T, layer, None, L, alpha, hardness=False)  # (K, n)
+    advantage = rewards - rewards.mean(0, keepdim=True)
+    loss = -(advantage.detach() * path_log_prob(p, chosen) / layer).mean()
+    return loss, {"reward": float(rewards.mean()), "avg_exit": float(layer[1:].mean()) if copies > 1 else L}
 
 
 def train_policy(model, features: TokenFeatures, config: PolicyTrainConfig = PolicyTrainConfig(),
