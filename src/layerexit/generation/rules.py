@@ -24,12 +24,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .. import catalog
 from ..errors import bad_value
 from ..registry import Registry
 from ..rules import ExitRule, Full, Margin, MaxProb, PolicyRule, Static
 
 #: builders of the rules a generated token can use: ``(threshold or None, min_layer) -> ExitRule``
-TOKEN_RULES: Registry[Callable[[float | None, int], ExitRule]] = Registry("token rule")
+TOKEN_RULES: Registry[Callable[[float | None, int], ExitRule]] = Registry("token rule", catalog.TOKEN_RULES)
 
 
 class Saturation(ExitRule):
@@ -57,16 +58,12 @@ def _with_threshold(cls: type[ExitRule]) -> Callable[[float | None, int], ExitRu
     return lambda threshold, min_layer: cls() if threshold is None else cls(threshold)
 
 
-TOKEN_RULES.register("never", "never exit: the full model (reference path)")(lambda threshold, min_layer: Full())
-TOKEN_RULES.register("static", "always exit at min_layer (a truncated model)")(
-    lambda threshold, min_layer: Static(min_layer))
-TOKEN_RULES.register("maxprob", "exit when max softmax probability >= threshold (EE-LLM)")(_with_threshold(MaxProb))
-TOKEN_RULES.register("margin", "exit when top-1 minus top-2 probability >= threshold (CALM softmax response)")(
-    _with_threshold(Margin))
-TOKEN_RULES.register("saturation", "exit when cos(h_{l-1}, h_l) >= threshold (CALM hidden-state saturation)")(
-    _with_threshold(Saturation))
-TOKEN_RULES.register("policy", "ConsistentEE per-token policy: exit when pi_l(h) > threshold (default 0.5)")(
-    _with_threshold(PolicyRule))
+TOKEN_RULES.register("never")(lambda threshold, min_layer: Full())
+TOKEN_RULES.register("static")(lambda threshold, min_layer: Static(min_layer))
+TOKEN_RULES.register("maxprob")(_with_threshold(MaxProb))
+TOKEN_RULES.register("margin")(_with_threshold(Margin))
+TOKEN_RULES.register("saturation")(_with_threshold(Saturation))
+TOKEN_RULES.register("policy")(_with_threshold(PolicyRule))
 
 
 class TokenRule(ExitRule):

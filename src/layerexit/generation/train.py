@@ -30,12 +30,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import catalog
 from ..consistentee.rollout import choose_actions, path_log_prob, reward
 from ..consistentee.rollout import exit_layers as rollout_exits
 from ..errors import bad_value
 from .teacher_forced import exit_layers, token_batches
 
-OBJECTIVES = ("distill", "weighted")
+OBJECTIVES = catalog.GENERATION_OBJECTIVES  # exit-training objectives: "distill", "weighted"
 
 
 @dataclass

@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import catalog
 from ..errors import NotFittedError
 from ..registry import Registry
 
-RULES: Registry[type["ExitRule"]] = Registry("rule")
+RULES: Registry[type["ExitRule"]] = Registry("rule", catalog.RULES)
 RuleState = dict[str, torch.Tensor]
 
 
