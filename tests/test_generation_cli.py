@@ -327,3 +327,20 @@ def test_decoder_exits_saved_in_the_earlier_format_still_load():
     torch.testing.assert_close(logits, torch.tensor(expected["logits_first5"], dtype=logits.dtype))
     torch.testing.assert_close(prob, torch.tensor(expected["policy"], dtype=prob.dtype))
     assert not torch.allclose(logits, EarlyExitLM(make_lm("llama")).exit_logits(2, hidden)[0, :, :5])  # not identity
+
+
+def test_policy_features_are_each_exits_cross_entropy_and_normed_state():
+    """collect_features (on the teacher-forced cache, in batches) equals a direct computation per exit."""
+    model = EarlyExitLM(make_lm("llama", scale=4.0), adapter_rank=4)
+    blocks = torch.randint(3, 97, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model.all_hidden(blocks[:, :-1])  # (L, 3, 8, H)
+        full = model.exit_logits(4, hidden[-1]).argmax(-1).flatten()
+        for target, goal in (("full", full), ("data", blocks[:, 1:].flatten())):
+            features = collect_features(model, blocks, layers=[2], target=target, batch_size=2)
+            assert features.layers == [2, 4] and features.info == {"target": target, "tokens": 24}
+            for c, layer in enumerate(features.layers):
+                logits = model.exit_logits(layer, hidden[layer - 1]).flatten(0, 1).float()
+                ce = torch.nn.functional.cross_entropy(logits, goal, reduction="none")
+                torch.testing.assert_close(features.ce[c], ce)
+                torch.testing.assert_close(features.normed[c], model.adapter.final_norm(hidden[layer - 1]).flatten(0, 1))
