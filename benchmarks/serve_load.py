@@ -25,10 +25,7 @@ import os
 import platform
 import random
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -47,54 +44,11 @@ from layerexit.io import write_json_atomic
 from layerexit.model import MultiExitModel
 from layerexit.rules import MaxProb, make_rule
 from layerexit.serving import Engine
+from layerexit.serving.process import ServerProcess
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, name: str, args: list[str]):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.args = ["serve", "--port", str(self.port), "--log-level", "warning", *args]
-        self.proc = subprocess.Popen([sys.executable, "-m", "layerexit.cli.main", *self.args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def wait(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx2.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name} did not start")
-
-    def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in httpx2.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                out[key] = float(value)
-        return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def arrivals(rate: float, seconds: float, cap: int, seed: int) -> list[float]:
@@ -290,7 +244,7 @@ def main() -> int:
         servers = {}
         try:
             for name in args.servers.split(","):
-                servers[name] = Server(name, common + specs[name])
+                servers[name] = ServerProcess(*common, *specs[name], name=name, wait=False)
                 servers[name].wait()  # one at a time: startups do not compete
             log(f"servers up: {', '.join(servers)}")
             for server in servers.values():  # warm-up
@@ -370,8 +324,8 @@ def budget_shift(args, model, tokenizer, sst2_texts: list[str], output: Path) ->
 
     snippets = list(load_data("rotten-tomatoes", "test").texts)
     stream = snippets + sst2_texts
-    server = Server("budget", ["--model", args.model, "--threads", str(args.threads), "--calibration",
-                               args.calibration, "--budget", str(args.budget), "--scheduler", "layer"])
+    server = ServerProcess("--model", args.model, "--threads", str(args.threads), "--calibration", args.calibration,
+                           "--budget", str(args.budget), "--scheduler", "layer", name="budget", wait=False)
     try:
         server.wait()
         times = arrivals(args.budget_rate, 10_000, len(stream), seed=99)

@@ -27,13 +27,16 @@ from pathlib import Path
 
 import torch
 
-from layerexit.generation import EarlyExitLM
+from layerexit.evaluation.simulate import Simulation
+from layerexit.generation import EarlyExitLM, TokenRule, make_token_rule
 from layerexit.generation.corpus import frequent_tokens, load_passages, prompts_from, token_blocks
 from layerexit.generation.evaluate import compare, plot, report
 from layerexit.generation.loading import load_causal_lm
+from layerexit.generation.teacher_forced import simulate_tokens
 from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, fit_shortcuts,
-                                        simulate, simulate_policy, train_exits, train_policy)
+                                        train_exits, train_policy)
 from layerexit.io import write_json_atomic
+from layerexit.rules import AgreementOracle
 
 
 def log(msg: str) -> None:
@@ -42,6 +45,12 @@ def log(msg: str) -> None:
 
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
+
+
+def agreement_point(sim: Simulation, full: torch.Tensor, threshold: float | None) -> dict:
+    """A simulated operating point: average exit layer and agreement with the full model's tokens."""
+    return {"avg_layers": float(sim.exit_layer.double().mean()),
+            "agreement": float((sim.predictions == full).double().mean()), "threshold": threshold}
 
 
 @torch.inference_mode()
@@ -146,7 +155,7 @@ def main() -> int:
     L = shared.num_layers
     test_blocks = token_blocks(tok, load_passages("shakespeare", "test"), 128, args.eval_blocks)
     perplexity = {"original": held_out_perplexity(shared, test_blocks)}
-    if (Path(args.exits) / "exit_config.json").is_file():
+    if any((Path(args.exits) / name).is_file() for name in ("config.json", "exit_config.json")):  # saved exits
         trained = EarlyExitLM.with_exits(lm, args.exits, name=args.model)
         log(f"loaded exits from {args.exits}")
         if args.extra_steps and args.exit_kind == "lowrank":
@@ -175,21 +184,25 @@ def main() -> int:
     perplexity["with_exits"] = held_out_perplexity(trained, test_blocks)
     log(f"held-out perplexity {perplexity} (LoRA projections merged: {lora_merged})")
 
-    # --- simulated, teacher-forced ----------------------------------------------------------------------
-    simulated, test_features = {}, None
+    # --- simulated, teacher-forced: the one simulator over each exit's logits and signals ------------------
+    simulated = {}
+    inputs = test_blocks[:, :-1]
     for name, model in (("shared", shared), ("trained", trained)):
-        feats = collect_features(model, test_blocks, layers)
-        test_features = feats
-        per_layer = dict(zip(feats.layers, feats.agree.float().mean(1).tolist()))
-        sweeps = {}
+        sweeps, rules = {}, []
         for rule, grid in (("maxprob", [i / 20 for i in range(1, 20)] + [0.97, 0.99]),
                            ("margin", [i / 20 for i in range(0, 20)] + [0.97, 0.99]),
                            ("saturation", [0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995])):
-            sweeps[rule] = [simulate(feats, rule, t, L) for t in grid]
-        oracle_layers = torch.tensor(feats.layers)[feats.agree.float().argmax(0)]
+            rules += [(rule, t, make_token_rule(rule, threshold=t, exit_layers=layers)) for t in grid]
+        statics = [make_token_rule("static", min_layer=l, exit_layers=[l]) for l in layers]
+        oracle = TokenRule(AgreementOracle(), exit_layers=layers, name="oracle-agreement")
+        sims, full = simulate_tokens(model, inputs, [r for _, _, r in rules] + statics + [oracle], layers=layers)
+        for (rule, t, _), sim in zip(rules, sims):
+            sweeps.setdefault(rule, []).append(agreement_point(sim, full, t))
+        per_layer = {l: agreement_point(sim, full, None)["agreement"] for l, sim in zip(layers, sims[len(rules):])}
+        per_layer[L] = 1.0
         simulated[name] = {"per_layer_agreement": per_layer, "sweeps": sweeps,
-                           "agreement_oracle_avg_layers": float(oracle_layers.float().mean()),
-                           "tokens": feats.info["tokens"]}
+                           "agreement_oracle_avg_layers": agreement_point(sims[-1], full, None)["avg_layers"],
+                           "tokens": int(full.numel())}
         log(f"{name}: per-layer agreement {({k: round(v, 3) for k, v in per_layer.items()})}")
     targets = [float(v) for v in args.targets.split(",")]
     points = {}
@@ -213,7 +226,9 @@ def main() -> int:
         trained.policy = None
         t0 = time.perf_counter()
         history = train_policy(trained, feats, PolicyTrainConfig(alpha=alpha, epochs=args.policy_epochs, batch_size=256, lr=args.policy_lr), log=log)
-        sim = simulate_policy(trained, test_features)
+        (policy_sim,), full = simulate_tokens(trained, inputs, [make_token_rule("policy", exit_layers=layers)],
+                                              layers=layers)
+        sim = agreement_point(policy_sim, full, 0.5)
         sweep.append({"alpha": alpha, "seconds": time.perf_counter() - t0, "final": history["history"][-1], **sim})
         policies[alpha] = {k: v.clone() for k, v in trained.policy.state_dict().items()}
         log(f"policy alpha={alpha}: simulated avg layers {sim['avg_layers']:.2f} agreement {sim['agreement']:.3f}")

@@ -1,11 +1,9 @@
 """A tiny servable checkpoint (word-level tokenizer, 3-layer BERT, 2 labels) and a calibration folder, offline,
-plus a helper that runs `layerexit serve` in a subprocess on a free loopback port."""
+plus `layerexit serve` in a subprocess (the library's ServerProcess) or in a thread."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from layerexit.evaluation.cache import LogitCache
 from layerexit.model import MultiExitModel
 from layerexit.rules import PCEE, PCEEWS
 from layerexit.rules.fitting import save_rules
+from layerexit.serving.process import ServerProcess, free_port  # noqa: F401  (tests import free_port here)
 
 LABELS = ["negative", "positive"]
 
@@ -52,55 +51,10 @@ def write_calibration(model_dir: Path, folder: Path, n: int = 200) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`layerexit serve ...` in a subprocess on a free 127.0.0.1 port; stopped (SIGTERM) on exit."""
-
-    def __init__(self, *args: str, timeout: float = 120.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "layerexit.cli.main", "serve", "--port", str(self.port),
-                                      "--threads", "1", "--log-level", "warning", *args],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._wait(timeout)
-
-    def _wait(self, timeout: float) -> None:
-        import httpx2
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
-            try:
-                if httpx2.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not start in time")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+def Server(*args: str, timeout: float = 120.0) -> ServerProcess:
+    """`layerexit serve ...` (offline, one thread) in a subprocess on a free 127.0.0.1 port, started."""
+    env = {"PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
+    return ServerProcess("--threads", "1", *args, env=env, timeout=timeout)
 
 
 class ThreadServer:

@@ -95,14 +95,42 @@ def test_no_import_cycle():
     assert not cycles, f"import cycles: {cycles}"
 
 
+def _private_uses(name: str, source: str, package: str) -> list[str]:
+    """Private names of other layerexit modules that module ``name`` uses: ``from m import _x`` and ``m._x``
+    where ``m`` is a layerexit module it imported (``import layerexit.m as m``, ``from layerexit import m``)."""
+    found, aliases = [], {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("layerexit")})
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if not target.startswith("layerexit") or target == name:
+                continue
+            found += [f"{name}: from {target} import {a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+            aliases.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names
+                            if f"{target}.{a.name}" in MODULES})
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and aliases[node.value.id] != name and node.attr.startswith("_") and not node.attr.startswith("__"):
+            found.append(f"{name}: {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
 def test_no_module_imports_a_private_name_of_another():
     offenders = []
     for name, path in MODULES.items():
-        for target, names in _imports(path):
-            if target.startswith("layerexit") and target != name:
-                offenders += [f"{name}: from {target} import {n}" for n in names
-                              if n.startswith("_") and not n.startswith("__")]
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        offenders += _private_uses(name, path.read_text(encoding="utf-8"), package)
     assert not offenders, offenders
+
+
+def test_the_private_name_check_sees_both_forms():
+    source = "from .metrics import _hidden\nfrom . import metrics\nimport layerexit.io as io\nmetrics._x\nio._y\n"
+    assert _private_uses("layerexit.evaluation.report", source, "layerexit.evaluation") == [
+        "layerexit.evaluation.report: from layerexit.evaluation.metrics import _hidden",
+        "layerexit.evaluation.report: layerexit.evaluation.metrics._x", "layerexit.evaluation.report: layerexit.io._y"]
 
 
 def test_library_modules_do_not_import_the_cli():
@@ -148,3 +176,30 @@ def test_benchmarks_and_examples_import_public_names_that_exist():
                         problems.append(f"{script.name}: from {node.module} import {alias.name}")
     assert checked > 10
     assert not problems, problems
+
+
+def test_the_generation_package_reuses_the_encoder_rules_and_config():
+    """Decoders have no rule or exits configuration of their own that the encoder side also has: a token rule
+    named like an encoder rule is that very class, no generation class redefines a registered rule, and the
+    decoder's saved configuration is a kind of config.BackboneExits."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import layerexit.generation as generation
+    from layerexit.config import BackboneExits
+    from layerexit.generation import EarlyExitLM, make_token_rule
+    from layerexit.generation.rules import TOKEN_RULES
+    from layerexit.rules import RULES, ExitRule
+
+    modules = [importlib.import_module(f"layerexit.generation.{m.name}") for m in pkgutil.iter_modules(generation.__path__)]
+    classes = [c for mod in modules for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == mod.__name__]
+    rules = [c for c in classes if issubclass(c, ExitRule)]
+    assert rules and not {c.name for c in rules} & set(RULES.names()), [c.name for c in rules]
+    shared = [n for n in TOKEN_RULES.names() if n in RULES]
+    assert shared and all(type(make_token_rule(n).rule) is RULES.get(n) for n in shared)
+    configs = [c for c in classes if {"backbone", "num_layers"} <= set(getattr(c, "__dataclass_fields__", ()))]
+    assert not configs, configs
+    from tiny_decoder import make_lm
+
+    assert isinstance(EarlyExitLM(make_lm("llama")).config, BackboneExits)

@@ -126,9 +126,9 @@ def test_catalog_mirrors_every_live_registry():
     assert {n: (tuple(DECODERS.get(n).model_types), d) for n, d in DECODERS.describe()} == catalog.DECODERS
     assert tuple(KV_STRATEGIES) == catalog.KV_STRATEGIES
     assert tuple(GENERATION_OBJECTIVES) == catalog.GENERATION_OBJECTIVES
-    assert {k: v[3] for k, v in PACKAGED_DECODERS.items()} == catalog.PACKAGED_DECODERS
+    assert set(PACKAGED_DECODERS) == set(catalog.PACKAGED_DECODERS)
     assert SMOLLM2 == catalog.DEFAULT_DECODER
-    assert {k: v[3] for k, v in CORPORA.items()} == catalog.CORPORA
+    assert set(CORPORA) == set(catalog.CORPORA)
 
 
 def test_list_prints_every_registry_from_the_index(capsys):
@@ -137,3 +137,15 @@ def test_list_prints_every_registry_from_the_index(capsys):
     for name in [*catalog.RULES, *catalog.OBJECTIVES, *catalog.BACKBONES, *catalog.DECODERS, *catalog.TOKEN_RULES,
                  *catalog.FEATURES, *catalog.CORPORA, *catalog.PACKAGED_DECODERS, "rotten-tomatoes"]:
         assert name in out
+
+
+def test_a_part_registers_by_name_and_takes_its_description_from_the_catalog():
+    from layerexit.registry import Registry
+
+    registry = Registry("thing", {"a": "an a"})
+    registry.register("a")(object)
+    assert registry.describe() == [("a", "an a")]
+    with pytest.raises(RuntimeError, match="not in layerexit.catalog"):
+        registry.register("b")
+    with pytest.raises(RuntimeError, match="differs from layerexit.catalog"):
+        registry.register("a", "another description")

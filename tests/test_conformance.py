@@ -20,7 +20,8 @@ import torch
 from layerexit.evaluation.cache import LogitCache
 from layerexit.evaluation.simulate import simulate
 from layerexit.generation import EarlyExitLM, generate, make_token_rule
-from layerexit.generation.rules import TOKEN_RULES, token_signals
+from layerexit.generation.rules import TOKEN_RULES
+from layerexit.generation.teacher_forced import token_batches
 from layerexit.rules import RULES, FittedRule, make_rule
 from tiny import LAYERS, NUM_LABELS, make_batch
 from tiny_decoder import make_lm, prompt
@@ -107,24 +108,12 @@ def _token_options(name: str, score: torch.Tensor | None) -> list[dict]:
     return thresholds + [{**mid, "min_layer": 2}, {**mid, "exit_layers": [2, 3]}, {**mid, "decay": True}]
 
 
-def _teacher_forced(model, ids, tokens):
-    """Per-layer logits (L, N, V) and signals (L, N) of the N tokens decided after the prompt, from a plain
-    forward of the generated sequence: row i is the position that produced generated token i + 1."""
+def _teacher_forced(model, ids, tokens, layers=None):
+    """The library's teacher-forced cache of the N tokens decided after the prompt, from a plain forward of the
+    generated sequence: row i is the position that produced generated token i + 1."""
     seq = torch.cat([ids, torch.tensor([tokens[:-1]])], dim=1)
-    P, L = ids.shape[1], model.num_layers
-    with torch.no_grad():
-        hidden = model.all_hidden(seq)[:, 0, P:]  # (L, N, H)
-        embedded = model.adapter.embed(seq, torch.arange(seq.shape[1]))[0, P:]  # (N, H): input of layer 1
-        before = torch.cat([embedded[None], hidden[:-1]])  # (L, N, H): each layer's input
-        logits = torch.stack([model.exit_logits(l + 1, hidden[l]) for l in range(L)])  # (L, N, V)
-        signals = {"position": torch.arange(1, hidden.shape[1] + 1).expand(L, -1)}
-        for name in ("similarity", "policy"):
-            if model.policy is None and name == "policy":
-                continue
-            signals[name] = torch.stack([  # (L, N)
-                torch.stack([token_signals(model, [name], l + 1, hidden[l, j], before[l, j])[name][0]
-                             for j in range(hidden.shape[1])]) for l in range(L)])
-    return logits, signals
+    (batch,) = token_batches(model, seq, first=ids.shape[1], layers=layers)
+    return batch
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -137,15 +126,18 @@ def test_decoder_equals_simulator_for_every_token_rule(arch, name):
             parameter.normal_(0.0, 2.0, generator=gen)
     ids = prompt(seed=11)
     full = generate(model, ids, None, NEW)
-    score = _score(name, *_teacher_forced(model, ids, full.tokens))
+    reference = _teacher_forced(model, ids, full.tokens)
+    assert reference.full.tolist() == full.tokens[1:]  # the cache's full-model tokens are the decoder's
+    score = _score(name, reference.logits, reference.signals)
     early = set()
     for options in _token_options(name, score):
         out = generate(model, ids, make_token_rule(name, **options), NEW, kv="recompute")
-        logits, signals = _teacher_forced(model, ids, out.tokens)
         rule = make_token_rule(name, **options).with_horizon(NEW)
-        sim = simulate(rule, logits, signals=signals)
-        assert sim.exit_layer.tolist() == out.exit_layers[1:], (name, options)
-        assert sim.predictions.tolist() == out.tokens[1:], (name, options)
+        for layers in (None, options.get("exit_layers")) if "exit_layers" in options else (None,):
+            cache = _teacher_forced(model, ids, out.tokens, layers)  # every exit, or only the rule's
+            sim = simulate(rule, cache.logits, signals=cache.signals, layers=cache.layers)
+            assert sim.exit_layer.tolist() == out.exit_layers[1:], (name, options, layers)
+            assert sim.predictions.tolist() == out.tokens[1:], (name, options, layers)
         early |= set(out.exit_layers[1:])
     if name not in ("never", "static"):
         assert len(early) >= 3, f"{name} exits tokens at only {sorted(early)} here: the check would be weak"

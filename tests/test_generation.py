@@ -8,7 +8,7 @@ import torch
 from layerexit.errors import LayerExitError
 from layerexit.generation import EarlyExitLM, generate, generate_speculative, make_token_rule
 from layerexit.generation.rules import TokenRule
-from layerexit.rules import ExitRule
+from layerexit.rules import ExitRule, MaxProb
 from tiny_decoder import DECODER_ARCHS, make_lm, prompt
 
 NEW = 16
@@ -248,20 +248,25 @@ def test_fused_kv_projection_equals_per_layer(lms, arch):
         torch.testing.assert_close(value, ref_value)
 
 
-def test_teacher_forced_simulation_takes_the_first_candidate_that_exits():
-    from layerexit.generation.train import TokenFeatures, simulate
+def test_simulation_over_a_cache_of_candidate_exits_takes_the_first_that_exits():
+    """A cache holding only some exits (as for a vocabulary-sized output): the one simulator asks the token
+    rule at those layers only, and refuses a cache that lacks a layer where the rule may exit."""
+    from layerexit.evaluation.simulate import simulate
 
-    maxprob = torch.tensor([[0.9, 0.2, 0.3], [0.95, 0.8, 0.1], [0.5, 0.5, 0.5]])  # (C=3 candidates, N=3 tokens)
-    agree = torch.tensor([[True, False, False], [True, True, False], [True, True, True]])
-    zeros = torch.zeros(3, 3)
-    features = TokenFeatures([2, 4, 6], torch.zeros(3, 3, 1), agree, zeros, maxprob, zeros, zeros)
-    result = simulate(features, "maxprob", 0.75, 6)
-    # token 0 exits at layer 2 (agrees), token 1 at layer 4 (agrees), token 2 at the last layer (agrees)
-    assert result["avg_layers"] == pytest.approx((2 + 4 + 6) / 3)
-    assert result["agreement"] == pytest.approx(1.0)
-    strict = simulate(features, "maxprob", 0.92, 6)  # token 0 now waits for layer 4; the others run to the end
-    assert strict["avg_layers"] == pytest.approx((4 + 6 + 6) / 3)
-    assert strict["agreement"] == pytest.approx(1.0)
+    top = torch.tensor([[0.9, 0.2, 0.3], [0.95, 0.8, 0.1], [0.5, 0.5, 0.5]], dtype=torch.float64)  # (C=3, N=3)
+    V = 10  # token 0 holds the top probability, the rest is spread evenly
+    logits = torch.cat([top[..., None].log(), ((1 - top[..., None]) / (V - 1)).log().expand(-1, -1, V - 1)], -1)
+    signals = {"position": torch.arange(1, 4).expand(3, -1)}
+    for threshold, expected in ((0.75, [2, 4, 6]), (0.92, [4, 6, 6])):
+        rule = make_token_rule("maxprob", threshold=threshold, exit_layers=[2, 4])
+        sim = simulate(rule, logits, signals=signals, layers=[2, 4, 6])
+        assert sim.exit_layer.tolist() == expected
+        assert sim.predictions.tolist() == [0, 0, 0]
+    with pytest.raises(LayerExitError, match=r"may exit after layers \[3\]"):
+        simulate(make_token_rule("maxprob", exit_layers=[2, 3]), logits, signals=signals, layers=[2, 4, 6])
+    with pytest.raises(LayerExitError, match=r"may exit after layers \[1, 3, 5\]"):
+        simulate(MaxProb(0.75), logits, layers=[2, 4, 6])  # a rule asked at every layer needs every layer
+    assert simulate(MaxProb(0.75), logits).exit_layer.tolist() == [1, 2, 3]  # the same cache read as layers 1..3
 
 
 @pytest.mark.parametrize("arch", DECODER_ARCHS)

@@ -4,6 +4,7 @@ saved with a word-level tokenizer (offline)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from layerexit.errors import LayerExitError
 from layerexit.generation import EarlyExitLM, generate, make_token_rule
 from layerexit.generation.corpus import load_passages, token_blocks
 from layerexit.generation.evaluate import compare, rouge_l, token_match
-from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, policy_loss, simulate,
+from layerexit.generation.teacher_forced import simulate_tokens
+from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, policy_loss,
                                         train_exits, train_policy)
 from tiny_decoder import decoder_config, make_lm
 
@@ -88,7 +90,7 @@ def test_generate_cli_trains_lora_and_decodes_merged(workspace, tmp_path, capsys
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2",
                  "--adapter-kind", "lowrank", "--adapter-rank", "0", "--lora-rank", "2", "--lora-lr", "1e-2"])
-    assert code == 0 and json.loads((exits / "exit_config.json").read_text())["training"]["lora_rank"] == 2
+    assert code == 0 and json.loads((exits / "config.json").read_text())["training"]["lora_rank"] == 2
     args = ["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
             "--max-new-tokens", "4", "--no-stream"]
     assert main(args + ["--strategy", "full"]) == 0
@@ -102,7 +104,7 @@ def test_generate_cli_trains_and_reloads_exits(workspace, tmp_path, capsys):
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(exits), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
                  "--adapter-kind", "lowrank", "--adapter-rank", "4"])
-    assert code == 0 and (exits / "exit_config.json").is_file()
+    assert code == 0 and json.loads((exits / "config.json").read_text())["kind"] == "causal-lm"
     code = main(["generate", "--model", str(workspace / "lm"), "--exits", str(exits), "--prompt", "w1 w2",
                  "--max-new-tokens", "3", "--rule", "maxprob", "--threshold", "0.0", "--no-stream"])
     assert code == 0
@@ -218,13 +220,16 @@ def test_policy_training_learns_to_exit_and_drives_the_rule():
     model = EarlyExitLM(lm)
     blocks = torch.randint(3, 97, (6, 12), generator=torch.Generator().manual_seed(2))
     features = collect_features(model, blocks, layers=[1, 2, 3])
-    assert features.agree[-1].all() and features.ce.shape == (4, 6 * 11)
+    assert features.layers == [1, 2, 3, 4] and features.ce.shape == (4, 6 * 11) and features.normed.shape[:2] == (4, 66)
     train_policy(model, features, PolicyTrainConfig(alpha=20.0, epochs=20, batch_size=32, lr=0.05))
     assert float(model.policy(0, features.normed[0]).mean()) > 0.5  # exits pay: the policy learned to exit early
     out = generate(model, torch.randint(3, 97, (1, 5)), make_token_rule("policy", exit_layers=[1, 2, 3]), 6)
     assert out.avg_layers < model.num_layers
-    sim = simulate(features, "maxprob", 2.0, model.num_layers)
-    assert sim == {"avg_layers": 4.0, "agreement": 1.0, "threshold": 2.0}
+    # the one simulator replays the trained policy over the teacher-forced blocks, as the decoder would run it
+    rules = [make_token_rule("policy", exit_layers=[1, 2, 3]), make_token_rule("never")]
+    (policy, never), full = simulate_tokens(model, blocks[:, :-1], rules, layers=[1, 2, 3])
+    assert full.shape == (66,) and torch.equal(never.predictions, full) and never.exit_layer.eq(4).all()
+    assert float(policy.exit_layer.double().mean()) < model.num_layers
 
 
 def test_metrics():
@@ -275,3 +280,67 @@ def test_linear_shortcuts_fit_the_last_layer_better_than_identity(workspace, tmp
     code = main(["generate", "--model", str(workspace / "lm"), "--train-exits", str(tmp_path / "cli"), "--corpus",
                  str(workspace / "corpus.txt"), "--steps", "2", "--seq-len", "16", "--batch-size", "2"])
     assert code == 0 and "fitted" in capsys.readouterr().err
+
+
+# --- one checkpoint format for both kinds -------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_decoder_exits_are_saved_in_the_classifier_format_with_their_kind(tmp_path):
+    """config.json (model_type "layerexit", kind "causal-lm", heads_only) + model.safetensors, read by AutoConfig;
+    each kind's loader refuses the other's checkpoint and names the right one."""
+    from transformers import AutoConfig
+
+    from layerexit import MultiExitModel
+    from layerexit.config import WEIGHTS_NAME, CausalLMExitConfig, LayerExitConfig, MultiExitConfig
+
+    model = EarlyExitLM(make_lm("llama"), adapter_rank=4, policy=True)
+    model.save_exits(tmp_path / "exits")
+    assert sorted(p.name for p in (tmp_path / "exits").iterdir()) == ["config.json", WEIGHTS_NAME]
+    hf = AutoConfig.from_pretrained(tmp_path / "exits")
+    assert isinstance(hf, LayerExitConfig) and hf.kind == "causal-lm" and hf.heads_only and hf.adapter_rank == 4
+    assert CausalLMExitConfig.from_hf_dict(hf.to_dict()) == model.config
+    with pytest.raises(LayerExitError, match=r"exits of a causal-lm.*EarlyExitLM.with_exits"):
+        MultiExitModel.from_pretrained(tmp_path / "exits")
+    with pytest.raises(LayerExitError, match=r"exits of a causal-lm.*EarlyExitLM.with_exits"):
+        MultiExitConfig.load(tmp_path / "exits")
+    classifier = tmp_path / "classifier"
+    (classifier).mkdir()
+    (classifier / "config.json").write_text(json.dumps({"model_type": "layerexit", "backbone": "b",
+                                                        "backbone_type": "bert", "num_layers": 4}))
+    with pytest.raises(LayerExitError, match=r"exits of a classifier.*MultiExitModel.from_pretrained"):
+        EarlyExitLM.with_exits(make_lm("llama"), classifier)
+
+
+def test_decoder_exits_saved_in_the_earlier_format_still_load():
+    """A folder written by save_exits before the one format (exit_config.json + exits.safetensors)."""
+    expected = json.loads((FIXTURES / "legacy_decoder_exits_expected.json").read_text())
+    model = EarlyExitLM.with_exits(make_lm("llama"), FIXTURES / "legacy_decoder_exits")
+    assert (model.config.backbone, model.config.adapter_rank, model.config.policy) == ("tiny-llama", 4, True)
+    assert model.config.training["exits"]["objective"] == "distill"
+    ids = torch.tensor(expected["input_ids"])
+    with torch.no_grad():
+        hidden = model.all_hidden(ids)[expected["layer"] - 1]
+        logits = model.exit_logits(expected["layer"], hidden)[0, :, :5]
+        prob = model.exit_prob(expected["layer"], hidden)[0]
+    torch.testing.assert_close(logits, torch.tensor(expected["logits_first5"], dtype=logits.dtype))
+    torch.testing.assert_close(prob, torch.tensor(expected["policy"], dtype=prob.dtype))
+    assert not torch.allclose(logits, EarlyExitLM(make_lm("llama")).exit_logits(2, hidden)[0, :, :5])  # not identity
+
+
+def test_policy_features_are_each_exits_cross_entropy_and_normed_state():
+    """collect_features (on the teacher-forced cache, in batches) equals a direct computation per exit."""
+    model = EarlyExitLM(make_lm("llama", scale=4.0), adapter_rank=4)
+    blocks = torch.randint(3, 97, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hidden = model.all_hidden(blocks[:, :-1])  # (L, 3, 8, H)
+        full = model.exit_logits(4, hidden[-1]).argmax(-1).flatten()
+        for target, goal in (("full", full), ("data", blocks[:, 1:].flatten())):
+            features = collect_features(model, blocks, layers=[2], target=target, batch_size=2)
+            assert features.layers == [2, 4] and features.info == {"target": target, "tokens": 24}
+            for c, layer in enumerate(features.layers):
+                logits = model.exit_logits(layer, hidden[layer - 1]).flatten(0, 1).float()
+                ce = torch.nn.functional.cross_entropy(logits, goal, reduction="none")
+                torch.testing.assert_close(features.ce[c], ce)
+                torch.testing.assert_close(features.normed[c], model.adapter.final_norm(hidden[layer - 1]).flatten(0, 1))

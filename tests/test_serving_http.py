@@ -281,3 +281,8 @@ def test_sigterm_answers_every_accepted_request_then_exits(checkpoint):
 def test_serve_refuses_bad_options_with_a_clear_error(checkpoint, capsys, argv, words):
     assert main(["serve", "--model", str(checkpoint), *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_server_process_that_cannot_start_raises_with_its_output(tmp_path):
+    with pytest.raises(RuntimeError, match=r"server exited with 2: .*missing"):
+        Server("--model", str(tmp_path / "missing"))

@@ -1,12 +1,14 @@
 """The names of every extension point, importable without torch.
 
 The command line needs these names for ``choices=``, its help and ``layerexit list`` in well under a second,
-while the registries themselves live in modules that import torch (a rule class is registered where it is
-defined). This module is the light index: plain names with their one-line descriptions. The plain tuples
-below are the library's own (the modules that use them import them from here); the registry tables mirror
-registries filled by decorators, and ``tests/test_cli_fast.py`` checks every table against its live registry,
-so a rule, backbone or objective added without its entry here fails the test suite (the same idea as
-transformers' lazy ``_import_structure`` tables, which its ``check_inits`` script keeps in step).
+while the parts themselves live in modules that import torch. This module is the one place where each name's
+one-line description is written: the registries of rules, token rules, backbones and decoders are built on
+these tables (``Registry(kind, index)``), so a part registers by name alone and a name missing here is refused
+at import; the packaged corpora and decoders take their descriptions from here too, and the plain tuples
+below are imported by the library. ``tests/test_cli_fast.py`` checks that every table names exactly the
+registered parts (the registries of execution backends and training objectives still state their
+descriptions at registration, checked against these), in the spirit of transformers' lazy
+``_import_structure`` tables.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ FEATURES = {
     "mean": "the mean of the layer's hidden states over real (non-padding) tokens",
 }
 
-# ------------------------------------------------- mirrors of registries and tables in torch-importing modules
+# ------------------------------------------------- the names and descriptions of the registries (read by them)
 
 #: ``rules.RULES``
 RULES = {

@@ -1,6 +1,9 @@
-"""The configuration of a multi-exit model, and its Hugging Face form (``config.json``, ``model_type`` "layerexit").
+"""What layerexit adds to a backbone, encoder or decoder, and its one saved form (``config.json``, ``model_type``
+"layerexit", with a ``kind``).
 
-:class:`MultiExitConfig` is what the code reads (``model.config``). On disk a checkpoint holds it as a
+:class:`MultiExitConfig` (kind ``classifier``: exits of a sequence classifier) and :class:`CausalLMExitConfig`
+(kind ``causal-lm``: exits of a decoder LM) are what the code reads (``model.config``); both derive
+:class:`BackboneExits`, which names the backbone the exits were trained on. On disk a checkpoint holds it as a
 Hugging Face ``config.json`` (:class:`LayerExitConfig`, registered with ``AutoConfig`` on ``import layerexit``)
 that also embeds the backbone's own configuration, so ``AutoConfig.from_pretrained(ckpt)`` and
 ``AutoModel.from_pretrained(ckpt)`` work and the checkpoint needs no ``backbone/`` folder. Checkpoints written
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PretrainedConfig
 
@@ -24,11 +27,35 @@ HF_CONFIG_NAME = "config.json"
 CONFIG_NAME = "layerexit_config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "layerexit"
+#: what a checkpoint's exits sit on: a sequence classifier's encoder or a causal LM
+KINDS = ("classifier", "causal-lm")
 
 
 @dataclass
-class MultiExitConfig:
-    """What layerexit adds to a backbone, and which backbone it was trained on.
+class BackboneExits:
+    """The backbone a set of exits was trained on (shared by every kind). ``model_type`` is the backbone's."""
+
+    backbone: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    #: the kind of backbone these exits sit on (one of ``KINDS``), saved as config.json's ``kind``
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def check_kind(cls, data: dict[str, Any], where: str) -> None:
+        """Refuse a saved configuration of another kind, naming the class that loads it."""
+        kind = data.get("kind", "classifier")  # written before kinds existed: a classifier's
+        if kind != cls.kind:
+            loader = {"classifier": "MultiExitModel.from_pretrained(folder)",
+                      "causal-lm": "EarlyExitLM.with_exits(lm, folder)"}.get(kind, "a newer layerexit")
+            raise LayerExitError(f"{where} holds the exits of a {kind} (kind={kind!r}), not of a {cls.kind}; "
+                                 f"load it with {loader}")
+
+
+@dataclass
+class MultiExitConfig(BackboneExits):
+    """What layerexit adds to a classifier's encoder, and which backbone it was trained on.
 
     ``backbone_fingerprint`` (model type, layers, hidden size, vocabulary size) lets a heads-only checkpoint
     refuse a backbone it was not trained on. ``model_type`` is the backbone's (e.g. "bert").
@@ -53,6 +80,7 @@ class MultiExitConfig:
     #: the alpha an alpha-conditioned policy uses when the rule gives none
     policy_alpha: float = 1.0
     layerexit_version: str = ""
+    kind: ClassVar[str] = "classifier"
 
     def save(self, directory: str | Path) -> None:
         """Write the legacy ``layerexit_config.json`` (kept for tools that read it; checkpoints use config.json)."""
@@ -91,10 +119,12 @@ class MultiExitConfig:
         labels = data.pop("label_names") or [str(i) for i in range(self.num_labels)]
         data["id2label"] = {str(i): name for i, name in enumerate(labels)}
         data["label2id"] = {name: i for i, name in enumerate(labels)}
+        data["kind"] = self.kind
         return data
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any]) -> "MultiExitConfig":
+        cls.check_kind(data, "config.json")
         id2label = {int(k): v for k, v in (data.get("id2label") or {}).items()}
         labels = [id2label[i] for i in sorted(id2label)]
         try:
@@ -114,13 +144,75 @@ class MultiExitConfig:
                                  "malformed; write the checkpoint again with save_pretrained") from None
 
 
+@dataclass
+class CausalLMExitConfig(BackboneExits):
+    """What layerexit adds to a causal LM (:class:`~layerexit.generation.EarlyExitLM`): per-exit adapters and the
+    token policy. The backbone itself is never saved (it is reloaded by name), so its checkpoints are always
+    ``heads_only``. ``training`` records how the exits were trained."""
+
+    adapter_rank: int = 0
+    policy: bool = False
+    adapter_kind: str = "lowrank"
+    training: dict = field(default_factory=dict)
+    layerexit_version: str = ""
+    kind: ClassVar[str] = "causal-lm"
+    #: the files of exits saved before the one format (still read)
+    LEGACY_CONFIG: ClassVar[str] = "exit_config.json"
+    LEGACY_WEIGHTS: ClassVar[str] = "exits.safetensors"
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json's fields (the same ``model_type``, ``kind`` and names as a classifier's)."""
+        data = asdict(self)
+        data["backbone_type"] = data.pop("model_type")
+        return {"model_type": MODEL_TYPE, "kind": self.kind, **data, "heads_only": True}
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any]) -> "CausalLMExitConfig":
+        cls.check_kind(data, "config.json")
+        try:
+            return cls(backbone=str(data["backbone"]), model_type=str(data["backbone_type"]),
+                       num_layers=int(data["num_layers"]), hidden_size=int(data["hidden_size"]),
+                       adapter_rank=int(data.get("adapter_rank", 0)), policy=bool(data.get("policy", False)),
+                       adapter_kind=str(data.get("adapter_kind", "lowrank")), training=dict(data.get("training") or {}),
+                       layerexit_version=str(data.get("layerexit_version", "")))
+        except (KeyError, TypeError, ValueError) as err:
+            raise LayerExitError(f"config.json is invalid for a layerexit causal-lm checkpoint: field {err} is missing "
+                                 "or malformed; save the exits again with save_exits") from None
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``config.json``."""
+        Path(directory, HF_CONFIG_NAME).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> tuple["CausalLMExitConfig", Path]:
+        """(the configuration, the weights file) of saved exits: ``config.json`` + ``model.safetensors``, or the
+        earlier ``exit_config.json`` + ``exits.safetensors``."""
+        directory = Path(directory)
+        if (directory / HF_CONFIG_NAME).is_file():
+            data = read_json(directory / HF_CONFIG_NAME, "exits")
+            if data.get("model_type") == MODEL_TYPE:
+                return cls.from_hf_dict(data), directory / WEIGHTS_NAME
+        path = directory / cls.LEGACY_CONFIG
+        if not path.is_file():
+            raise bad_value("exits", str(directory), f"no layerexit {HF_CONFIG_NAME} (or {cls.LEGACY_CONFIG}) there; "
+                            "give a folder written by save_exits or `layerexit generate --train-exits`")
+        data = read_json(path, "exits")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known}), directory / cls.LEGACY_WEIGHTS
+        except TypeError as err:
+            raise LayerExitError(f"exits={str(directory)!r} is invalid: {path.name} lacks fields ({err}); "
+                                 "save the exits again with save_exits") from None
+
+
 class LayerExitConfig(PretrainedConfig):
     """The ``config.json`` of a layerexit checkpoint, as a Hugging Face configuration (``model_type`` "layerexit").
 
     Holds the :class:`MultiExitConfig` fields (``backbone_type`` and ``max_seq_length`` renamed to stay clear of
     transformers' own ``model_type`` and generation ``max_length``), the backbone's configuration as a dict
     (``backbone_config``), whether the checkpoint holds only the exits (``heads_only``) and an optional default
-    exit rule (``exit_rule``: ``{"name": ..., "params": {...}}``, used by :func:`layerexit.pipeline`).
+    exit rule (``exit_rule``: ``{"name": ..., "params": {...}}``, used by :func:`layerexit.pipeline`). The exits of a
+    causal LM are saved in the same file with ``kind`` "causal-lm" (:class:`CausalLMExitConfig`).
     """
 
     model_type = MODEL_TYPE
@@ -141,6 +233,8 @@ class LayerExitConfig(PretrainedConfig):
     heads_only: bool = False
     backbone_config: dict | None = None
     exit_rule: dict | None = None
+    #: one of ``KINDS``; a causal-lm checkpoint also holds ``adapter_rank``, ``adapter_kind``, ``policy``, ``training``
+    kind: str = "classifier"
 
     def to_multi_exit_config(self) -> MultiExitConfig:
         return MultiExitConfig.from_hf_dict(self.to_dict())

@@ -6,7 +6,7 @@ answered with the list of known ones; `layerexit list` prints every registry.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Mapping, TypeVar
 
 from .errors import bad_value
 
@@ -14,12 +14,28 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """``index``: the names and one-line descriptions of :mod:`layerexit.catalog` (the torch-free index the
+    command line reads). With it, a part registers by name alone and takes its description from there, so
+    each description is written once; a name missing from the index is refused at import."""
+
+    def __init__(self, kind: str, index: Mapping[str, str] | None = None):
         self.kind = kind
+        self.index = index
         self._items: dict[str, T] = {}
         self._descriptions: dict[str, str] = {}
 
-    def register(self, name: str, description: str) -> Callable[[T], T]:
+    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
+        if self.index is not None:
+            if name not in self.index:
+                raise RuntimeError(f"{self.kind} {name!r} is not in layerexit.catalog: add its name and one-line "
+                                   "description there (the command line reads them without importing torch)")
+            if description is not None and description != self.index[name]:
+                raise RuntimeError(f"{self.kind} {name!r}: its description differs from layerexit.catalog's; "
+                                   "state it only there")
+            description = self.index[name]
+        elif description is None:
+            raise RuntimeError(f"{self.kind} {name!r} needs a one-line description")
+
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise RuntimeError(f"{self.kind} {name!r} is registered twice")

@@ -12,23 +12,24 @@ from typing import Any
 
 import torch
 
+from .. import catalog
 from ..registry import Registry
 from .base import EncoderAdapter
 
-ADAPTERS: Registry[type[EncoderAdapter]] = Registry("backbone")
+ADAPTERS: Registry[type[EncoderAdapter]] = Registry("backbone", {n: d for n, (_, d) in catalog.BACKBONES.items()})
 
 
-@ADAPTERS.register("bert", "BERT and models built on it (MiniLM, TinyBERT, ...); pooler exit feature")
+@ADAPTERS.register("bert")
 class BertAdapter(EncoderAdapter):
     model_types = ("bert",)
 
 
-@ADAPTERS.register("roberta", "RoBERTa (and XLM-R with the same layout); pooler exit feature")
+@ADAPTERS.register("roberta")
 class RobertaAdapter(EncoderAdapter):
     model_types = ("roberta", "xlm-roberta")
 
 
-@ADAPTERS.register("albert", "ALBERT: one shared layer group run L times; embedding projection; pooler feature")
+@ADAPTERS.register("albert")
 class AlbertAdapter(EncoderAdapter):
     model_types = ("albert",)
 
@@ -46,7 +47,7 @@ class AlbertAdapter(EncoderAdapter):
         return self.backbone.pooler_activation(self.backbone.pooler(hidden[:, 0]))
 
 
-@ADAPTERS.register("distilbert", "DistilBERT: no token types, no pooler; first-token (cls) exit feature")
+@ADAPTERS.register("distilbert")
 class DistilBertAdapter(EncoderAdapter):
     model_types = ("distilbert",)
     default_feature = "cls"
@@ -64,7 +65,7 @@ class DistilBertAdapter(EncoderAdapter):
         return False
 
 
-@ADAPTERS.register("mpnet", "MPNet: relative position bias shared by all layers; pooler exit feature")
+@ADAPTERS.register("mpnet")
 class MPNetAdapter(EncoderAdapter):
     model_types = ("mpnet",)
     uses_token_type_ids = False

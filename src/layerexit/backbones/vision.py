@@ -19,7 +19,7 @@ from .base import EncoderAdapter, EncoderState
 from .encoders import ADAPTERS
 
 
-@ADAPTERS.register("vit", "ViT: images as patch tokens, no padding; final LayerNorm shared by all exits; cls feature")
+@ADAPTERS.register("vit")
 class ViTAdapter(EncoderAdapter):
     model_types = ("vit",)
     default_feature = "cls"

@@ -37,7 +37,8 @@ Run folder::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,8 @@ from ..evaluation.simulate import simulate
 from ..io import write_json_atomic
 from ..model import MultiExitModel
 from ..rules.policy import PolicyRule
-from ..training.objectives import Stage
+from ..training.objectives import Stage, Weighted
+from ..training.objectives import weighted_exit_loss as objective_loss
 from ..training import runfolder
 from ..training.distributed import EncodedShard, average_gradients, gather_rows, shard_rows
 from ..training.run import train_classifier
@@ -180,11 +182,10 @@ def stage3(memorized: torch.Tensor, config: ConsistentEEConfig, num_layers: int)
 
 
 def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """PABEE's weighted average of the exits' losses, sum_l l * CE_l / sum_l l, for logits (L, B, C)."""
-    num_layers, batch, num_classes = logits.shape
-    ce = F.cross_entropy(logits.reshape(-1, num_classes), labels.repeat(num_layers), reduction="none")
-    weights = torch.arange(1, num_layers + 1, device=logits.device, dtype=ce.dtype)  # (L,)
-    return (ce.view(num_layers, batch).mean(dim=1) * weights).sum() / weights.sum()
+    """PABEE's weighted average of the exits' losses, sum_l l * CE_l / sum_l l, for logits (L, B, C) (the
+    training loop's ``weighted`` objective)."""
+    weights = torch.tensor(Weighted().stages(logits.shape[0])[0].layer_weights, device=logits.device)  # (L,)
+    return objective_loss(logits, labels, weights)[0]
 
 
 @torch.no_grad()
@@ -218,6 +219,10 @@ def shared_stage1(model, train_set, cache_dir, stage1: Path) -> tuple[torch.Tens
     torch.save({"key": key, "memorized": memorized, "features": features}, tmp)
     tmp.replace(path)  # atomic
     return memorized, features
+
+
+def _shared_features(model, train_set, cache_dir, stage1) -> torch.Tensor:
+    return shared_stage1(model, train_set, cache_dir, stage1)[1]
 
 
 def _unwrap(model):
@@ -274,92 +279,136 @@ def train_consistentee(
 
 def _train_consistentee(backbone, train_data, eval_data, output_dir, config, train_config, exit_feature, max_length,
                         stage1_dir, accelerator, cache_dir=None):
-    history_path = output_dir / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    logged = {(h["round"], h["stage"], h["epoch"]) for h in history if "round" in h}
-
-    def log(records: list[dict], round_index: int) -> None:
-        for record in records:
-            record["round"] = round_index
-            if (round_index, record["stage"], record["epoch"]) not in logged:
-                history.append(record)
-        if accelerator.is_main_process:
-            write_json_atomic(history_path, history)
-
-    # stage 1 (joint, weighted) -----------------------------------------------------------------------
+    history = _History(output_dir / "history.json", accelerator)
     stage1 = Path(stage1_dir) if stage1_dir else output_dir / "stage1"
-    picked = stage1 / ("best" if eval_data is not None else "final")
-    if picked.is_dir() and (stage1 / "final").is_dir():
-        model, tokenizer = MultiExitModel.from_pretrained(picked), AutoTokenizer.from_pretrained(picked)
-    else:
-        model, tokenizer, progress = train_classifier(backbone, train_data, eval_data, stage1, "weighted",
-                                                      exit_feature=exit_feature, max_length=max_length,
-                                                      config=train_config)
-        log([{**h, "stage": "stage1"} for h in progress.history], 0)
+    model, tokenizer = _run_stage1(backbone, train_data, eval_data, stage1, train_config, exit_feature, max_length,
+                                   history)
     if eval_data is not None:
         check_labels(eval_data, model.config.num_labels, model.config.label_names)
     train_set = Encoded(train_data, tokenizer, model.config.max_length)
-    eval_set = Encoded(eval_data, tokenizer, model.config.max_length) if eval_data is not None else None
+    run = _Run(output_dir, config, train_config, accelerator, tokenizer, train_set,
+               Encoded(eval_data, tokenizer, model.config.max_length) if eval_data is not None else None,
+               torch.tensor(train_set.labels), shard_rows(len(train_set), accelerator), history)
     seed_everything(train_config.seed)
     if model.policies is None:
         model.add_policies(config.policy_hidden, config.inputs, config.alpha_bounds, config.alpha)
-
-    # memorized layers --------------------------------------------------------------------------------
-    memorized_path = output_dir / "memorized.pt"
-    saved = load_tensors(memorized_path) if memorized_path.is_file() else None
-    first_features = None  # round 1's exit features, from the same pass as the memorized layers
-    shared = cache_dir is not None and accelerator.num_processes == 1
-    if saved is not None and saved["num_examples"] == len(train_set):
-        memorized = saved["memorized"]
-    elif shared:
-        memorized, first_features = shared_stage1(model, train_set, cache_dir, stage1)
-    else:
-        memorized = compute_memorized(model, train_set, accelerator=accelerator)
-    if saved is None or saved["num_examples"] != len(train_set):
-        if accelerator.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"memorized": memorized, "num_examples": len(train_set)}, memorized_path)
-        accelerator.wait_for_everyone()
-    labels = torch.tensor(train_set.labels)
-    rows = shard_rows(len(train_set), accelerator)  # this process's share of the feature cache and stage 2
-
-    # alternating stages 2 and 3 -----------------------------------------------------------------------
-    for round_index in range(1, config.rounds + 1):
-        round_dir = output_dir / f"round{round_index}"
-        if (round_dir / "stage2" / "layerexit_config.json").is_file():
-            model = MultiExitModel.from_pretrained(round_dir / "stage2")
-        else:
-            if round_index == 1 and shared and first_features is None:
-                first_features = shared_stage1(model, train_set, cache_dir, stage1)[1]
-            first = round_index == 1 and first_features is not None
-            features = first_features if first else cached_features(model, train_set, rows=rows)
-            records = run_stage2(model, features, labels[rows], memorized[rows], config,
-                                 train_config.seed + round_index, accelerator)
-            records[-1].update(policy_summary(model, eval_set))
-            if accelerator.is_main_process:
-                model.save_pretrained(round_dir / "stage2", tokenizer=tokenizer)
-            log(records, round_index)
-            accelerator.wait_for_everyone()
-        if config.stage3_epochs == 0:
-            continue
-        stage3_dir = round_dir / "stage3"
-        if (stage3_dir / "final" / "layerexit_config.json").is_file():
-            model = MultiExitModel.from_pretrained(stage3_dir / "final")
-            continue
-        stage3_config = TrainConfig(**{**asdict(train_config), "epochs": config.stage3_epochs,
-                                       "batch_size": config.stage3_batch_size,
-                                       "learning_rate": config.stage3_learning_rate})
-        objective = _FixedStages([stage3(memorized, config, model.config.num_layers)])
-        progress = train(model, tokenizer, train_set, None, objective, stage3_config, stage3_dir)
-        records = [dict(h) for h in progress.history]
-        records[-1].update(policy_summary(model, eval_set))
-        log(records, round_index)
-
+    shared = cache_dir is not None and accelerator.num_processes == 1  # the stage-1 pass kept in cache_dir
+    run.memorized, first_features = _memorized_layers(model, run, stage1, cache_dir if shared else None)
+    for round_index in range(1, config.rounds + 1):  # alternating stages 2 and 3
+        if round_index == 1 and shared and first_features is None:
+            first_features = partial(_shared_features, model, train_set, cache_dir, stage1)  # only if stage 2 runs
+        model = _run_stage2(model, run, round_index, first_features if round_index == 1 else None)
+        if config.stage3_epochs:
+            model = _run_stage3(model, run, round_index)
     if accelerator.is_main_process:
         model.save_pretrained(output_dir / "final", tokenizer=tokenizer)
         (output_dir / "final" / "consistentee.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     accelerator.wait_for_everyone()
     return model, tokenizer
+
+
+class _History:
+    """The run's history.json: one record per stage epoch, written by the main process; a resumed run does not
+    repeat the records it already holds."""
+
+    def __init__(self, path: Path, accelerator):
+        self.path, self.accelerator = path, accelerator
+        self.records = json.loads(path.read_text()) if path.is_file() else []
+        self.logged = {(h["round"], h["stage"], h["epoch"]) for h in self.records if "round" in h}
+
+    def log(self, records: list[dict], round_index: int) -> None:
+        for record in records:
+            record["round"] = round_index
+            if (round_index, record["stage"], record["epoch"]) not in self.logged:
+                self.records.append(record)
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.path, self.records)
+
+
+@dataclass
+class _Run:
+    """What every stage after the first reads: the run's folder and options, the encoded data, this process's
+    rows of the training set and the history; ``memorized`` once computed."""
+
+    output_dir: Path
+    config: ConsistentEEConfig
+    train_config: TrainConfig
+    accelerator: object
+    tokenizer: object
+    train_set: Encoded
+    eval_set: Encoded | None
+    labels: torch.Tensor
+    rows: list[int]
+    history: _History
+    memorized: torch.Tensor | None = None
+
+
+def _run_stage1(backbone, train_data, eval_data, stage1: Path, train_config, exit_feature, max_length,
+                history: _History):
+    """Stage 1 (joint, weighted), or the finished one in ``stage1``: (model, tokenizer)."""
+    picked = stage1 / ("best" if eval_data is not None else "final")
+    if picked.is_dir() and (stage1 / "final").is_dir():
+        return MultiExitModel.from_pretrained(picked), AutoTokenizer.from_pretrained(picked)
+    model, tokenizer, progress = train_classifier(backbone, train_data, eval_data, stage1, "weighted",
+                                                  exit_feature=exit_feature, max_length=max_length,
+                                                  config=train_config)
+    history.log([{**h, "stage": "stage1"} for h in progress.history], 0)
+    return model, tokenizer
+
+
+def _memorized_layers(model, run: _Run, stage1: Path, cache_dir) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N,) memorized layers (saved in memorized.pt, reused by a resumed run), and round 1's exit features when
+    they come from the same pass (``cache_dir``: one process keeping the stage-1 pass there)."""
+    path = run.output_dir / "memorized.pt"
+    saved = load_tensors(path) if path.is_file() else None
+    if saved is not None and saved["num_examples"] == len(run.train_set):
+        return saved["memorized"], None
+    features = None
+    if cache_dir is not None:
+        memorized, features = shared_stage1(model, run.train_set, cache_dir, stage1)
+    else:
+        memorized = compute_memorized(model, run.train_set, accelerator=run.accelerator)
+    if run.accelerator.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"memorized": memorized, "num_examples": len(run.train_set)}, path)
+    run.accelerator.wait_for_everyone()
+    return memorized, features
+
+
+def _run_stage2(model, run: _Run, round_index: int, first_features=None):
+    """Stage 2 of a round (policies on the frozen model's cached features), or its saved result.
+    ``first_features``: round 1's features already computed (a tensor, or a function that computes them)."""
+    folder = run.output_dir / f"round{round_index}" / "stage2"
+    if (folder / "layerexit_config.json").is_file():
+        return MultiExitModel.from_pretrained(folder)
+    if callable(first_features):
+        first_features = first_features()
+    features = first_features if first_features is not None else cached_features(model, run.train_set, rows=run.rows)
+    records = run_stage2(model, features, run.labels[run.rows], run.memorized[run.rows], run.config,
+                         run.train_config.seed + round_index, run.accelerator)
+    records[-1].update(policy_summary(model, run.eval_set))
+    if run.accelerator.is_main_process:
+        model.save_pretrained(folder, tokenizer=run.tokenizer)
+    run.history.log(records, round_index)
+    run.accelerator.wait_for_everyone()
+    return model
+
+
+def _run_stage3(model, run: _Run, round_index: int):
+    """Stage 3 of a round (everything, through the training loop), or its saved result."""
+    folder = run.output_dir / f"round{round_index}" / "stage3"
+    if (folder / "final" / "layerexit_config.json").is_file():
+        return MultiExitModel.from_pretrained(folder / "final")
+    config = run.config
+    stage3_config = TrainConfig(**{**asdict(run.train_config), "epochs": config.stage3_epochs,
+                                   "batch_size": config.stage3_batch_size,
+                                   "learning_rate": config.stage3_learning_rate})
+    objective = _FixedStages([stage3(run.memorized, config, model.config.num_layers)])
+    progress = train(model, run.tokenizer, run.train_set, None, objective, stage3_config, folder)
+    records = [dict(h) for h in progress.history]
+    records[-1].update(policy_summary(model, run.eval_set))
+    run.history.log(records, round_index)
+    return model
 
 
 class _FixedStages:

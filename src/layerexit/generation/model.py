@@ -7,35 +7,17 @@ itself. Only what we add (adapters, policy) is saved; the backbone is reloaded b
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import CausalLMExitConfig, WEIGHTS_NAME
 from ..errors import LayerExitError, bad_value
 from ..io import atomic_directory
 from .adapters import DecoderAdapter, decoder_adapter_for
 from .heads import LinearExit, LowRankAdapter, TokenPolicy
-
-CONFIG_FILE = "exit_config.json"
-WEIGHTS_FILE = "exits.safetensors"
-
-
-@dataclass
-class ExitConfig:
-    """What a saved set of exits needs to be rebuilt on its backbone."""
-
-    backbone: str
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    adapter_rank: int = 0
-    policy: bool = False
-    adapter_kind: str = "lowrank"
-    training: dict = field(default_factory=dict)
 
 
 class EarlyExitLM(nn.Module):
@@ -60,7 +42,7 @@ class EarlyExitLM(nn.Module):
         self.lora_merged = False  # set by merge_lora: the backbone's weights then include the LoRA updates
         dtype = next(lm.parameters()).dtype
         self.to(dtype)
-        self.config = ExitConfig(backbone=str(name or getattr(lm.config, "_name_or_path", "") or ""),
+        self.config = CausalLMExitConfig(backbone=str(name or getattr(lm.config, "_name_or_path", "") or ""),
                                  model_type=lm.config.model_type, num_layers=L, hidden_size=H,
                                  adapter_rank=int(adapter_rank), policy=bool(policy), adapter_kind=adapter_kind)
 
@@ -125,25 +107,23 @@ class EarlyExitLM(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------------
     def save_exits(self, directory: str | Path) -> None:
-        """Write the exit config and the added weights only (atomic)."""
+        """Write what we add (exits, policy, LoRA) atomically, in layerexit's one checkpoint format: ``config.json``
+        (kind "causal-lm") and ``model.safetensors``; the backbone is reloaded by name."""
         if self.lora_merged:
             raise bad_value("exits", str(directory), "LoRA was merged into the backbone (merge_lora), so it can no "
                             "longer be saved apart from it; save the exits before calling merge_lora()")
         with atomic_directory(directory) as tmp:
-            (Path(tmp) / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+            self.config.save(tmp)
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
                        if not k.startswith("lm.") or "lora_" in k}  # what we add: exits, policy, LoRA
-            save_file(tensors, str(Path(tmp) / WEIGHTS_FILE), metadata={"format": "pt"})
+            save_file(tensors, str(Path(tmp) / WEIGHTS_NAME), metadata={"format": "pt", "heads_only": "True"})
 
     @classmethod
     def with_exits(cls, lm: nn.Module, directory: str | Path, name: str | None = None) -> "EarlyExitLM":
-        """Attach exits saved by :meth:`save_exits` to ``lm``, checking they were trained on its shape."""
+        """Attach exits saved by :meth:`save_exits` (or in the earlier ``exit_config.json`` format) to ``lm``,
+        checking they were trained on its shape."""
         directory = Path(directory)
-        path = directory / CONFIG_FILE
-        if not path.is_file():
-            raise bad_value("exits", str(directory), f"no {CONFIG_FILE} there; give a folder written by save_exits "
-                            "or `layerexit generate --train-exits`")
-        config = ExitConfig(**json.loads(path.read_text()))
+        config, weights = CausalLMExitConfig.load(directory)
         L = len(decoder_adapter_for(lm).layers)
         if (config.model_type, config.num_layers, config.hidden_size) != (lm.config.model_type, L, lm.config.hidden_size):
             raise bad_value("exits", str(directory), f"they were trained on {config.model_type} with {config.num_layers} "
@@ -155,7 +135,7 @@ class EarlyExitLM(nn.Module):
             from .train import add_lora
 
             add_lora(model, config.training["lora_rank"])
-        tensors = load_file(str(directory / WEIGHTS_FILE))
+        tensors = load_file(str(weights))
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         missing = [k for k in missing if not k.startswith("lm.") or "lora_" in k]
         if missing or unexpected:

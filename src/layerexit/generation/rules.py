@@ -24,12 +24,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .. import catalog
 from ..errors import bad_value
 from ..registry import Registry
 from ..rules import ExitRule, Full, Margin, MaxProb, PolicyRule, Static
 
 #: builders of the rules a generated token can use: ``(threshold or None, min_layer) -> ExitRule``
-TOKEN_RULES: Registry[Callable[[float | None, int], ExitRule]] = Registry("token rule")
+TOKEN_RULES: Registry[Callable[[float | None, int], ExitRule]] = Registry("token rule", catalog.TOKEN_RULES)
 
 
 class Saturation(ExitRule):
@@ -57,16 +58,12 @@ def _with_threshold(cls: type[ExitRule]) -> Callable[[float | None, int], ExitRu
     return lambda threshold, min_layer: cls() if threshold is None else cls(threshold)
 
 
-TOKEN_RULES.register("never", "never exit: the full model (reference path)")(lambda threshold, min_layer: Full())
-TOKEN_RULES.register("static", "always exit at min_layer (a truncated model)")(
-    lambda threshold, min_layer: Static(min_layer))
-TOKEN_RULES.register("maxprob", "exit when max softmax probability >= threshold (EE-LLM)")(_with_threshold(MaxProb))
-TOKEN_RULES.register("margin", "exit when top-1 minus top-2 probability >= threshold (CALM softmax response)")(
-    _with_threshold(Margin))
-TOKEN_RULES.register("saturation", "exit when cos(h_{l-1}, h_l) >= threshold (CALM hidden-state saturation)")(
-    _with_threshold(Saturation))
-TOKEN_RULES.register("policy", "ConsistentEE per-token policy: exit when pi_l(h) > threshold (default 0.5)")(
-    _with_threshold(PolicyRule))
+TOKEN_RULES.register("never")(lambda threshold, min_layer: Full())
+TOKEN_RULES.register("static")(lambda threshold, min_layer: Static(min_layer))
+TOKEN_RULES.register("maxprob")(_with_threshold(MaxProb))
+TOKEN_RULES.register("margin")(_with_threshold(Margin))
+TOKEN_RULES.register("saturation")(_with_threshold(Saturation))
+TOKEN_RULES.register("policy")(_with_threshold(PolicyRule))
 
 
 class TokenRule(ExitRule):
@@ -84,7 +81,8 @@ class TokenRule(ExitRule):
         self.exit_layers = sorted({int(v) for v in exit_layers}) if exit_layers else None
         self.decay = bool(decay)
         self.needs = (*rule.needs, "position")
-        self.reads_logits = getattr(rule, "reads_logits", True)
+        self.reads_logits = rule.reads_logits
+        self.needs_targets = rule.needs_targets
         self.num_layers = None
         self.horizon = 1
         self._candidates: set[int] = set()
@@ -116,7 +114,9 @@ class TokenRule(ExitRule):
         self.horizon = max(1, int(max_new_tokens))
         return self
 
-    def is_candidate(self, layer: int) -> bool:
+    def may_exit_at(self, layer: int) -> bool:
+        """Whether a token may exit after ``layer`` (1-based; from ``min_layer``, in ``exit_layers``, before the
+        last): the decoder asks the rule only there."""
         return layer in self._candidates
 
     def threshold_at(self, t):
@@ -134,7 +134,7 @@ class TokenRule(ExitRule):
         """logits (n, V) of exit ``layer`` (0-based; None when the rule does not read them), ``state`` with
         each row's ``position`` and the rule's signals -> (n,) bool."""
         position = state["position"]  # (n,)
-        if not self.is_candidate(layer + 1):
+        if not self.may_exit_at(layer + 1):
             return torch.zeros(position.shape[0], dtype=torch.bool, device=position.device)
         rule = self.rule
         if self.decay and self.threshold is not None:
@@ -153,16 +153,17 @@ class TokenRule(ExitRule):
 
 
 def token_signals(model, needs: Iterable[str], layer: int, hidden: torch.Tensor, previous: torch.Tensor) -> dict:
-    """The signals a rule declares, for one token after exit ``layer`` (1-based): hidden (H,) after the layer,
-    previous (H,) before it. Each is a (1,) tensor, a row as the encoder side's rules expect."""
+    """The signals a rule declares for tokens after exit ``layer`` (1-based): hidden (n, H) after the layer,
+    previous (n, H) before it -> {name: (n,)}, rows as the encoder side's rules expect. The decoder calls it
+    for one token, the teacher-forced cache for many (the same computation, so the two agree)."""
     signals = {}
     for name in needs:
         if name == "similarity":
-            signals[name] = torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)[None]
+            signals[name] = torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
         elif name == "policy":
-            signals[name] = model.exit_prob(layer, hidden).reshape(1).float()
-        else:
-            raise bad_value("rule needs", name, "a generated token provides 'similarity' and 'policy'")
+            signals[name] = model.exit_prob(layer, hidden).float()
+        elif name != "position":
+            raise bad_value("rule needs", name, "a generated token provides 'similarity', 'policy' and 'position'")
     return signals
 
 

@@ -30,9 +30,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import catalog
+from ..consistentee.rollout import choose_actions, path_log_prob, reward
+from ..consistentee.rollout import exit_layers as rollout_exits
 from ..errors import bad_value
+from .teacher_forced import exit_layers, token_batches
 
-OBJECTIVES = ("distill", "weighted")
+OBJECTIVES = catalog.GENERATION_OBJECTIVES  # exit-training objectives: "distill", "weighted"
 
 
 @dataclass
@@ -46,15 +50,6 @@ class ExitTrainConfig:
     lora_rank: int = 0
     lora_lr: float = 1e-4
     seed: int = 0
-
-
-def _check_layers(model, layers) -> list[int]:
-    L = model.num_layers
-    layers = sorted({int(v) for v in layers}) if layers else list(range(1, L))
-    bad = [v for v in layers if not 1 <= v <= L]
-    if bad:
-        raise bad_value("layers", bad, f"exit layers are 1..{L}")
-    return layers
 
 
 def add_lora(model, rank: int, alpha: int | None = None) -> None:
@@ -99,7 +94,7 @@ def train_exits(model, blocks: torch.Tensor, config: ExitTrainConfig = ExitTrain
     if model.exit_adapters is None and config.lora_rank == 0:
         raise bad_value("adapter_rank", 0, "with the shared head alone there is nothing to train on a frozen "
                         "backbone; build EarlyExitLM(lm, adapter_rank=16) or give lora_rank > 0")
-    layers = _check_layers(model, config.layers)
+    layers = exit_layers(model, config.layers)[:-1]
     L = model.num_layers
     torch.manual_seed(config.seed)
     if config.lora_rank:
@@ -158,61 +153,40 @@ def train_exits(model, blocks: torch.Tensor, config: ExitTrainConfig = ExitTrain
     return {"history": history, "layers": layers}
 
 
-# --- per-layer features for the policy and for simulation ------------------------------------------------
+# --- per-layer features the policy trains on ---------------------------------------------------------------
 @dataclass
 class TokenFeatures:
-    """Teacher-forced per-exit statistics of N tokens at C candidate exits (the last one is layer L).
+    """Teacher-forced per-exit features of N tokens at C candidate exits (the last one is layer L).
 
-    layers: C exit layers (1-based); normed: (C, N, H) final-normed features; agree: (C, N) bool, exit's
-    argmax equals the last layer's; ce: (C, N) cross-entropy against ``target``; maxprob, margin: (C, N);
-    cosine: (C, N) cos(h_{l-1}, h_l).
+    layers: C exit layers (1-based); normed: (C, N, H) final-normed hidden states (the policy's input);
+    ce: (C, N) each exit's cross-entropy against ``info["target"]``.
     """
 
     layers: list[int]
     normed: torch.Tensor
-    agree: torch.Tensor
     ce: torch.Tensor
-    maxprob: torch.Tensor
-    margin: torch.Tensor
-    cosine: torch.Tensor
     info: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
 def collect_features(model, blocks: torch.Tensor, layers: list[int] | None = None, target: str = "full",
                      batch_size: int = 4) -> TokenFeatures:
-    """Run the frozen model over (N, T) blocks once and keep what rules and the policy need per token."""
+    """Run the frozen model over (N, T) blocks once (:func:`~layerexit.generation.teacher_forced.token_batches`)
+    and keep what the policy trains on per token: the next token is the full model's greedy one
+    (``target="full"``) or the text's (``"data"``)."""
     if target not in ("full", "data"):
         raise bad_value("target", target, "choose 'full' (the full model's greedy token) or 'data' (the text)")
-    L = model.num_layers
-    layers = [l for l in _check_layers(model, layers) if l < L] + [L]
-    parts: dict[str, list] = {k: [] for k in ("normed", "agree", "ce", "maxprob", "margin", "cosine")}
-    model.eval()
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start:start + batch_size]
-        inputs, targets = batch[:, :-1], batch[:, 1:].flatten()  # (B, T-1), (n,)
-        hidden = model.all_hidden(inputs).flatten(1, 2)  # (L, n, H)
-        full = model.exit_logits(L, hidden[-1]).argmax(-1)  # (n,)
-        goal = full if target == "full" else targets
-        rows = {k: [] for k in parts}
-        for layer in layers:
-            h = hidden[layer - 1]
-            normed = model.exit_hidden(layer, h)
-            logits = model.adapter.lm_head(normed).float()  # (n, V)
-            probs = torch.softmax(logits, -1)
-            top = probs.topk(2, dim=-1).values  # (n, 2)
-            prev = hidden[layer - 2] if layer > 1 else h
-            rows["normed"].append(model.adapter.final_norm(h))
-            rows["agree"].append(logits.argmax(-1) == full)
-            rows["ce"].append(nn.functional.cross_entropy(logits, goal, reduction="none"))
-            rows["maxprob"].append(top[:, 0])
-            rows["margin"].append(top[:, 0] - top[:, 1])
-            rows["cosine"].append(nn.functional.cosine_similarity(h.float(), prev.float(), dim=-1))
-        for k in parts:
-            parts[k].append(torch.stack(rows[k]))  # (C, n, ...)
-    cat = {k: torch.cat(v, dim=1) for k, v in parts.items()}
-    return TokenFeatures(layers, cat["normed"], cat["agree"], cat["ce"], cat["maxprob"], cat["margin"],
-                         cat["cosine"], {"target": target, "tokens": int(cat["agree"].shape[1])})
+    inputs, data = blocks[:, :-1], blocks[:, 1:].flatten()  # (B, T-1), (n,)
+    normed, ce, seen = [], [], 0
+    for batch in token_batches(model, inputs, layers=layers, batch_size=batch_size):
+        n = batch.full.shape[0]
+        goal = batch.full if target == "full" else data[seen:seen + n]
+        seen += n
+        normed.append(model.adapter.final_norm(batch.hidden))  # (C, n, H)
+        ce.append(torch.stack([nn.functional.cross_entropy(logits.float(), goal, reduction="none")
+                               for logits in batch.logits]))  # (C, n)
+    return TokenFeatures(exit_layers(model, layers), torch.cat(normed, dim=1), torch.cat(ce, dim=1),
+                         {"target": target, "tokens": seen})
 
 
 @dataclass
@@ -228,31 +202,24 @@ class PolicyTrainConfig:
 
 def policy_loss(probs: torch.Tensor, ce: torch.Tensor, layers: list[int], L: int, alpha: float, copies: int,
                 epsilon: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-    """REINFORCE loss of one batch. probs, ce: (C, n) at candidate exits (last = layer L, always exits)."""
+    """REINFORCE loss of one batch. probs, ce: (C, n) at candidate exits (last = layer L, always exits).
+
+    ConsistentEE's rollout pieces (:mod:`layerexit.consistentee.rollout`) over the candidates: copy 0 never
+    exits, the others act ε-greedily; reward ``−CE − α·e/L`` (no hardness term) with e the candidate's layer,
+    the copies' mean as baseline, and the path's log-probability divided by e (the decoder version)."""
     C, n = probs.shape
     depth = torch.tensor(layers, dtype=probs.dtype, device=probs.device)  # (C,)
-    log_exit = torch.log(probs.clamp_min(1e-6))
-    log_stay = torch.log((1 - probs).clamp_min(1e-6))
-    rewards, logps, exits = [], [], []
-    for k in range(copies):
-        if k == 0:  # the first copy never exits: the reward of going all the way
-            act = torch.zeros(C, n, dtype=torch.bool, device=probs.device)
-        else:
-            explore = torch.rand(C, n, generator=gen) < epsilon
-            coin = torch.rand(C, n, generator=gen) < 0.5
-            act = torch.where(explore, coin, probs.detach() > 0.5)
-        act[-1] = True
-        e = act.float().argmax(dim=0)  # (n,) index of the first exit
-        before = torch.arange(C)[:, None] < e[None, :]  # (C, n)
-        logp = (log_stay * before).sum(0) + torch.where(e < C - 1, log_exit.gather(0, e[None])[0], 0.0)
-        layer = depth[e]  # (n,)
-        logps.append(logp / layer)
-        rewards.append(-ce.gather(0, e[None])[0] - alpha * layer / L)
-        exits.append(layer)
-    R = torch.stack(rewards)  # (K, n)
-    advantage = R - R.mean(0, keepdim=True)
-    loss = -(advantage.detach() * torch.stack(logps)).mean()
-    return loss, {"reward": float(R.mean()), "avg_exit": float(torch.stack(exits)[1:].mean()) if copies > 1 else L}
+    p = probs.T  # (n, C): the rollout functions take the exits last
+    full_depth = torch.zeros(n, C, dtype=torch.bool, device=probs.device)
+    full_depth[:, -1] = True  # the first copy never exits: the reward of going all the way
+    actions = torch.stack([full_depth] + [choose_actions(p.detach(), "eps_greedy", epsilon, gen)
+                                          for _ in range(copies - 1)])  # (K, n, C)
+    chosen = rollout_exits(actions)  # (K, n) 1-based candidate index
+    layer = depth[chosen - 1]  # (K, n)
+    rewards = reward(ce.T.gather(1, (chosen - 1).T).T, layer, None, L, alpha, hardness=False)  # (K, n)
+    advantage = rewards - rewards.mean(0, keepdim=True)
+    loss = -(advantage.detach() * path_log_prob(p, chosen) / layer).mean()
+    return loss, {"reward": float(rewards.mean()), "avg_exit": float(layer[1:].mean()) if copies > 1 else L}
 
 
 def train_policy(model, features: TokenFeatures, config: PolicyTrainConfig = PolicyTrainConfig(),
@@ -299,32 +266,6 @@ def train_policy(model, features: TokenFeatures, config: PolicyTrainConfig = Pol
     return {"history": history}
 
 
-def simulate(features: TokenFeatures, rule: str, threshold: float, L: int) -> dict:
-    """Teacher-forced simulation of a rule over cached features: exit layer and agreement per token
-    (simulated: the KV cache of earlier exits is ignored; no time is measured)."""
-    score = {"maxprob": features.maxprob, "margin": features.margin, "saturation": features.cosine}.get(rule)
-    if score is None:
-        raise bad_value("rule", rule, "simulation supports maxprob, margin, saturation")
-    return _first_exit(score >= threshold, features, threshold)
-
-
-def _first_exit(go: torch.Tensor, features: TokenFeatures, threshold: float) -> dict:
-    """(C, N) "may exit at candidate c" -> average exit layer and agreement with the full model."""
-    go[-1] = True  # the last candidate always answers
-    e = go.float().argmax(0)  # (N,) first candidate that exits
-    layers = torch.tensor(features.layers)[e]
-    agree = features.agree.gather(0, e[None])[0]
-    return {"avg_layers": float(layers.float().mean()), "agreement": float(agree.float().mean()),
-            "threshold": threshold}
-
-
-@torch.no_grad()
-def simulate_policy(model, features: TokenFeatures, threshold: float = 0.5) -> dict:
-    """Teacher-forced simulation of the policy rule over cached features (simulated, no time measured)."""
-    probs = torch.stack([model.policy(l - 1, features.normed[i]) for i, l in enumerate(features.layers)])  # (C, N)
-    return _first_exit(probs >= threshold, features, threshold)
-
-
 @torch.no_grad()
 def fit_shortcuts(model, blocks: torch.Tensor, layers: list[int] | None = None, ridge: float = 1e-3,
                   batch_size: int = 4) -> dict:
@@ -337,7 +278,7 @@ def fit_shortcuts(model, blocks: torch.Tensor, layers: list[int] | None = None, 
         raise bad_value("adapter_kind", model.config.adapter_kind, "fit_shortcuts needs EarlyExitLM(lm, "
                         "adapter_kind='linear')")
     L, H = model.num_layers, model.adapter.hidden_size
-    layers = [l for l in _check_layers(model, layers) if l < L]
+    layers = exit_layers(model, layers)[:-1]
     gram = {l: torch.zeros(H + 1, H + 1, dtype=torch.float64) for l in layers}  # [h, 1]ᵀ[h, 1]
     cross = {l: torch.zeros(H + 1, H, dtype=torch.float64) for l in layers}  # [h, 1]ᵀ h_L
     start = time.perf_counter()

@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import catalog
 from ..errors import NotFittedError
 from ..registry import Registry
 
-RULES: Registry[type["ExitRule"]] = Registry("rule")
+RULES: Registry[type["ExitRule"]] = Registry("rule", catalog.RULES)
 RuleState = dict[str, torch.Tensor]
 
 
@@ -36,6 +37,12 @@ class ExitRule:
     def bind(self, num_layers: int, num_classes: int) -> "ExitRule":
         """Check the parameters against the model's depth and classes (raise if exiting is impossible)."""
         return self
+
+    def may_exit_at(self, layer: int) -> bool:
+        """Whether the rule, once bound, can let a row exit after layer ``layer`` (1-based). Whoever runs the rule
+        may skip asking it elsewhere (the decoder does, and so does the simulator over a cache that holds only
+        such layers); a rule that keeps state across layers must therefore answer True for every layer."""
+        return True
 
     def signal_key(self, name: str) -> str:
         """The key under which the simulator finds the values of the needed signal ``name`` (e.g. the policy's

@@ -23,7 +23,7 @@ from .fitting import CalibratedRule
 from ..catalog import COSTS  # names kept in the torch-free index
 
 
-@RULES.register("maxprob-ts", "max-prob after per-exit temperature scaling fitted on validation data (fit first)")
+@RULES.register("maxprob-ts")
 class TemperatureMaxProb(CalibratedRule, MaxProb):
     """Max-prob on ``softmax(z_l / T_l)`` (temperature scaling, Guo et al., ICML 2017), one ``T_l`` per exit
     fitted by NLL on a validation split. Fitted: ``temperatures_`` (L,) float64. The threshold, its check,
@@ -61,7 +61,7 @@ def cumulative_layer_costs(num_layers: int) -> list[float]:
     return [float(l) for l in range(1, num_layers + 1)]
 
 
-@RULES.register("budget", "max-prob threshold fitted on validation data to meet an average-cost budget (fit first)")
+@RULES.register("budget")
 class Budget(CalibratedRule):
     """One max-prob threshold τ fitted on a validation split so that the average cost meets ``budget``.
 

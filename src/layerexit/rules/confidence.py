@@ -44,7 +44,7 @@ def check_threshold(name: str, value: float, low: float, high: float, why: str) 
     return value
 
 
-@RULES.register("maxprob", "exit when the top softmax probability >= threshold (BranchyNet)")
+@RULES.register("maxprob")
 class MaxProb(ExitRule):
     name = "maxprob"
 
@@ -69,7 +69,7 @@ class MaxProb(ExitRule):
         return [{"threshold": t} for t in quantile_thresholds(max_probability(logits[:-1]), (0.0, 1.0))]
 
 
-@RULES.register("margin", "exit when top-1 minus top-2 probability >= threshold (CALM, FREE)")
+@RULES.register("margin")
 class Margin(ExitRule):
     name = "margin"
 
@@ -95,7 +95,7 @@ class Margin(ExitRule):
         return [{"threshold": t} for t in quantile_thresholds(margin(logits[:-1]), (0.0, 1.0))]
 
 
-@RULES.register("entropy", "exit when the softmax entropy (nats) < threshold (DeeBERT)")
+@RULES.register("entropy")
 class Entropy(ExitRule):
     name = "entropy"
 

@@ -21,7 +21,7 @@ def _check_patience(name: str, patience: int) -> int:
     return int(patience)
 
 
-@RULES.register("patience", "exit when the prediction is unchanged for `patience` layers (PABEE)")
+@RULES.register("patience")
 class Patience(ExitRule):
     name = "patience"
 
@@ -66,10 +66,7 @@ class Patience(ExitRule):
         return [{"patience": t} for t in range(1, num_layers - 1)]
 
 
-@RULES.register(
-    "patience-confidence",
-    "exit when max-prob >= threshold for `patience` consecutive layers (PCEE-BERT)",
-)
+@RULES.register("patience-confidence")
 class PatienceConfidence(ExitRule):
     name = "patience-confidence"
 

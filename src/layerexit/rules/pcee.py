@@ -38,7 +38,7 @@ def check_target(name: str, target: float) -> float:
     return target
 
 
-@RULES.register("pcee", "exit when the validation accuracy of the row's confidence bin >= target (PCEE; fit first)")
+@RULES.register("pcee")
 class PCEE(CalibratedRule):
     """PCEE (Mofakhami et al., 2024, arXiv 2412.19325): exit when the fitted bin accuracy >= ``target``.
 
@@ -113,7 +113,7 @@ class PCEE(CalibratedRule):
         return [{**cls().params, "target": t} for t in TARGET_GRID]
 
 
-@RULES.register("pcee-ws", "PCEE on smoothed bin accuracies (neighbour-weighted or isotonic; fit first)")
+@RULES.register("pcee-ws")
 class PCEEWS(PCEE):
     """PCEE-WS (Mofakhami et al., 2024, arXiv 2412.19325): PCEE with the per-bin accuracies smoothed before
     thresholding (``smoothing`` "neighbour", the default, or "isotonic")."""

@@ -28,7 +28,7 @@ def dial_alphas(signals: dict | None) -> list[float]:
     return sorted(float(k[len(prefix):]) for k in (signals or {}) if k.startswith(prefix))
 
 
-@RULES.register("consistentee", "ConsistentEE: exit where the learned per-layer policy's probability > threshold")
+@RULES.register("consistentee")
 class PolicyRule(ExitRule):
     name = "consistentee"
     curve_name = "consistentee-threshold"  # one model, threshold swept (the alpha curve is "consistentee")

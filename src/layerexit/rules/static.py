@@ -8,7 +8,7 @@ from ..errors import LayerExitError, bad_value
 from .base import RULES, ExitRule
 
 
-@RULES.register("full", "never exit early: the whole model (the reference every speed-up is measured against)")
+@RULES.register("full")
 class Full(ExitRule):
     name = "full"
 
@@ -16,7 +16,7 @@ class Full(ExitRule):
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
 
 
-@RULES.register("static", "always exit at `layer` (1-based): a truncated model, the honest smaller-model baseline")
+@RULES.register("static")
 class Static(ExitRule):
     name = "static"
 
@@ -61,16 +61,13 @@ class _Oracle(ExitRule):
         return logits.argmax(dim=-1) == state["target"]
 
 
-@RULES.register("oracle-gold", "bound: exit at the first layer whose prediction is correct (needs labels)")
+@RULES.register("oracle-gold")
 class GoldOracle(_Oracle):
     name = "oracle-gold"
     target_name = "the gold labels"
 
 
-@RULES.register(
-    "oracle-agreement",
-    "bound: exit at the first layer that agrees with the last layer (the full model's outputs, unchanged)",
-)
+@RULES.register("oracle-agreement")
 class AgreementOracle(_Oracle):
     name = "oracle-agreement"
     target_name = "the full model's predictions"
