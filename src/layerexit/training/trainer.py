@@ -157,7 +157,10 @@ def train(
     run = _Run(accelerator, model, tokenizer, config, output_dir)
     with locked_run(output_dir, accelerator):
         resumable = prepare_run_folder(output_dir, settings, resume, accelerator)
-        seed_everything(config.seed)
+        # dropout: each process its own stream (seed + rank, accelerate's set_seed(device_specific=True)), so
+        # the halves of a global batch get independent masks as in one process; one process keeps ``seed``.
+        # The data order has its own generator (seed only), identical on every process.
+        seed_everything(config.seed + accelerator.process_index)
         progress = _load_progress(run) if resumable else Progress()
         finished = _plan(progress, stages, config, accelerator)
         if accelerator.is_main_process:
