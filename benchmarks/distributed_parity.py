@@ -51,6 +51,8 @@ def main() -> int:
                         "many (--processes processes), or both")
     parser.add_argument("--output", default="runs/distributed_parity")
     parser.add_argument("--results", default="benchmarks/results/distributed_parity.json")
+    parser.add_argument("--append", action="store_true", help="add to the runs already in --results (same recipe) "
+                        "and skip those done, so each run can be started on its own (e.g. one lock hold each)")
     args = parser.parse_args()
 
     import torch
@@ -66,6 +68,11 @@ def main() -> int:
     test = load_data(args.data, "test")
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_at_start": loadavg(),
                "recipe": vars(args), "torch": torch.__version__, "runs": {}}
+    if args.append and Path(args.results).is_file():
+        results = json.loads(Path(args.results).read_text())
+        same = ("data", "model", "limit", "epochs", "global_batch_size", "max_length", "processes")
+        if any(results["recipe"][k] != getattr(args, k) for k in same):
+            parser.error(f"--append: {args.results} holds another recipe ({results['recipe']})")
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
         common = ["train", "--model", args.model, "--data", args.data, "--split", "train", "--eval-split", "none",
@@ -81,6 +88,9 @@ def main() -> int:
         for kind in args.runs.split(","):
             command = commands[kind]
             name = f"{1 if kind == 'one' else args.processes} process{'es' if kind == 'many' else ''}, seed {seed}"
+            if name in results["runs"]:
+                print(f"{name}: already in {args.results}")
+                continue
             started, load_before = time.monotonic(), loadavg()
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             subprocess.run(command, check=True, env=env)

@@ -53,6 +53,7 @@ from ..evaluation.cache import collect_logits, data_digest
 from ..heads import policy_extras
 from ..evaluation.simulate import simulate
 from ..io import write_json_atomic
+from ..preflight import is_checkpoint
 from ..model import MultiExitModel
 from ..rules.policy import PolicyRule
 from ..training.objectives import Stage
@@ -326,7 +327,7 @@ def _train_consistentee(backbone, train_data, eval_data, output_dir, config, tra
     # alternating stages 2 and 3 -----------------------------------------------------------------------
     for round_index in range(1, config.rounds + 1):
         round_dir = output_dir / f"round{round_index}"
-        if (round_dir / "stage2" / "layerexit_config.json").is_file():
+        if is_checkpoint(round_dir / "stage2"):
             model = MultiExitModel.from_pretrained(round_dir / "stage2")
         else:
             if round_index == 1 and shared and first_features is None:
@@ -343,7 +344,7 @@ def _train_consistentee(backbone, train_data, eval_data, output_dir, config, tra
         if config.stage3_epochs == 0:
             continue
         stage3_dir = round_dir / "stage3"
-        if (stage3_dir / "final" / "layerexit_config.json").is_file():
+        if is_checkpoint(stage3_dir / "final"):
             model = MultiExitModel.from_pretrained(stage3_dir / "final")
             continue
         stage3_config = TrainConfig(**{**asdict(train_config), "epochs": config.stage3_epochs,
