@@ -33,8 +33,9 @@ def trained(workspace):
 
 
 def test_train_writes_checkpoints(trained):
-    config = json.loads((trained / "best" / "layerexit_config.json").read_text())
-    assert config["label_names"] == ["negative", "positive"]  # text labels numbered in sorted order
+    config = json.loads((trained / "best" / "config.json").read_text())
+    assert config["model_type"] == "layerexit" and not (trained / "best" / "layerexit_config.json").exists()
+    assert config["id2label"] == {"0": "negative", "1": "positive"}  # text labels numbered in sorted order
     assert config["num_layers"] == 3
     assert (trained / "best" / "tokenizer.json").is_file()
     assert list((trained / "state").glob("step-*/progress.json")) and (trained / "run_config.json").is_file()

@@ -1,5 +1,6 @@
-"""Real two-process data parallel training on the CPU (gloo over loopback): disjoint shards, one writer, and
-a run killed with SIGKILL that resumes to exactly the weights of an uninterrupted one; also for ConsistentEE."""
+"""Real two-process data parallel training on the CPU (gloo over loopback): disjoint shards (training and the
+evaluation each epoch), dropout drawn independently per process, one writer, and a run killed with SIGKILL that
+resumes to exactly the weights of an uninterrupted one; also for ConsistentEE."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from transformers import AutoTokenizer
 
 from layerexit.consistentee.schedule import compute_memorized
 from layerexit.data import Encoded, load_data
+from layerexit.evaluation.cache import collect_logits
+from layerexit.evaluation.simulate import per_layer_accuracy
 from layerexit.model import MultiExitModel
 from tiny_text import write_backbone, write_csv
 
 HERE = Path(__file__).parent
 WORKER = HERE / "distributed_worker.py"
 ROWS = 64  # 2 processes x batch 8 = 16 rows a step: 4 steps an epoch, no padded last batch
+EVAL_ROWS = 21  # odd: the two evaluation shards differ in size
 
 
 def _free_port() -> int:
@@ -77,12 +81,19 @@ def _equal(a: dict, b: dict) -> bool:
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    return {"backbone": str(write_backbone(root / "backbone")), "train": str(write_csv(root / "train.csv", ROWS))}
+    return {"backbone": str(write_backbone(root / "backbone")), "train": str(write_csv(root / "train.csv", ROWS)),
+            "eval": str(write_csv(root / "eval.csv", EVAL_ROWS, seed=7))}
 
 
 def _run(task, tmp, mode, name, kill_at=0):
+    evaluation = [task["eval"]] if mode == "joint" else []
     return _launch([mode, task["backbone"], task["train"], str(tmp / name), str(tmp / f"{name}.log"),
-                    str(kill_at)], tmp)
+                    str(kill_at), *evaluation], tmp)
+
+
+def _entries(log: Path, rank: int, kind: str) -> list[dict]:
+    lines = Path(f"{log}.rank{rank}").read_text().splitlines()
+    return [entry for entry in map(json.loads, lines) if entry["kind"] == kind]
 
 
 def test_two_processes_train_disjoint_shards_and_resume_exactly_after_a_kill(task, tmp_path):
@@ -91,8 +102,25 @@ def test_two_processes_train_disjoint_shards_and_resume_exactly_after_a_kill(tas
         seen = [sum(_rows(tmp_path / "ref.log", rank, "batch")[epoch * 4 : epoch * 4 + 4], []) for rank in (0, 1)]
         assert len(seen[0]) == len(seen[1]) == ROWS // 2
         assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(ROWS))
+    # dropout: each process draws its own masks (the RNG streams differ at every step), the data order is shared
+    digests = [[e["rng"] for e in _entries(tmp_path / "ref.log", rank, "batch")] for rank in (0, 1)]
+    assert all(a != b for a, b in zip(*digests)) and len(set(digests[0])) == len(digests[0])
+    # evaluation each epoch: sharded (disjoint, together every row once), gathered in row order on every process
+    for epoch in range(2):
+        shards = [_rows(tmp_path / "ref.log", rank, "eval_rows")[epoch] for rank in (0, 1)]
+        assert shards[0] and shards[1] and len(shards[0]) + len(shards[1]) == EVAL_ROWS
+        assert sorted(shards[0] + shards[1]) == list(range(EVAL_ROWS))
+    gathered = [_entries(tmp_path / "ref.log", rank, "eval_logits")[-1]["logits"] for rank in (0, 1)]
+    assert gathered[0] == gathered[1]
     ref = tmp_path / "ref"
-    assert sorted(p.name for p in ref.iterdir()) == [".lock", "final", "history.json", "run_config.json", "state"]
+    final = MultiExitModel.from_pretrained(ref / "final")  # the last epoch's model, scored by one process
+    evaluation = Encoded(load_data(task["eval"]), AutoTokenizer.from_pretrained(ref / "final"), 16)
+    alone = collect_logits(final, evaluation, 64, progress=False)
+    torch.testing.assert_close(torch.tensor(gathered[0]), alone.logits, rtol=1e-4, atol=1e-5)
+    history = json.loads((ref / "history.json").read_text())
+    assert history[-1]["per_layer_accuracy"] == per_layer_accuracy(alone.logits, alone.labels)
+    assert sorted(p.name for p in ref.iterdir()) == [".lock", "best", "final", "history.json", "run_config.json",
+                                                     "state"]
     config = json.loads((ref / "run_config.json").read_text())["settings"]
     assert config["num_processes"] == 2 and config["global_batch_size"] == 16
     assert len(list((ref / "state").iterdir())) == 1  # one light resume point, no leftovers

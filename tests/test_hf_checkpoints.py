@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, BertTokenizerFast
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertTokenizerFast
 
 import layerexit
 from layerexit.config import CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig
@@ -26,6 +26,8 @@ from tiny_text import write_backbone
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LEGACY = FIXTURES / "legacy_checkpoint"
+#: written by save_pretrained before it stopped writing layerexit_config.json beside config.json (with a tokenizer)
+TWO_CONFIGS = FIXTURES / "two_config_checkpoint"
 
 
 def _same_weights(a, b) -> None:
@@ -112,7 +114,7 @@ def test_checkpoint_files_have_normal_modes(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == 0o755
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
-    assert modes == {"config.json": 0o644, CONFIG_NAME: 0o644, WEIGHTS_NAME: 0o644}
+    assert modes == {"config.json": 0o644, WEIGHTS_NAME: 0o644}  # one configuration file: config.json
 
 
 def test_heads_only_checkpoint_records_it_and_loads_onto_its_backbone(tmp_path):
@@ -142,6 +144,71 @@ def test_resaving_an_earlier_checkpoint_writes_the_current_format(tmp_path):
     loaded.save_pretrained(tmp_path / "new")
     assert AutoConfig.from_pretrained(tmp_path / "new").model_type == "layerexit"
     _same_weights(loaded, AutoModel.from_pretrained(tmp_path / "new"))
+
+
+def _expected(name: str):
+    expected = json.loads((FIXTURES / f"{name}_expected.json").read_text())
+    return [torch.tensor(expected[k]) for k in ("input_ids", "attention_mask", "token_type_ids")], \
+        torch.tensor(expected["logits"])
+
+
+def _check_outputs(model, name: str) -> None:
+    inputs, logits = _expected(name)
+    with torch.no_grad():
+        assert torch.allclose(model(*inputs), logits, atol=1e-6)
+
+
+def test_earlier_format_loads_through_the_auto_classes_after_import_layerexit():
+    """No config.json at all: AutoConfig reads layerexit_config.json + backbone/config.json instead."""
+    config = AutoConfig.from_pretrained(LEGACY)
+    assert isinstance(config, LayerExitConfig) and config.num_layers == 2 and config.backbone_config
+    model = AutoModel.from_pretrained(LEGACY)
+    assert type(model) is MultiExitModel and not model.training
+    _check_outputs(model, "legacy_checkpoint")
+    assert AutoModel.from_pretrained(LEGACY, dtype=torch.float64).dtype == torch.float64
+    classifier = AutoModelForSequenceClassification.from_pretrained(LEGACY)
+    assert type(classifier).__name__ == "LayerExitForSequenceClassification"
+
+
+def test_auto_config_is_unchanged_for_folders_that_are_not_earlier_checkpoints(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises((OSError, ValueError), match="config.json"):  # transformers' own error, as without layerexit
+        AutoConfig.from_pretrained(tmp_path / "empty")
+    encoder = write_backbone(tmp_path / "encoder", layers=2)
+    assert AutoConfig.from_pretrained(encoder).model_type == "bert"
+
+
+def test_checkpoint_with_both_configuration_files_still_loads():
+    """The fixture was written by save_pretrained when it still wrote layerexit_config.json beside config.json."""
+    from layerexit.preflight import checkpoint_config, checkpoint_files
+
+    assert (TWO_CONFIGS / CONFIG_NAME).is_file() and (TWO_CONFIGS / "config.json").is_file()
+    assert checkpoint_files(TWO_CONFIGS) == "config.json" and checkpoint_config("--model", TWO_CONFIGS)
+    _check_outputs(MultiExitModel.from_pretrained(TWO_CONFIGS), "two_config_checkpoint")
+    _check_outputs(AutoModel.from_pretrained(TWO_CONFIGS), "two_config_checkpoint")
+    import transformers
+
+    classify = transformers.pipeline("text-classification", model=str(TWO_CONFIGS))
+    assert classify("good great film")[0]["label"] in {"negative", "positive"}
+
+
+@pytest.mark.parametrize("name", ["legacy_checkpoint", "two_config_checkpoint"])
+def test_upgrade_checkpoint_writes_the_current_layout(tmp_path, name):
+    source = shutil.copytree(FIXTURES / name, tmp_path / name)
+    (source / "training_config.json").write_text('{"seed": 1}')  # any other file travels unchanged
+    before = MultiExitModel.from_pretrained(source)
+    upgraded = layerexit.upgrade_checkpoint(source, tmp_path / "new")
+    names = {p.name for p in upgraded.iterdir()}
+    assert "config.json" in names and CONFIG_NAME not in names and "backbone" not in names
+    assert "training_config.json" in names
+    assert (source / CONFIG_NAME).is_file()  # the source is left as it was
+    assert json.loads((upgraded / "config.json").read_text())["model_type"] == "layerexit"
+    _same_weights(before, MultiExitModel.from_pretrained(upgraded))
+    _check_outputs(AutoModel.from_pretrained(upgraded), name)
+    in_place = layerexit.upgrade_checkpoint(source)  # default: the folder itself, atomically
+    assert in_place == source and not (source / CONFIG_NAME).exists()
+    assert sorted(p.name for p in source.iterdir()) == sorted(names)
+    _same_weights(before, MultiExitModel.from_pretrained(source))
 
 
 def test_a_checkpoint_without_its_backbone_does_not_load_another(tmp_path):

@@ -33,7 +33,7 @@ def test_full_round_trip_is_exact(tmp_path, arch):
     model = make_model(arch, None, double=False)
     model.train()  # the loaded model must come back in eval mode regardless
     model.save_pretrained(tmp_path / "ckpt")
-    assert (tmp_path / "ckpt" / "config.json").is_file() and (tmp_path / "ckpt" / CONFIG_NAME).is_file()
+    assert (tmp_path / "ckpt" / "config.json").is_file() and not (tmp_path / "ckpt" / CONFIG_NAME).exists()
     assert not (tmp_path / "ckpt" / "backbone").exists()  # the backbone's config is embedded in config.json
     loaded = MultiExitModel.from_pretrained(tmp_path / "ckpt")
     assert not loaded.training
@@ -126,5 +126,5 @@ def test_save_overwrites_atomically_and_keeps_a_tokenizer(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "vocab"]  # no temporary folders left
     _assert_same_weights(second, MultiExitModel.from_pretrained(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "tokenizer_config.json").is_file()
-    config = json.loads((tmp_path / "ckpt" / CONFIG_NAME).read_text())
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["num_layers"] == 4 and config["exit_feature"] == "cls" and config["backbone_fingerprint"]

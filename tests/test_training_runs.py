@@ -252,6 +252,59 @@ def test_second_training_into_the_same_folder_fails_at_once(tmp_path):
         pass
 
 
+def test_cli_takes_the_lock_before_loading_data_or_backbone(task, tmp_path, monkeypatch, capsys):
+    """A second `layerexit train` into a folder in use fails at once: before the data or the backbone load."""
+    import layerexit.cli.train as train_cli
+    import layerexit.training.run as run_module
+
+    loaded = []
+    monkeypatch.setattr(train_cli, "data_from", lambda *a, **k: loaded.append("data"))
+    monkeypatch.setattr(run_module, "resolve_model", lambda *a, **k: loaded.append("backbone"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from layerexit.training.runfolder import locked\n"
+         "with locked(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        code = main(["train", "--model", task["backbone"], "--data", str(task["train_csv"]), "--eval-split", "none",
+                     "--output", str(tmp_path / "run"), "--epochs", "1", "--max-length", "16"])
+        elapsed = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert code == 2 and "in use by another training" in err and f"pid {holder.pid}" in err
+    assert loaded == [] and elapsed < 2
+    # the Python API too: train_classifier takes the lock before resolving the backbone
+    blocker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from layerexit.training.runfolder import locked\n"
+         "with locked(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path / "api")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert blocker.stdout.readline().strip() == "locked"
+        with pytest.raises(LayerExitError, match="in use by another training"):
+            run_module.train_classifier(task["backbone"], load_data(str(task["train_csv"])), None, tmp_path / "api")
+    finally:
+        blocker.kill()
+        blocker.wait()
+    assert loaded == []
+
+
+def test_the_lock_is_reentrant_within_a_process_and_released_by_the_outermost(tmp_path):
+    with locked(tmp_path):
+        with locked(tmp_path):  # the same process (e.g. the CLI, then the training loop): no error
+            pass
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from layerexit.training.runfolder import locked\n"
+             "with locked(sys.argv[1]): pass", str(tmp_path)], capture_output=True, text=True)
+        assert probe.returncode != 0 and "in use by another training" in probe.stderr  # still held
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from layerexit.training.runfolder import locked\n"
+         "with locked(sys.argv[1]): pass", str(tmp_path)], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+
+
 def test_cli_eval_split_none_says_what_was_written(task, tmp_path, capsys):
     code = main(["train", "--model", task["backbone"], "--data", str(task["train_csv"]), "--eval-split", "none",
                  "--output", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "32", "--max-length", "16"])

@@ -50,8 +50,13 @@ def files(tmp_path_factory) -> dict[str, str]:
     (broken / "layerexit_config.json").write_text('{"num_layers": 2, ')
     hf_layout = root / "hf-layout"  # a checkpoint in the transformers layout: config.json, model_type layerexit
     hf_layout.mkdir()
-    (hf_layout / "config.json").write_text(json.dumps({"model_type": "layerexit", "num_layers": 2}))
+    (hf_layout / "config.json").write_text(json.dumps({"model_type": "layerexit", "num_layers": 2, "hidden_size": 8,
+                                                       "backbone_type": "bert", "exit_feature": "cls",
+                                                       "id2label": {"0": "negative", "1": "positive"}}))
     (hf_layout / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # cut short
+    partial = root / "hf-partial"  # config.json with model_type layerexit but without the layerexit fields
+    partial.mkdir()
+    (partial / "config.json").write_text(json.dumps({"model_type": "layerexit", "num_layers": 2}))
     backbone = root / "backbone"
     backbone.mkdir()
     (backbone / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 256}))
@@ -70,7 +75,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, text in configs.items():
         (yaml_dir / f"{name}.yaml").write_text(text)
     return {"CKPT": str(ckpt), "TRUNC": str(truncated), "BROKEN": str(broken), "BACKBONE": str(backbone),
-            "HFLAYOUT": str(hf_layout), "FILE": str(a_file), "DATA": str(data), "BADLABEL": str(root / "bad-label.csv"),
+            "HFLAYOUT": str(hf_layout), "HFPARTIAL": str(partial), "FILE": str(a_file), "DATA": str(data), "BADLABEL": str(root / "bad-label.csv"),
             "LATIN": str(root / "latin.csv"), "ONES": str(root / "ones.csv"), "YAML": str(yaml_dir), "OUT": str(root / "out"),
             "ROOT": str(root)}
 
@@ -123,6 +128,7 @@ CASES = [
     (["generate", "--prompt", "hi", "--model", "BACKBONE"], "--model=", "it is an encoder (bert)"),
     (["generate", "--prompt", "hi", "--model", "HFLAYOUT"], "--model=", "layerexit classifier checkpoint"),
     (["evaluate", "--model", "HFLAYOUT", "--output", "OUT/e"], "hf-layout/model.safetensors", "truncated or damaged"),
+    (["evaluate", "--model", "HFPARTIAL", "--output", "OUT/e"], "hf-partial/config.json", "lacks ['backbone_type'"),
     # accuracy targets and budgets
     (["evaluate", "--model", "CKPT", "--budget", "1.5", "--fit-split", "validation", "--output", "OUT/e"],
      "--budget=1.5", "(0, 1]"),

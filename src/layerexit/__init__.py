@@ -16,9 +16,10 @@ from .errors import LayerExitError, NotFittedError
 
 __version__ = "0.1.0"
 _LAZY = {"EarlyExitOutput": ".model", "MultiExitModel": ".model", "EarlyExitPipeline": ".pipelines",
-         "pipeline": ".pipelines", "RULES": ".rules", "ExitRule": ".rules", "make_rule": ".rules"}
+         "pipeline": ".pipelines", "RULES": ".rules", "ExitRule": ".rules", "make_rule": ".rules",
+         "upgrade_checkpoint": ".model"}
 __all__ = ["EarlyExitOutput", "EarlyExitPipeline", "ExitRule", "LayerExitError", "MultiExitModel", "NotFittedError",
-           "RULES", "TextClassificationData", "load_data", "make_rule", "pipeline"]
+           "RULES", "TextClassificationData", "load_data", "make_rule", "pipeline", "upgrade_checkpoint"]
 
 _autoregister.install()
 __getattr__ = lazy_attributes(__name__, _LAZY)

@@ -6,12 +6,20 @@
 :class:`BackboneExits`, which names the backbone the exits were trained on. On disk a checkpoint holds it as a
 Hugging Face ``config.json`` (:class:`LayerExitConfig`, registered with ``AutoConfig`` on ``import layerexit``)
 that also embeds the backbone's own configuration, so ``AutoConfig.from_pretrained(ckpt)`` and
-``AutoModel.from_pretrained(ckpt)`` work and the checkpoint needs no ``backbone/`` folder. Checkpoints written
-before that (``layerexit_config.json`` plus ``backbone/config.json``) still load.
+``AutoModel.from_pretrained(ckpt)`` work and the checkpoint needs no ``backbone/`` folder. It is the only
+configuration file written.
+
+Checkpoints of the earlier format (``layerexit_config.json`` plus ``backbone/config.json``, no ``config.json``)
+still load, with ``MultiExitModel.from_pretrained`` and, after ``import layerexit``, with the Auto classes:
+:func:`install_legacy_loading` lets ``AutoConfig.from_pretrained`` read such a folder (and only such a folder;
+everything else goes to transformers unchanged). ``layerexit.model.upgrade_checkpoint`` rewrites one in the
+current format. Folders that also hold a ``layerexit_config.json`` beside ``config.json`` (written by layerexit
+before it stopped writing that file) load from ``config.json``; the extra file is ignored.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +31,7 @@ from .errors import LayerExitError, bad_value
 
 #: the Hugging Face configuration file (current format)
 HF_CONFIG_NAME = "config.json"
-#: the configuration file of checkpoints written by layerexit 0.1 (still read)
+#: the configuration file of checkpoints of the earlier format (still read, no longer written)
 CONFIG_NAME = "layerexit_config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "layerexit"
@@ -81,10 +89,6 @@ class MultiExitConfig(BackboneExits):
     policy_alpha: float = 1.0
     layerexit_version: str = ""
     kind: ClassVar[str] = "classifier"
-
-    def save(self, directory: str | Path) -> None:
-        """Write the legacy ``layerexit_config.json`` (kept for tools that read it; checkpoints use config.json)."""
-        Path(directory, CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "MultiExitConfig":
@@ -267,4 +271,62 @@ def rule_spec(rule) -> dict | None:
     return rule_to_dict(rule)
 
 
+# --- checkpoints of the earlier format through the Auto classes -------------------------------------------
+BACKBONE_DIR = "backbone"
+#: AutoConfig.from_pretrained's loading options (consumed; the rest are handed back as unused)
+_LOADER_KWARGS = {"cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+                  "code_revision", "trust_remote_code", "return_unused_kwargs", "_from_auto", "_from_pipeline",
+                  "_commit_hash", "user_agent", "resume_download"}
+
+
+def legacy_folder(name_or_path, subfolder: str | None = None) -> Path | None:
+    """``name_or_path`` (+ ``subfolder``) when it is a local checkpoint of the earlier format (a
+    ``layerexit_config.json`` and no ``config.json``), else None."""
+    try:
+        path = Path(name_or_path) / (subfolder or "")
+    except TypeError:
+        return None
+    if path.is_dir() and not (path / HF_CONFIG_NAME).is_file() and (path / CONFIG_NAME).is_file():
+        return path
+    return None
+
+
+def legacy_hf_config(directory: str | Path) -> LayerExitConfig:
+    """The ``config.json`` form of a checkpoint of the earlier format (its ``layerexit_config.json``, and the
+    backbone's ``backbone/config.json`` when present)."""
+    directory = Path(directory)
+    config = MultiExitConfig.load(directory)
+    backbone = directory / BACKBONE_DIR / HF_CONFIG_NAME
+    backbone_config = read_json(backbone, "checkpoint") if backbone.is_file() else None
+    if backbone_config is not None:
+        backbone_config.pop("dtype", None)
+        backbone_config.pop("torch_dtype", None)
+    return LayerExitConfig(**config.to_hf_dict(), backbone_config=backbone_config, architectures=["MultiExitModel"])
+
+
+def install_legacy_loading() -> None:
+    """Let ``AutoConfig.from_pretrained`` (and so ``AutoModel``, ``AutoModelForSequenceClassification`` and
+    ``transformers.pipeline``) read a local checkpoint of the earlier format. Only a folder with
+    ``layerexit_config.json`` and no ``config.json`` is intercepted; every other call goes to transformers
+    unchanged. Idempotent."""
+    current = AutoConfig.__dict__["from_pretrained"]
+    original = current.__func__
+    if getattr(original, "_layerexit_legacy", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = legacy_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        if folder is None or args:
+            return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+        config = legacy_hf_config(folder)
+        if kwargs.get("return_unused_kwargs"):
+            return config, {k: v for k, v in kwargs.items() if k not in _LOADER_KWARGS}
+        return config
+
+    from_pretrained._layerexit_legacy = True
+    AutoConfig.from_pretrained = classmethod(from_pretrained)
+
+
 AutoConfig.register(MODEL_TYPE, LayerExitConfig, exist_ok=True)
+install_legacy_loading()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -447,20 +448,21 @@ class MultiExitModel(nn.Module):
 
         The weights keep their dtype (a bf16 model saves and reloads as bf16). ``heads_only`` saves just the
         exits (for a frozen backbone); loading it needs the same backbone. ``exit_rule`` is stored as the
-        checkpoint's default rule (:func:`layerexit.pipeline` uses it). ``layerexit_config.json`` is written too,
-        for tools that read the earlier format.
+        checkpoint's default rule (:func:`layerexit.pipeline` uses it). ``config.json`` is the only configuration
+        file (the earlier ``layerexit_config.json`` is no longer written).
         """
-        hf_config = self.to_hf_config(heads_only, exit_rule)
         with atomic_directory(directory) as tmp:
-            hf_config.to_json_file(tmp / HF_CONFIG_NAME, use_diff=False)
-            self.config.save(tmp)
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            if heads_only:
-                tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
-            save_file(_dedupe(tensors), str(tmp / WEIGHTS_NAME),
-                      metadata={"format": "pt", "heads_only": str(heads_only)})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            self._write_checkpoint(tmp, tokenizer, heads_only, exit_rule)
+
+    def _write_checkpoint(self, folder: Path, tokenizer=None, heads_only: bool = False, exit_rule=None) -> None:
+        hf_config = self.to_hf_config(heads_only, exit_rule)
+        hf_config.to_json_file(folder / HF_CONFIG_NAME, use_diff=False)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        if heads_only:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.")}
+        save_file(_dedupe(tensors), str(folder / WEIGHTS_NAME), metadata={"format": "pt", "heads_only": str(heads_only)})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, backbone: str | nn.Module | None = None, *,
@@ -538,6 +540,36 @@ class MultiExitModel(nn.Module):
             raise bad_value("config.backbone_config", None, "a layerexit config needs its backbone's config")
         backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone_config))
         return cls(backbone, config.to_multi_exit_config())
+
+
+def upgrade_checkpoint(folder: str | Path, output: str | Path | None = None) -> Path:
+    """Rewrite a checkpoint of an earlier layout in the current one; returns the folder written.
+
+    Earlier layouts: ``layerexit_config.json`` + ``backbone/config.json`` (no ``config.json``), or ``config.json``
+    with a ``layerexit_config.json`` beside it. The result has ``config.json`` (``model_type`` "layerexit", the
+    backbone's config embedded) as its only configuration file, the same weights in the same dtype, and every
+    other file of the folder (tokenizer, ``training_config.json``, ...) copied unchanged. ``output`` defaults to
+    ``folder`` itself, replaced atomically. Also ``layerexit.upgrade_checkpoint``.
+    """
+    source = Path(folder)
+    if not source.is_dir():
+        raise bad_value("folder", str(folder), "give a local checkpoint folder")
+    target = Path(output) if output is not None else source
+    _, hf_config = _read_checkpoint_config(source)
+    _, heads_only = _read_weights(source, None)
+    exit_rule = getattr(hf_config, "exit_rule", None) if hf_config is not None else None
+    model = MultiExitModel.from_pretrained(source)
+    skip = {CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, BACKBONE_DIR}
+    with atomic_directory(target) as tmp:
+        for entry in source.iterdir():
+            if entry.name in skip or entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name)
+            else:
+                shutil.copy2(entry, tmp / entry.name)
+        model._write_checkpoint(tmp, heads_only=heads_only, exit_rule=exit_rule)
+    return target
 
 
 #: keyword arguments transformers' Auto classes pass on (or users pass out of habit) that need nothing here

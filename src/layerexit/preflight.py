@@ -13,7 +13,10 @@ from pathlib import Path
 from .catalog import DECODER_MODEL_TYPES, ENCODER_MODEL_TYPES
 from .errors import LayerExitError, bad_value
 
+#: the configuration file of checkpoints written before config.json (still read, no longer written)
 CONFIG_NAME = "layerexit_config.json"
+HF_CONFIG_NAME = "config.json"
+MODEL_TYPE = "layerexit"
 WEIGHTS_NAME = "model.safetensors"
 BACKBONE_DIR = "backbone"
 #: model types whose position embeddings reserve ``padding_idx + 1`` slots before the first real position
@@ -71,35 +74,66 @@ def check_safetensors(path: Path) -> None:
 
 
 REQUIRED_KEYS = ("num_layers", "num_labels", "model_type", "hidden_size", "exit_feature")
+#: what config.json needs beside model_type "layerexit" (labels are id2label)
+HF_REQUIRED_KEYS = ("num_layers", "backbone_type", "hidden_size", "exit_feature", "id2label")
+
+
+def checkpoint_files(folder: str | Path) -> str | None:
+    """Which layerexit checkpoint layout ``folder`` has, from its configuration file alone: "config.json"
+    (``model_type`` "layerexit"), "layerexit_config.json" (the earlier format) or None (not a checkpoint)."""
+    path = Path(folder)
+    if (path / HF_CONFIG_NAME).is_file():
+        try:
+            data = json.loads((path / HF_CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get("model_type") == MODEL_TYPE:
+            return HF_CONFIG_NAME
+    if (path / CONFIG_NAME).is_file():
+        return CONFIG_NAME
+    return None
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a layerexit checkpoint (either layout; the weights are not checked)."""
+    return checkpoint_files(folder) is not None
 
 
 def checkpoint_config(flag: str, folder: str | Path) -> dict | None:
     """The layerexit configuration of a classifier checkpoint folder, with its files checked cheaply (None for
-    a hub id, which the loader checks)."""
+    a hub id, which the loader checks): its ``config.json``, or ``layerexit_config.json`` for the earlier format."""
     path = Path(folder)
     if not path.is_dir():
         if is_hub_id(str(folder)):
             return None  # a hub id: the loader fetches (or finds in the cache) and checks it
         raise bad_value(flag, str(folder), "no such checkpoint folder; give a folder written by `layerexit train` "
                         "(e.g. runs/rt/best)")
-    if not (path / CONFIG_NAME).is_file() and (path / "config.json").is_file():
-        hf = read_json(path / "config.json", "model config")
-        if str(hf.get("model_type", "")).startswith("layerexit"):  # the transformers layout: config.json
-            if (path / WEIGHTS_NAME).is_file():
-                check_safetensors(path / WEIGHTS_NAME)
+    if (path / HF_CONFIG_NAME).is_file():
+        hf = read_json(path / HF_CONFIG_NAME, "model config")
+        if hf.get("model_type") == MODEL_TYPE:  # the transformers layout
+            missing = [k for k in HF_REQUIRED_KEYS if k not in hf]
+            if missing:
+                raise LayerExitError(f"checkpoint config {str(path / HF_CONFIG_NAME)!r} is invalid: it lacks "
+                                     f"{missing}; the file is damaged: restore it or save the checkpoint again")
+            _check_weights(flag, folder, path)
             return hf
     if not (path / CONFIG_NAME).is_file():
-        raise bad_value(flag, str(folder), f"it has no {CONFIG_NAME}, so it is not a layerexit checkpoint; give "
-                        "a folder written by `layerexit train` or MultiExitModel.save_pretrained")
+        raise bad_value(flag, str(folder), f"it has neither a layerexit {HF_CONFIG_NAME} (model_type {MODEL_TYPE!r}) "
+                        f"nor {CONFIG_NAME}, so it is not a layerexit checkpoint; give a folder written by "
+                        "`layerexit train` or MultiExitModel.save_pretrained")
     config = read_json(path / CONFIG_NAME, "checkpoint config")
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise LayerExitError(f"checkpoint config {str(path / CONFIG_NAME)!r} is invalid: it lacks {missing}; the "
                              "file is damaged: restore it or save the checkpoint again")
+    _check_weights(flag, folder, path)
+    return config
+
+
+def _check_weights(flag: str, folder, path: Path) -> None:
     if not (path / WEIGHTS_NAME).is_file():
         raise bad_value(flag, str(folder), f"it has no {WEIGHTS_NAME}; the checkpoint is incomplete")
     check_safetensors(path / WEIGHTS_NAME)
-    return config
 
 
 def is_hub_id(name: str) -> bool:
@@ -160,7 +194,7 @@ def check_decoder(flag: str, model: str | Path) -> None:
     model_type = ""
     if (path / "config.json").is_file():
         model_type = str(read_json(path / "config.json", "model config").get("model_type", ""))
-    if (path / CONFIG_NAME).is_file() or model_type.startswith("layerexit"):
+    if is_checkpoint(path) or model_type.startswith("layerexit"):
         raise bad_value(flag, str(model), "it is a layerexit classifier checkpoint (an encoder with exits); "
                         "generate needs a decoder language model (packaged smollm2-135m, a Llama/Mistral/Qwen2/GPT-2 "
                         "folder); use `layerexit evaluate` or `benchmark` for classifiers")
@@ -180,4 +214,4 @@ def resume_hint(output: str | Path | None) -> str:
 
 
 __all__ = ["backbone_config", "check_decoder", "check_max_length", "check_safetensors", "checkpoint_config",
-           "max_positions", "read_json", "resume_hint", "writable_file", "writable_folder"]
+           "checkpoint_files", "is_checkpoint", "max_positions", "read_json", "resume_hint", "writable_file", "writable_folder"]

@@ -94,6 +94,15 @@ def check(args) -> None:
 
 
 def run(args) -> int:
+    from ..training.runfolder import launch_rank, locked
+
+    # the folder's lock first (before torch, the data or the backbone load): a second training into the same
+    # --output fails at once; the training itself holds it again (re-entrant) on the main process
+    with locked(args.output, enabled=launch_rank() == 0):
+        return _run(args)
+
+
+def _run(args) -> int:
     train_data = data_from(args)  # data errors (bad rows, encodings) before torch or the model loads
     eval_data = None
     if args.eval_split and args.eval_split != "none":

@@ -54,6 +54,7 @@ from ..evaluation.cache import collect_logits, data_digest
 from ..heads import policy_extras
 from ..evaluation.simulate import simulate
 from ..io import write_json_atomic
+from ..preflight import is_checkpoint
 from ..model import MultiExitModel
 from ..rules.policy import PolicyRule
 from ..training.objectives import Stage, Weighted
@@ -379,7 +380,7 @@ def _run_stage2(model, run: _Run, round_index: int, first_features=None):
     """Stage 2 of a round (policies on the frozen model's cached features), or its saved result.
     ``first_features``: round 1's features already computed (a tensor, or a function that computes them)."""
     folder = run.output_dir / f"round{round_index}" / "stage2"
-    if (folder / "layerexit_config.json").is_file():
+    if is_checkpoint(folder):
         return MultiExitModel.from_pretrained(folder)
     if callable(first_features):
         first_features = first_features()
@@ -397,7 +398,7 @@ def _run_stage2(model, run: _Run, round_index: int, first_features=None):
 def _run_stage3(model, run: _Run, round_index: int):
     """Stage 3 of a round (everything, through the training loop), or its saved result."""
     folder = run.output_dir / f"round{round_index}" / "stage3"
-    if (folder / "final" / "layerexit_config.json").is_file():
+    if is_checkpoint(folder / "final"):
         return MultiExitModel.from_pretrained(folder / "final")
     config = run.config
     stage3_config = TrainConfig(**{**asdict(run.train_config), "epochs": config.stage3_epochs,

@@ -21,7 +21,7 @@ import os
 from concurrent.futures import Future
 from pathlib import Path
 
-from ..config import CONFIG_NAME
+from ..preflight import is_checkpoint
 from ..errors import LayerExitError, bad_value
 from ..rules import PCEE, ExitRule, MaxProb, make_rule
 from .budget import BudgetController
@@ -146,7 +146,7 @@ class Service:
 def find_default_model() -> Path | None:
     """The model ``make demo`` writes (``runs/demo/model/best``), if it exists here."""
     for candidate in (Path("runs/demo/model/best"), Path("runs/demo/model/final")):
-        if (candidate / CONFIG_NAME).is_file():
+        if is_checkpoint(candidate):
             return candidate
     return None
 
@@ -245,9 +245,9 @@ def load_service(model: str | Path | None = None, *, rule: str | None = None, th
                             "run `make demo` (or `layerexit demo --quick`) first, or pass --model DIR written by "
                             "`layerexit train`")
     folder = Path(model)
-    if not (folder / CONFIG_NAME).is_file():
-        raise bad_value("--model", str(model), f"give a checkpoint folder written by `layerexit train` (it holds "
-                        f"{CONFIG_NAME} and the weights)")
+    if not is_checkpoint(folder):
+        raise bad_value("--model", str(model), "give a checkpoint folder written by `layerexit train` (it holds "
+                        "config.json with model_type 'layerexit' and the weights)")
     if threads:
         torch.set_num_threads(int(threads))
     network = MultiExitModel.from_pretrained(folder)

@@ -24,7 +24,8 @@ class TrainConfig:
     """
 
     epochs: int = option(2, "passes over the training data")
-    batch_size: int = option(32, "examples per optimizer step")
+    batch_size: int = option(32, "examples per optimizer step and process (several processes: global batch = "
+                             "processes x batch size)")
     learning_rate: float = option(5e-5, "peak AdamW learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_ratio: float = option(0.0, "fraction of the steps with a linear learning-rate warm-up, in [0, 1)")
@@ -32,7 +33,8 @@ class TrainConfig:
     eval_batch_size: int = option(128, "batch size of the evaluation each epoch")
     save_steps: int = option(200, "resume point every N steps (and every epoch)")
     select_metric: str = option("mean_exit_accuracy", "metric that picks the best epoch", SELECT_METRICS)
-    seed: int = option(42, "random seed (data order, dropout, initialisation of the exits)")
+    seed: int = option(42, "random seed (data order, initialisation of the exits; dropout uses seed + process "
+                       "rank)")
     save_total_limit: int = option(1, "resume points kept while training (each holds weights and optimizer "
                                    "moments, ~3x the model); a finished run keeps only a light one")
     keep_optimizer_state: bool = option(False, "keep the optimizer moments (2x the model) after the run "

@@ -10,7 +10,7 @@ from ..data import Encoded, TextClassificationData, check_labels
 from ..model import MultiExitModel
 from ..resources import resolve_model
 from .objectives import make_objective
-from .trainer import TrainConfig, seed_everything, train
+from .trainer import TrainConfig, locked_run, make_accelerator, seed_everything, train
 
 
 def train_classifier(
@@ -25,20 +25,26 @@ def train_classifier(
     config: TrainConfig | None = None,
     resume: bool = True,
 ):
-    """Wrap ``backbone`` with exits for ``train_data``'s labels, train it, and return (best model, tokenizer)."""
+    """Wrap ``backbone`` with exits for ``train_data``'s labels, train it, and return (best model, tokenizer).
+
+    The output folder's lock is taken first, so a second training into ``output_dir`` fails before any
+    backbone or data loads."""
     config = config or TrainConfig()
     config.validate()
     objective_obj = make_objective(objective, layer_weights)
-    path = resolve_model(backbone)
-    seed_everything(config.seed)  # the exits' initial weights depend on the seed too
-    model = MultiExitModel.from_backbone(path, train_data.num_labels, exit_feature=exit_feature,
-                                         label_names=train_data.label_names, max_length=max_length)
-    model.config.backbone = backbone
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if eval_data is not None:
-        check_labels(eval_data, model.config.num_labels, model.config.label_names)
-    train_set = Encoded(train_data, tokenizer, max_length)
-    eval_set = Encoded(eval_data, tokenizer, max_length) if eval_data is not None else None
-    progress = train(model, tokenizer, train_set, eval_set, objective_obj, config, output_dir, resume=resume)
-    best = Path(output_dir) / ("best" if eval_data is not None else "final")
-    return MultiExitModel.from_pretrained(best), tokenizer, progress
+    accelerator = make_accelerator()
+    with locked_run(Path(output_dir), accelerator):
+        path = resolve_model(backbone)
+        seed_everything(config.seed)  # the exits' initial weights depend on the seed too (the same on every process)
+        model = MultiExitModel.from_backbone(path, train_data.num_labels, exit_feature=exit_feature,
+                                             label_names=train_data.label_names, max_length=max_length)
+        model.config.backbone = backbone
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if eval_data is not None:
+            check_labels(eval_data, model.config.num_labels, model.config.label_names)
+        train_set = Encoded(train_data, tokenizer, max_length)
+        eval_set = Encoded(eval_data, tokenizer, max_length) if eval_data is not None else None
+        progress = train(model, tokenizer, train_set, eval_set, objective_obj, config, output_dir, resume=resume,
+                         accelerator=accelerator)
+        best = Path(output_dir) / ("best" if eval_data is not None else "final")
+        return MultiExitModel.from_pretrained(best), tokenizer, progress

@@ -1,7 +1,9 @@
 """A run folder belongs to one run: an exclusive lock, the run's fingerprint and its effective configuration.
 
 - ``.lock``: held (``fcntl.flock``, exclusive, non-blocking) while a training writes the folder, so a second
-  training into the same ``--output`` fails at once instead of silently interleaving with the first.
+  training into the same ``--output`` fails at once instead of silently interleaving with the first. It is
+  taken before the data and the backbone load (``layerexit train`` takes it first of all; this module imports
+  no torch), and a process that holds it may enter :func:`locked` again for the same folder.
 - ``run_config.json``: the effective configuration (every hyper-parameter, the objective, the model's exit
   setup, digests of the training and evaluation data, package versions, number of processes, seed) and the
   fingerprint computed from the parts that define the run. A run resumes only when the fingerprint matches;
@@ -19,8 +21,6 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
-
-import torch
 
 from ..errors import LayerExitError
 from ..io import write_json_atomic
@@ -74,6 +74,8 @@ def fingerprint(settings: dict) -> str:
 
 def effective_config(settings: dict) -> dict:
     """What ``run_config.json`` holds: the settings, their fingerprint, versions and the torch build."""
+    import torch
+
     return {"fingerprint": fingerprint(settings), "settings": settings, "versions": versions(),
             "torch_threads": torch.get_num_threads()}
 
@@ -145,11 +147,30 @@ def discard_run(output_dir: Path) -> list[str]:
     return removed
 
 
+#: folders whose lock this process holds -> how many nested :func:`locked` calls hold it
+_HELD: dict[str, int] = {}
+#: where launchers put the global rank of a process (torchrun / accelerate launch, then MPI launchers)
+_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 when started alone), read without torch."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
 @contextlib.contextmanager
 def locked(output_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``output_dir`` (created if needed); fail at once if another process has it.
 
-    ``enabled=False`` (processes other than the main one) takes no lock.
+    ``enabled=False`` (processes other than the main one) takes no lock. Re-entrant within a process: a call
+    for a folder this process already holds succeeds and releases nothing when it ends.
     """
     if not enabled:
         yield
@@ -159,6 +180,14 @@ def locked(output_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
+        key = str(output_dir.resolve())
+        if key in _HELD:
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
         handle = open(output_dir / LOCK_NAME, "a+")
     except OSError as err:
         raise LayerExitError(
@@ -174,6 +203,7 @@ def locked(output_dir: str | Path, enabled: bool = True) -> Iterator[None]:
             f"--output={str(output_dir)!r} is in use by another training ({holder}); wait for it to finish or "
             "choose another --output"
         ) from None
+    _HELD[key] = 1
     try:
         handle.seek(0)
         handle.truncate()
@@ -181,6 +211,7 @@ def locked(output_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         handle.flush()
         yield
     finally:
+        del _HELD[key]
         with contextlib.suppress(OSError):
             handle.seek(0)
             handle.truncate()

@@ -49,6 +49,7 @@ from ..io import atomic_directory, write_json_atomic
 from ..model import MultiExitModel
 from . import runfolder
 from .config import TrainConfig
+from .distributed import EncodedShard, gather_rows, shard_rows
 from .objectives import Objective, Stage, weighted_exit_loss
 from .state import load_structure, rng_state, save_structure, set_rng_state
 
@@ -157,7 +158,10 @@ def train(
     run = _Run(accelerator, model, tokenizer, config, output_dir)
     with locked_run(output_dir, accelerator):
         resumable = prepare_run_folder(output_dir, settings, resume, accelerator)
-        seed_everything(config.seed)
+        # dropout: each process its own stream (seed + rank, accelerate's set_seed(device_specific=True)), so
+        # the halves of a global batch get independent masks as in one process; one process keeps ``seed``.
+        # The data order has its own generator (seed only), identical on every process.
+        seed_everything(config.seed + accelerator.process_index)
         progress = _load_progress(run) if resumable else Progress()
         finished = _plan(progress, stages, config, accelerator)
         if accelerator.is_main_process:
@@ -311,8 +315,8 @@ def _run_stage(run: _Run, train_set, eval_set, stage, stage_index, progress, is_
         record = {"stage": stage.name, "epoch": epoch + 1, "train_loss": float(np.mean(running)) if running else None}
         record.update({key: float(np.mean(values)) for key, values in stats.items()})
         if eval_set is not None:
-            cache = collect_logits(accelerator.unwrap_model(prepared), eval_set, config.eval_batch_size, progress=False)
-            accs = per_layer_accuracy(cache.logits, cache.labels)
+            logits = evaluate_logits(accelerator.unwrap_model(prepared), eval_set, config.eval_batch_size, accelerator)
+            accs = per_layer_accuracy(logits, torch.tensor(eval_set.labels, dtype=torch.long))
             metric = float(np.mean(accs)) if config.select_metric == "mean_exit_accuracy" else accs[-1]
             record.update(per_layer_accuracy=accs, metric=metric)
             accelerator.print(f"[{stage.name} epoch {epoch + 1}] per-exit accuracy "
@@ -329,6 +333,22 @@ def _run_stage(run: _Run, train_set, eval_set, stage, stage_index, progress, is_
             progress.stage, progress.epoch = stage_index + 1, 0
         run.optimizer, run.scheduler = optimizer, scheduler
         _save_state(run, optimizer, scheduler, progress)
+
+
+def evaluate_logits(model: MultiExitModel, eval_set, batch_size: int, accelerator: Accelerator | None = None):
+    """Every exit's logits (L, N, C) over ``eval_set``, in its row order, on every process.
+
+    With several processes each evaluates its own shard (rows ``rank, rank + W, ...``) and the shards are
+    gathered, so every process holds the same logits (and picks the same best epoch) for 1/W of the work.
+    """
+    rows = shard_rows(len(eval_set), accelerator)
+    if len(rows) == len(eval_set):
+        return collect_logits(model, eval_set, batch_size, progress=False).logits
+    if rows:
+        logits = collect_logits(model, EncodedShard(eval_set, rows), batch_size, progress=False).logits
+    else:  # fewer rows than processes
+        logits = torch.empty(model.config.num_layers, 0, model.config.num_labels)
+    return gather_rows(logits.transpose(0, 1), len(eval_set), accelerator).transpose(0, 1)
 
 
 def _finish(run: _Run, progress: Progress) -> None:
