@@ -180,6 +180,19 @@ def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_se
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("backend,builds", [("onnx", False), ("eager", True)])
+def test_layer_arguments_are_built_only_for_backends_that_use_them(optimized, monkeypatch, backend, builds):
+    """The HF attention-mask layout is built lazily: ONNX graphs build their mask inside, so the engine never
+    prepares torch layer arguments for them (it did at every row change)."""
+    model = optimized("bert", "mean", backend)
+    calls = []
+    prepare = model.adapter.prepare
+    monkeypatch.setattr(model.adapter, "prepare", lambda h, m: calls.append(h.shape) or prepare(h, m))
+    with torch.no_grad():
+        model.early_exit(**_inputs("bert"), rule=make_rule("maxprob", threshold=0.6))
+    assert bool(calls) == builds
+
+
 SHARED_POOL_SCRIPT = """
 import warnings, torch, onnxruntime as ort
 from tiny import make_model, make_batch

@@ -195,12 +195,7 @@ class MultiExitModel(nn.Module):
             state = self.adapter.start(input_ids, attention_mask, token_type_ids)
         dtype = self.backend.hidden_dtype
         if dtype is not None and state.hidden.dtype != dtype:  # the backend's layers take another dtype (bf16)
-            state.hidden = state.hidden.to(dtype)
-            state.layer_kwargs = state.prepare(state.hidden, state.attention_mask)
-        if self.config.exit_feature == "mean":  # averaging weights travel with the rows
-            prepare, head_dtype = self.adapter.prepare, self._head_dtype()
-            state.prepare = lambda h, m: {**prepare(h, m), "exit_weights": mean_weights(m, head_dtype)}
-            state.layer_kwargs = state.prepare(state.hidden, state.attention_mask)
+            state = EncoderState(state.hidden.to(dtype), state.attention_mask, state.prepare)
         return state
 
     def run_layers(self, state: EncoderState, start: int, stop: int) -> EncoderState:
@@ -212,7 +207,7 @@ class MultiExitModel(nn.Module):
         run_layer = self.backend.run_layer
         for index in range(start, stop):
             hidden = run_layer(index, hidden, state)  # (n, T, H)
-        return EncoderState(hidden, state.attention_mask, state.prepare, state.layer_kwargs)
+        return state.with_hidden(hidden)
 
     # --- layer backends ------------------------------------------------------------------------------
     def optimize(self, backend: "str | LayerBackend" = "eager", saved: str | Path | None = None,
@@ -261,7 +256,8 @@ class MultiExitModel(nn.Module):
         hidden = state.hidden.to(self._head_dtype())  # (n, T, H); heads and rules see their own dtype (bf16 layers)
         hidden = self.adapter.normalize(hidden)  # identity except for pre-norm models (ViT)
         if kind == "mean":
-            return torch.bmm(state.layer_kwargs["exit_weights"].unsqueeze(1), hidden).squeeze(1)
+            weights = mean_weights(state.attention_mask, hidden.dtype)  # (n, T): 1/length on real tokens
+            return torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
         if kind == "cls":
             return hidden[:, 0]
         return self.adapter.pool(hidden)

@@ -21,13 +21,25 @@ class EncoderState:
     """Hidden states of the rows still running, plus what their layers need.
 
     hidden: (n, T, H); attention_mask: (n, T) with 1 for real tokens (right padding);
-    layer_kwargs: extra arguments of every layer call, rebuilt by ``prepare`` whenever rows leave.
+    ``layer_kwargs``: extra arguments of every layer call (the attention mask in the attention
+    implementation's layout, ...), built by ``prepare`` for the current rows when first asked for. Built
+    lazily because a backend that runs the layers elsewhere (ONNX Runtime) never asks.
     """
 
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     prepare: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    prepared: dict[str, Any] | None = field(default=None, repr=False)  # layer_kwargs once built
+
+    @property
+    def layer_kwargs(self) -> dict[str, Any]:
+        if self.prepared is None:
+            self.prepared = self.prepare(self.hidden, self.attention_mask)
+        return self.prepared
+
+    def with_hidden(self, hidden: torch.Tensor) -> "EncoderState":
+        """The same rows (and their layer arguments, if built) with new hidden states of the same shape."""
+        return EncoderState(hidden, self.attention_mask, self.prepare, self.prepared)
 
     def select(self, rows: torch.Tensor) -> "EncoderState":
         """Keep only ``rows`` (bool (n,) or long (k,)) and drop padding columns no kept row needs."""
@@ -36,7 +48,7 @@ class EncoderState:
         if length < mask.shape[1] and bool((mask[:, length:] == 0).all()):
             mask = mask[:, :length]  # right padding past every kept row's end is dead weight
         hidden = self.hidden[rows][:, : mask.shape[1]]  # (k, T', H)
-        return EncoderState(hidden, mask, self.prepare, self.prepare(hidden, mask))
+        return EncoderState(hidden, mask, self.prepare)
 
 
 class LayerStackAdapter:
@@ -107,7 +119,7 @@ class EncoderAdapter(LayerStackAdapter):
 
     def start(self, input_ids, attention_mask, token_type_ids=None) -> EncoderState:
         hidden = self.embed(input_ids, token_type_ids)  # (B, T, H)
-        return EncoderState(hidden, attention_mask, self.prepare, self.prepare(hidden, attention_mask))
+        return EncoderState(hidden, attention_mask, self.prepare)
 
     def start_images(self, pixel_values: torch.Tensor) -> EncoderState:
         """Embed a batch of images (vision adapters); text encoders refuse."""

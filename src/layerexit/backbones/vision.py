@@ -41,7 +41,7 @@ class ViTAdapter(EncoderAdapter):
         dtype = self.backbone.embeddings.patch_embeddings.projection.weight.dtype
         hidden = self.backbone.embeddings(pixel_values.to(dtype))  # (B, 1 + P, H)
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # (B, T): no padding
-        return EncoderState(hidden, mask, self.prepare, self.prepare(hidden, mask))
+        return EncoderState(hidden, mask, self.prepare)
 
     def prepare(self, hidden, attention_mask) -> dict[str, Any]:
         return {"attention_mask": None}  # images have no padding: full attention

@@ -164,7 +164,7 @@ class Engine:
         lengths = [r.length for r in rows]
         hidden = pad_sequence([r.hidden for r in rows], batch_first=True)  # (n, T, H), zeros past each row's end
         mask = _mask(lengths, hidden.device)  # (n, T)
-        state = EncoderState(hidden, mask, self._prepare, self._prepare(hidden, mask))
+        state = EncoderState(hidden, mask, self._prepare)
         state = self.model.run_layers(state, layer, layer + 1)
         feature = self.model.exit_feature(state)  # (n, H)
         logits = self.model.exits[layer](feature)  # (n, C)
