@@ -1,5 +1,6 @@
 """The training loop: accelerate for devices and multi-process data parallel training, progress bars,
-evaluation each epoch, best checkpoint kept, seeded, resumable.
+evaluation each epoch (sharded over the processes), best checkpoint kept, seeded (dropout per process),
+resumable.
 
 Run the same code on several processes, GPUs or machines (see the README's "Distributed training"):
 ``torchrun --nproc_per_node 2 -m layerexit.cli.main train ...`` or
@@ -341,9 +342,9 @@ def evaluate_logits(model: MultiExitModel, eval_set, batch_size: int, accelerato
     With several processes each evaluates its own shard (rows ``rank, rank + W, ...``) and the shards are
     gathered, so every process holds the same logits (and picks the same best epoch) for 1/W of the work.
     """
-    rows = shard_rows(len(eval_set), accelerator)
-    if len(rows) == len(eval_set):
+    if accelerator is None or accelerator.num_processes == 1:
         return collect_logits(model, eval_set, batch_size, progress=False).logits
+    rows = shard_rows(len(eval_set), accelerator)
     if rows:
         logits = collect_logits(model, EncodedShard(eval_set, rows), batch_size, progress=False).logits
     else:  # fewer rows than processes
