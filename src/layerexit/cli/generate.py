@@ -177,7 +177,8 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..generation.corpus import frequent_tokens, load_passages, require_eos, token_blocks
-    from ..generation.evaluate import compare, plot, report, run_spec
+    from ..evaluation.generation_report import write_generation_report
+    from ..generation.evaluate import compare, run_spec
     from ..generation.loading import load_causal_lm
     from ..generation.model import EarlyExitLM
     from ..io import write_json_atomic
@@ -215,8 +216,7 @@ def run(args) -> int:
         payload.update({"model": args.model, "exits": args.exits or args.train_exits})
         out = Path(args.output)
         write_json_atomic(out / "results.json", payload)
-        plot(payload, out)
-        print(report(payload, out))
+        print(write_generation_report(payload, out))
         return 0
     eos = tokenizer.eos_token_id if args.stop_at_eos else None
     for text in prompts:
