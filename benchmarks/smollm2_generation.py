@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from layerexit.evaluation.generation_report import write_generation_report
 from layerexit.evaluation.simulate import Simulation
 from layerexit.generation import EarlyExitLM, TokenRule, make_token_rule
 from layerexit.generation.corpus import frequent_tokens, load_passages, prompts_from, token_blocks
-from layerexit.generation.evaluate import compare, plot, report
+from layerexit.generation.evaluate import compare
 from layerexit.generation.loading import load_causal_lm
 from layerexit.generation.teacher_forced import simulate_tokens
 from layerexit.generation.train import (ExitTrainConfig, PolicyTrainConfig, collect_features, fit_shortcuts,
@@ -285,8 +286,7 @@ def main() -> int:
         "held_out_perplexity": perplexity, "lora_projections_merged": lora_merged,
     })
     write_json_atomic(args.output, payload)
-    plot(payload, args.plots)
-    print(report(payload, args.plots, "SmolLM2-135M generation"))
+    print(write_generation_report(payload, args.plots, "SmolLM2-135M generation"))
     return 0
 
 

@@ -147,5 +147,5 @@ def test_a_part_registers_by_name_and_takes_its_description_from_the_catalog():
     assert registry.describe() == [("a", "an a")]
     with pytest.raises(RuntimeError, match="not in layerexit.catalog"):
         registry.register("b")
-    with pytest.raises(RuntimeError, match="differs from layerexit.catalog"):
-        registry.register("a", "another description")
+    with pytest.raises(RuntimeError, match="registered twice"):
+        registry.register("a")(object)

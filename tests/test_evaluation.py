@@ -97,13 +97,13 @@ def test_measure_keeps_every_round_and_simulation_uses_the_timed_rows(models):
 
 
 def test_generation_report_flags_a_speedup_above_the_ideal(tmp_path):
-    from layerexit.generation.evaluate import report
+    from layerexit.evaluation.generation_report import generation_report
 
     entry = {"name": "maxprob", "avg_layers": 20.0, "speedup_measured": 1.9, "speedup_ideal": 1.5,
              "tokens_per_second": 9.5, "token_match": 0.9, "rouge_l": 0.9, "identical_prompts": 1}
     entry["warnings"] = timing_warnings(entry)
     payload = {"full": {"tokens_per_second": 5.0}, "prompts": 2, "max_new_tokens": 8, "exit_parameters": 0,
                "backbone_parameters": 100, "results": [entry]}
-    text = report(payload, tmp_path)
+    text = generation_report(payload)
     assert "| maxprob | 20.00 | 9.50 | 1.90x | 1.50x |" in text
     assert "**Timing warnings**" in text and "above the ideal L/avg_layers 1.50x" in text

@@ -2,13 +2,12 @@
 
 The command line needs these names for ``choices=``, its help and ``layerexit list`` in well under a second,
 while the parts themselves live in modules that import torch. This module is the one place where each name's
-one-line description is written: the registries of rules, token rules, backbones and decoders are built on
-these tables (``Registry(kind, index)``), so a part registers by name alone and a name missing here is refused
-at import; the packaged corpora and decoders take their descriptions from here too, and the plain tuples
-below are imported by the library. ``tests/test_cli_fast.py`` checks that every table names exactly the
-registered parts (the registries of execution backends and training objectives still state their
-descriptions at registration, checked against these), in the spirit of transformers' lazy
-``_import_structure`` tables.
+one-line description is written: every registry (rules, token rules, backbones, decoders, execution backends,
+training objectives) is built on one of these tables (``Registry(kind, index)``), so a part registers by name
+alone and a name missing here is refused at import; the packaged corpora and decoders take their
+descriptions from here too, and the plain tuples below are imported by the library.
+``tests/test_cli_fast.py`` checks that every table names exactly the registered parts, in the spirit of
+transformers' lazy ``_import_structure`` tables.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Named registries with one-line descriptions (timm's `register_model` / `list_models` pattern).
 
-One registry per extension point: backbone adapters, exit rules and training objectives. Unknown names are
-answered with the list of known ones; `layerexit list` prints every registry.
+One registry per extension point: backbone and decoder adapters, exit rules and token rules, execution
+backends and training objectives. Each is built on a table of :mod:`layerexit.catalog`, where every name's
+one-line description is written once. Unknown names are answered with the list of known ones; `layerexit
+list` prints every table.
 """
 
 from __future__ import annotations
@@ -15,32 +17,23 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     """``index``: the names and one-line descriptions of :mod:`layerexit.catalog` (the torch-free index the
-    command line reads). With it, a part registers by name alone and takes its description from there, so
-    each description is written once; a name missing from the index is refused at import."""
+    command line reads). A part registers by name alone and takes its description from there, so each
+    description is written once; a name missing from the index is refused at import."""
 
-    def __init__(self, kind: str, index: Mapping[str, str] | None = None):
+    def __init__(self, kind: str, index: Mapping[str, str]):
         self.kind = kind
         self.index = index
         self._items: dict[str, T] = {}
-        self._descriptions: dict[str, str] = {}
 
-    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
-        if self.index is not None:
-            if name not in self.index:
-                raise RuntimeError(f"{self.kind} {name!r} is not in layerexit.catalog: add its name and one-line "
-                                   "description there (the command line reads them without importing torch)")
-            if description is not None and description != self.index[name]:
-                raise RuntimeError(f"{self.kind} {name!r}: its description differs from layerexit.catalog's; "
-                                   "state it only there")
-            description = self.index[name]
-        elif description is None:
-            raise RuntimeError(f"{self.kind} {name!r} needs a one-line description")
+    def register(self, name: str) -> Callable[[T], T]:
+        if name not in self.index:
+            raise RuntimeError(f"{self.kind} {name!r} is not in layerexit.catalog: add its name and one-line "
+                               "description there (the command line reads them without importing torch)")
 
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise RuntimeError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
-            self._descriptions[name] = description
             return obj
 
         return decorator
@@ -54,7 +47,7 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def describe(self) -> list[tuple[str, str]]:
-        return [(name, self._descriptions[name]) for name in self.names()]
+        return [(name, self.index[name]) for name in self.names()]
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -11,8 +11,8 @@ import json
 
 from ..catalog import BACKENDS, DEFAULT_ROUNDS, DEFAULT_TOLERANCE, RULES
 from ..preflight import checkpoint_config, writable_file
-from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
-                     in_range, int_list, load_checkpoint, parse_rule_params, positive_int_list, require)
+from .common import (add_data_options, add_device_options, arg, at_least, command_parser, data_from, in_range,
+                     int_list, load_checkpoint, parse_rule_params, positive_int_list, require)
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
@@ -21,9 +21,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("benchmark", help="time the full model against early exit",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "benchmark", "time the full model against early exit", __doc__, EXAMPLES)
     p.add_argument("--model", help="checkpoint folder (required)")
     add_data_options(p, split="test")
     p.add_argument("--rule", default="maxprob", choices=sorted(RULES))

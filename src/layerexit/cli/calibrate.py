@@ -19,8 +19,8 @@ from ..catalog import BACKENDS, BINNINGS, COSTS, SMOOTHINGS
 from ..data import is_test_split
 from ..errors import bad_value
 from ..preflight import checkpoint_config, read_json, writable_folder
-from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
-                     in_range, load_checkpoint, require)
+from .common import (add_data_options, add_device_options, arg, at_least, command_parser, data_from, in_range,
+                     load_checkpoint, require)
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
@@ -36,10 +36,8 @@ BUDGET_CHECK = in_range(0, 1, low_open=True, example="0.5 (half the full model's
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("calibrate", help="fit PCEE / temperature / budget rules on validation data, "
-                              "draw reliability diagrams", description=__doc__, epilog=EXAMPLES,
-                              formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "calibrate", "fit PCEE / temperature / budget rules on validation data, "
+                       "draw reliability diagrams", __doc__, EXAMPLES)
     p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="validation")
     p.add_argument("--output", default="runs/calibration", help="folder for rules.json, plots, calibration.json")

@@ -47,6 +47,18 @@ def _shows_default(action: argparse.Action) -> bool:
     return action.nargs != 0  # store_true / store_false / help: the flag's presence is the value
 
 
+def command_parser(subparsers, name: str, help: str, description: str | None, examples: str,
+                   config: bool = True) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: its one-line ``help`` in ``layerexit --help``, the command module's
+    docstring as ``description``, its ``examples`` after the options, and the ``--config`` YAML option unless
+    ``config=False``."""
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=examples,
+                                   formatter_class=Formatter)
+    if config:
+        add_config_option(parser)
+    return parser
+
+
 # ------------------------------------------------------------------------------------------- option checks
 
 
@@ -351,6 +363,6 @@ def known_names(flag: str, known) -> Check:
 
 
 __all__ = ["Formatter", "LayerExitError", "add_config_option", "add_data_options", "add_device_options", "add_fields",
-           "apply_config", "arg", "at_least", "config_from", "data_from", "device_and_dtype", "in_range", "int_list",
-           "known_names", "load_checkpoint", "name_list", "parse_rule_params", "positive_int_list", "require",
-           "run_checks"]
+           "apply_config", "arg", "at_least", "command_parser", "config_from", "data_from", "device_and_dtype",
+           "in_range", "int_list", "known_names", "load_checkpoint", "name_list", "parse_rule_params",
+           "positive_int_list", "require", "run_checks"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..preflight import writable_folder
 from ..resources import DEFAULT_MODEL
-from .common import Formatter
+from .common import command_parser
 
 EXAMPLES = """examples:
   layerexit demo                     # about 10 minutes on 2 CPU cores
@@ -34,8 +34,8 @@ DEMO_ALPHA_RANGE = (0.1, 3.0)
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("demo", help="train + evaluate the packaged MiniLM on packaged data (offline)",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
+    p = command_parser(subparsers, "demo", "train + evaluate the packaged MiniLM on packaged data (offline)",
+                       __doc__, EXAMPLES, config=False)
     p.add_argument("--quick", action="store_true", help="small slice, about a minute")
     p.add_argument("--output", default="runs/demo", help="report folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help="backbone")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ..catalog import BACKENDS, DEFAULT_ROUNDS, DEFAULT_SWEEP, DEFAULT_TOLERANCE, RULES
 from ..preflight import checkpoint_config, writable_folder
 from .calibrate import add_control_options, check_control, control_options
-from .common import (Formatter, add_config_option, add_data_options, add_device_options, arg, at_least, data_from,
-                     in_range, int_list, known_names, load_checkpoint, name_list, positive_int_list, require)
+from .common import (add_data_options, add_device_options, arg, at_least, command_parser, data_from, in_range,
+                     int_list, known_names, load_checkpoint, name_list, positive_int_list, require)
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
@@ -17,9 +17,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("evaluate", help="sweep every exit rule, time operating points, write a report",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "evaluate", "sweep every exit rule, time operating points, write a report",
+                       __doc__, EXAMPLES)
     p.add_argument("--model", help="checkpoint folder written by `layerexit train` (required)")
     add_data_options(p, split="test")
     p.add_argument("--output", default="runs/eval", help="report folder")

@@ -17,8 +17,8 @@ from pathlib import Path
 from ..catalog import CORPORA, DEFAULT_DECODER, GENERATION_OBJECTIVES, KV_STRATEGIES, PACKAGED_DECODERS, TOKEN_RULES
 from ..errors import bad_value
 from ..preflight import check_decoder, writable_folder
-from .common import (Formatter, add_config_option, add_device_options, arg, at_least, device_and_dtype, in_range,
-                     int_list, positive_int_list)
+from .common import (add_device_options, arg, at_least, command_parser, device_and_dtype, in_range, int_list,
+                     positive_int_list)
 
 #: a rule threshold, a draft probability: probabilities or cosine similarities in [0, 1]
 PROBABILITY = in_range(0, 1, example="0.9")
@@ -34,9 +34,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("generate", help="generate text with early exit or self-speculative decoding",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "generate", "generate text with early exit or self-speculative decoding",
+                       __doc__, EXAMPLES)
     p.add_argument("--model", default=DEFAULT_DECODER, help=f"decoder: packaged {sorted(PACKAGED_DECODERS)}, a hub name or "
                    "a local folder (Llama/Mistral/Qwen2/GPT-2 layouts)")
     p.add_argument("--exits", help="folder of trained exits (save_exits / --train-exits); default: shared head")
@@ -178,7 +177,8 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..generation.corpus import frequent_tokens, load_passages, require_eos, token_blocks
-    from ..generation.evaluate import compare, plot, report, run_spec
+    from ..evaluation.generation_report import write_generation_report
+    from ..generation.evaluate import compare, run_spec
     from ..generation.loading import load_causal_lm
     from ..generation.model import EarlyExitLM
     from ..io import write_json_atomic
@@ -216,8 +216,7 @@ def run(args) -> int:
         payload.update({"model": args.model, "exits": args.exits or args.train_exits})
         out = Path(args.output)
         write_json_atomic(out / "results.json", payload)
-        plot(payload, out)
-        print(report(payload, out))
+        print(write_generation_report(payload, out))
         return 0
     eos = tokenizer.eos_token_id if args.stop_at_eos else None
     for text in prompts:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from .. import catalog
 from ..data import PACKAGED
 from ..resources import PACKAGED_MODELS
-from .common import Formatter
+from .common import command_parser
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("list", help="show registered backbones, rules, objectives and packaged data",
-                              description=__doc__, epilog="example:\n  layerexit list", formatter_class=Formatter)
+    p = command_parser(subparsers, "list", "show registered backbones, rules, objectives and packaged data",
+                       __doc__, "example:\n  layerexit list", config=False)
     p.set_defaults(run=run)
     return p
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import bad_value
-from .common import Formatter, add_config_option, add_device_options, device_and_dtype, parse_rule_params, require
+from .common import add_device_options, command_parser, device_and_dtype, parse_rule_params, require
 
 EXAMPLES = """examples:
   layerexit predict --model runs/rt/best "a gripping, beautifully shot film" "two hours I will never get back"
@@ -23,9 +23,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("predict", help="classify texts with early exit; JSON lines out",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "predict", "classify texts with early exit; JSON lines out", __doc__, EXAMPLES)
     p.add_argument("texts", nargs="*", help="texts to classify (or use --file)")
     p.add_argument("--model", help="checkpoint folder or hub id (required)")
     p.add_argument("--file", help="a UTF-8 text file with one text per line; '-' reads standard input")

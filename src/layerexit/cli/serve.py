@@ -11,7 +11,7 @@ Needs the `serve` extra: pip install 'layerexit[serve]'.
 from __future__ import annotations
 
 from ..catalog import BACKENDS
-from .common import Formatter, add_config_option
+from .common import command_parser
 
 EXAMPLES = """examples:
   layerexit serve --model runs/rt/best --rule maxprob --threshold 0.9
@@ -22,9 +22,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("serve", help="serve a model over HTTP with per-layer batching and early exit",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "serve", "serve a model over HTTP with per-layer batching and early exit",
+                       __doc__, EXAMPLES)
     p.add_argument("--model", help="checkpoint folder (default: the model `make demo` wrote, runs/demo/model/best)")
     rules = p.add_argument_group("exit rule (one source)")
     rules.add_argument("--rule", help="exit rule name, as `layerexit list` shows (default maxprob; with "

@@ -11,8 +11,7 @@ from ..errors import LayerExitError, bad_value
 from ..preflight import check_max_length, writable_folder
 from ..resources import DEFAULT_MODEL
 from ..training.config import TrainConfig
-from .common import (Formatter, add_config_option, add_data_options, add_fields, arg, at_least, config_from,
-                     data_from, field_help)
+from .common import add_data_options, add_fields, arg, at_least, command_parser, config_from, data_from, field_help
 
 EXAMPLES = """examples:
   layerexit train --output runs/rt                      # packaged MiniLM on the packaged movie reviews
@@ -33,9 +32,7 @@ CEE_FLAGS = {"stage2_learning_rate": "--stage2-lr", "stage3_learning_rate": "--s
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("train", help="fine-tune a backbone with an exit after every layer",
-                              description=__doc__, epilog=EXAMPLES, formatter_class=Formatter)
-    add_config_option(p)
+    p = command_parser(subparsers, "train", "fine-tune a backbone with an exit after every layer", __doc__, EXAMPLES)
     p.add_argument("--model", default=DEFAULT_MODEL, help="backbone: packaged name, hub name or local folder")
     add_data_options(p, split="train")
     p.add_argument("--eval-split", default="validation", help="split evaluated each epoch ('none' to skip)")

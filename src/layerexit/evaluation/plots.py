@@ -1,6 +1,8 @@
-"""Figures of a ``results.json`` dict: the accuracy / saved-layers trade-off and the per-layer accuracy.
+"""Figures of a ``results.json`` dict: the accuracy / saved-layers trade-off and the per-layer accuracy; and of
+a comparison of generation strategies: measured speed-up against agreement, and where early exit happens.
 
-Both functions write a PNG (8 x 5 inches, 120 dpi), close the figure and return the path written. The
+Every function writes a PNG (120 dpi; 8 x 5 inches for the classifier figures), closes the figure and returns
+the path written. The
 trade-off curves and oracles are simulated over cached logits and the figure says so; measured wall-clock
 runs are not drawn here (they are tabulated in the report), so nothing on the figure is called a speed-up.
 """
@@ -183,4 +185,42 @@ def plot_per_layer(results: Mapping[str, Any], path: str | Path) -> Path:
     )
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return save_figure(fig, path)
+
+
+_STRATEGY_MARKERS = {"speculative": "s", "early-exit": "o", "hf": "^"}
+
+
+def plot_strategies(payload: Mapping[str, Any], path: str | Path) -> Path:
+    """Measured speed-up over the full model against token match with its greedy output, one numbered point per
+    strategy of a generation comparison (``generation.evaluate.compare``). Returns ``path``."""
+    path = prepare_path(path)
+    fig, ax = plt.subplots(figsize=(11, 5))
+    for i, entry in enumerate(payload["results"], start=1):
+        marker = _STRATEGY_MARKERS.get(entry["spec"].get("strategy"), "x")
+        ax.scatter(entry["token_match"], entry["speedup_measured"], marker=marker, label=f"{i}. {entry['name']}")
+        ax.annotate(str(i), (entry["token_match"], entry["speedup_measured"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("token match with full greedy output")
+    ax.set_ylabel("measured tokens/s ÷ full model (same run)")
+    ax.set_title("Generation strategies (measured)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_exit_layers(payload: Mapping[str, Any], path: str | Path) -> Path:
+    """The share of generated tokens that exited at each layer, one line per early-exit strategy (the entries
+    with an ``exit_histogram``). Returns ``path``."""
+    path = prepare_path(path)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for entry in (e for e in payload["results"] if "exit_histogram" in e):
+        hist = entry["exit_histogram"]
+        total = sum(hist.values())
+        ax.plot([int(k) for k in hist], [v / total for v in hist.values()], marker="o", label=entry["name"])
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("share of generated tokens")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..io import write_text_atomic
 from .formatting import format_params, md_table, num, pct, scalar
 from .metrics import area_under_curve, effective_tolerance, num_layers, operating_points, pareto_front
 
@@ -81,9 +82,7 @@ def write_report(results: Mapping[str, Any], folder: str | Path, tolerance: floa
         *_control_section(results.get("controllability")),
     ]
     path = folder / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "\n\n".join(parts) + "\n")
     return path
 
 
@@ -204,12 +203,19 @@ def measured_table(measured: list[Mapping[str, Any]], total_layers: int) -> str:
             "**Note:** in at least one measured run some rows did not exit at the same layer as in the "
             "simulation; its accuracy and average layers may differ slightly from the simulated table."
         )
-    warnings = [f"- {m.get('rule', '?')} at batch {m.get('batch_size', '?')}: {w}" for m in measured
-                for w in m.get("warnings") or []]
+    warnings = timing_warnings_note([(f"{m.get('rule', '?')} at batch {m.get('batch_size', '?')}", w)
+                                     for m in measured for w in m.get("warnings") or []])
     if warnings:
-        notes.append("**Timing warnings** (re-run these on a quiet machine before quoting them):\n"
-                     + "\n".join(warnings))
+        notes.append(warnings)
     return "\n\n".join([md_table(header, rows), *notes])
+
+
+def timing_warnings_note(warnings: list[tuple[str, str]]) -> str:
+    """The report's note on implausible timings, one line per ``(what was timed, warning)``; empty if none."""
+    if not warnings:
+        return ""
+    return ("**Timing warnings** (re-run these on a quiet machine before quoting them):\n"
+            + "\n".join(f"- {what}: {warning}" for what, warning in warnings))
 
 
 def _measured_row(m: Mapping[str, Any], total_layers: int, spread: bool, extras_known: list[str],
@@ -285,4 +291,4 @@ def _control_section(report: Mapping[str, Any] | None) -> list[str]:
     return parts
 
 
-__all__ = ["measured_table", "write_report"]
+__all__ = ["measured_table", "timing_warnings_note", "write_report"]

@@ -8,10 +8,11 @@ unchanged on every backend. Choose one with :meth:`layerexit.MultiExitModel.opti
 
 from __future__ import annotations
 
+from .. import catalog
 from ..registry import Registry
 from .base import LayerBackend
 
-BACKENDS: Registry[type[LayerBackend]] = Registry("backend")
+BACKENDS: Registry[type[LayerBackend]] = Registry("backend", catalog.BACKENDS)
 
 from .torch_backends import BF16Backend, EagerBackend, Int8Backend  # noqa: E402  (they register themselves)
 from .onnx import OnnxBackend, OnnxInt8Backend  # noqa: E402

@@ -53,7 +53,7 @@ class _LayerGraph(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-@BACKENDS.register("onnx", "each layer an ONNX Runtime session (float32, dynamic rows and length)")
+@BACKENDS.register("onnx")
 class OnnxBackend(LayerBackend):
     name = "onnx"
     hidden_dtype = torch.float32
@@ -167,7 +167,7 @@ class OnnxBackend(LayerBackend):
         self._open(directory)
 
 
-@BACKENDS.register("onnx-int8", "each layer an ONNX Runtime session with dynamic int8 MatMuls (per-channel weights)")
+@BACKENDS.register("onnx-int8")
 class OnnxInt8Backend(OnnxBackend):
     name = "onnx-int8"
     quantized = True

@@ -24,7 +24,7 @@ from .base import LayerBackend, read_manifest, unique_layers, write_manifest
 
 
 
-@BACKENDS.register("eager", "the backbone's own layers in their own dtype (the default)")
+@BACKENDS.register("eager")
 class EagerBackend(LayerBackend):
     name = "eager"
 
@@ -45,7 +45,7 @@ class _CopiedLayers(LayerBackend):
         return self.model.adapter.call_layer(self.layers[index], hidden, state.layer_kwargs)
 
 
-@BACKENDS.register("bf16", "layers in bfloat16 (hidden states travel in bf16); exit heads and rules on fp32 features")
+@BACKENDS.register("bf16")
 class BF16Backend(_CopiedLayers):
     name = "bf16"
     hidden_dtype = torch.bfloat16
@@ -57,7 +57,7 @@ class BF16Backend(_CopiedLayers):
         return {"backend": self.name, "layers": "bfloat16", "exit_heads": "float32"}
 
 
-@BACKENDS.register("int8", "dynamic int8 linear layers (FBGEMM, per-channel weights, per-tensor activations)")
+@BACKENDS.register("int8")
 class Int8Backend(_CopiedLayers):
     name = "int8"
     saves_files = True

@@ -11,13 +11,11 @@ token match rate and ROUGE-L F1 over token ids. transformers' own ``generate`` c
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import bad_value
-from ..evaluation.formatting import md_table
 from ..evaluation.timing import timing_warnings
 from .decode import Generation, generate
 from .rules import make_token_rule
@@ -170,75 +168,3 @@ def compare(model, tokenizer, prompts: list[str], specs: list[dict], max_new_tok
             "full": {"tokens": full["tokens"], "seconds": full["seconds"], "tokens_per_second": full_tps},
             "results": results, "samples": samples,
             "exit_parameters": model.exit_parameters(), "backbone_parameters": model.backbone_parameters()}
-
-
-def plot(payload: dict, out_dir: str | Path) -> list[str]:
-    """Speed-up against agreement for every strategy, and the exit-layer histograms of early exit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    fig, ax = plt.subplots(figsize=(11, 5))
-    for i, entry in enumerate(payload["results"], start=1):
-        marker = {"speculative": "s", "early-exit": "o", "hf": "^"}.get(entry["spec"].get("strategy"), "x")
-        ax.scatter(entry["token_match"], entry["speedup_measured"], marker=marker, label=f"{i}. {entry['name']}")
-        ax.annotate(str(i), (entry["token_match"], entry["speedup_measured"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("token match with full greedy output")
-    ax.set_ylabel("measured tokens/s ÷ full model (same run)")
-    ax.set_title("Generation strategies (measured)")
-    fig.tight_layout()
-    path = out_dir / "speed_vs_agreement.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    files.append(str(path))
-    exits = [e for e in payload["results"] if "exit_histogram" in e]
-    if exits:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for entry in exits:
-            hist = entry["exit_histogram"]
-            total = sum(hist.values())
-            ax.plot([int(k) for k in hist], [v / total for v in hist.values()], marker="o", label=entry["name"])
-        ax.set_xlabel("exit layer")
-        ax.set_ylabel("share of generated tokens")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out_dir / "exit_layers.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(str(path))
-    return files
-
-
-def report(payload: dict, out_dir: str | Path, title: str = "Generation evaluation") -> str:
-    """A markdown table of the measured figures plus the plots."""
-    full = payload["full"]
-    lines = [f"# {title}", "",
-             f"{payload['prompts']} prompts, up to {payload['max_new_tokens']} new tokens, batch size 1. Full model "
-             f"(our loop, never exiting): {full['tokens_per_second']:.2f} tokens/s. Exit machinery adds "
-             f"{payload['exit_parameters']:,} parameters to {payload['backbone_parameters']:,} "
-             f"({100 * payload['exit_parameters'] / payload['backbone_parameters']:.2f}%). All figures measured "
-             f"(fastest of {payload.get('rounds', 1)} interleaved round(s) per prompt and strategy).", ""]
-    rows = [[e["name"], f"{e['avg_layers']:.2f}" if "avg_layers" in e else "—", f"{e['tokens_per_second']:.2f}",
-             f"{e['speedup_measured']:.2f}x", f"{e['speedup_ideal']:.2f}x" if "speedup_ideal" in e else "—",
-             f"{100 * e['token_match']:.1f}%", f"{e['rouge_l']:.3f}", f"{e['identical_prompts']}/{payload['prompts']}",
-             f"{100 * e['acceptance']:.0f}%" if "acceptance" in e else ""] for e in payload["results"]]
-    lines.append(md_table(["strategy", "avg layers", "tokens/s", "speed-up vs full", "ideal (L/avg layers)",
-                           "token match", "ROUGE-L", "identical", "acceptance"], rows))
-    warnings = [f"- {e['name']}: {w}" for e in payload["results"] for w in e.get("warnings") or []]
-    if warnings:
-        lines += ["", "**Timing warnings** (re-run these on a quiet machine before quoting them):", *warnings]
-    lines += ["", "![speed vs agreement](speed_vs_agreement.png)", ""]
-    if any("exit_histogram" in e for e in payload["results"]):
-        lines += ["![exit layers](exit_layers.png)", ""]
-    text = "\n".join(lines) + "\n"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text(text)
-    return text

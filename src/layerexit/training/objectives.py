@@ -16,10 +16,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import catalog
 from ..errors import bad_value
 from ..registry import Registry
 
-OBJECTIVES: Registry[type["Objective"]] = Registry("objective")
+OBJECTIVES: Registry[type["Objective"]] = Registry("objective", catalog.OBJECTIVES)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Objective:
         raise NotImplementedError
 
 
-@OBJECTIVES.register("weighted", "PABEE weighted average of exit losses, weight l for exit l (default)")
+@OBJECTIVES.register("weighted")
 class Weighted(Objective):
     name = "weighted"
 
@@ -54,7 +55,7 @@ class Weighted(Objective):
         return [Stage("joint", [float(l) for l in range(1, num_layers + 1)])]
 
 
-@OBJECTIVES.register("uniform", "plain average of all exits' cross-entropies")
+@OBJECTIVES.register("uniform")
 class Uniform(Objective):
     name = "uniform"
 
@@ -62,7 +63,7 @@ class Uniform(Objective):
         return [Stage("joint", [1.0] * num_layers)]
 
 
-@OBJECTIVES.register("custom", "weighted average with user weights, one per exit (--layer-weights)")
+@OBJECTIVES.register("custom")
 class Custom(Objective):
     name = "custom"
 
@@ -76,7 +77,7 @@ class Custom(Objective):
         return [Stage("joint", self.weights)]
 
 
-@OBJECTIVES.register("two-stage", "DeeBERT: backbone + last exit first, then the other exits on the frozen backbone")
+@OBJECTIVES.register("two-stage")
 class TwoStage(Objective):
     name = "two-stage"
 
