@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from layerexit.consistentee.rollout import hits, memorized_layer, reward
 from layerexit.evaluation.metrics import area_under_curve, operating_point
 from layerexit.io import write_json_atomic
 
@@ -69,10 +70,37 @@ def probe_scores(train: dict, test: dict, target: str, use_feature: bool) -> tor
     return torch.stack(scores)
 
 
+def reward_gaps(split: dict, alphas=(0.25, 0.5, 1.0), kinds=("paper", "accuracy", "agreement")) -> dict:
+    """How much more reward the best max-prob threshold rule earns than the best always-exit-at-one-layer policy,
+    per reward kind and alpha (hardness on): a small gap means the reward barely pays for reading confidence."""
+    z, y = split["logits"], split["labels"]
+    num_layers, n, _ = z.shape
+    memorized = memorized_layer(z.argmax(-1) == y)
+    ce = torch.stack([F.cross_entropy(z[l], y, reduction="none") for l in range(num_layers)], 1)  # (N, L)
+    top = z.softmax(-1).amax(-1).T  # (N, L)
+    out = {}
+    for kind in kinds:
+        for alpha in alphas:
+            rewards = torch.stack([reward(ce[:, l], torch.full((n,), l + 1), memorized, num_layers, alpha, True, kind,
+                                          hits(z[l].argmax(-1), y, z[-1].argmax(-1), kind))
+                                   for l in range(num_layers)], 1)  # (N, L)
+            constant = rewards.mean(0).max().item()
+            best = -float("inf")
+            for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999):
+                exits = top > t
+                exits[:, -1] = True
+                best = max(best, rewards[torch.arange(n), exits.long().argmax(1)].mean().item())
+            out[f"{kind}@alpha={alpha}"] = {"best_constant_layer": constant, "best_maxprob_threshold": best,
+                                           "gap": best - constant}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/bench-cee-policies")
     parser.add_argument("--train-pass", default="pass_train8000-16000.pt")
+    parser.add_argument("--stage1-pass", default="pass_train0-8000.pt", help="stage 1's own training phrases (for "
+                        "the reward gaps)")
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--output", default="benchmarks/results/sst2_consistentee_probe.json")
     args = parser.parse_args()
@@ -91,7 +119,12 @@ def main() -> None:
         summary[name] = {"area": area_under_curve(points), "saved_within_tolerance": op["saved_layers"] if op else 0.0}
         print(f"{name:40s} area {summary[name]['area']:.4f}  saved within tolerance "
               f"{summary[name]['saved_within_tolerance']:.3f}")
+    gaps = reward_gaps(torch.load(Path(args.run_dir) / args.stage1_pass, weights_only=True))
+    for name, gap in gaps.items():
+        print(f"reward {name:24s} best constant layer {gap['best_constant_layer']:+.3f}, best max-prob threshold "
+              f"{gap['best_maxprob_threshold']:+.3f}, gap {gap['gap']:.3f}")
     write_json_atomic(Path(args.output), {"benchmark": "sst2_consistentee_probe", "args": vars(args),
+                                          "reward_gaps_on_stage1_training_phrases": gaps,
                                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                           "full_accuracy": full, "summary": summary, "curves": results})
 
