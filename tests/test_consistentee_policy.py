@@ -112,7 +112,12 @@ def test_ce_reward_and_validation():
                           hardness=False)
     torch.testing.assert_close(per_instance, -ce - torch.tensor([0.5, 2.0]))
     with pytest.raises(LayerExitError, match="reward"):
-        ConsistentEEConfig(reward="accuracy").validate()
+        ConsistentEEConfig(reward="f1").validate()
+    hit = torch.tensor([1.0, 0.0])  # the accuracy-type rewards: 0/1 gain, the same layer cost
+    torch.testing.assert_close(reward(ce, torch.tensor([3, 3]), torch.tensor([3, 3]), 3, 1.0, hardness=False,
+                                      kind="accuracy", hit=hit), hit - 1.0)
+    with pytest.raises(ValueError, match="hits"):
+        reward(ce, torch.tensor([3, 3]), torch.tensor([3, 3]), 3, 1.0, kind="agreement")
     with pytest.raises(LayerExitError, match="policy_inputs"):
         ConsistentEEConfig(policy_inputs=("maxprob", "maxprob")).validate()
     with pytest.raises(LayerExitError, match="alpha_range"):
@@ -234,3 +239,47 @@ def test_one_stage1_pass_gives_memorized_layers_and_features_and_is_shared(task,
     train_consistentee(task["backbone"], task["train"], None, tmp_path / "b",
                        ConsistentEEConfig(**{**vars(config), "alpha": 2.0}), train_config, max_length=16,
                        stage1_dir=tmp_path / "a" / "stage1", cache_dir=tmp_path / "shared")
+
+
+def test_exit_distribution_by_hand():
+    from layerexit.consistentee.rollout import exit_distribution
+
+    probs = torch.tensor([[0.5, 0.2, 0.9, 0.3]])
+    expected = torch.tensor([[0.5, 0.5 * 0.2, 0.5 * 0.8 * 0.9, 0.5 * 0.8 * 0.1]])  # the last layer exits by force
+    torch.testing.assert_close(exit_distribution(probs), expected)
+    torch.testing.assert_close(exit_distribution(torch.rand(3, 5, 6)).sum(-1), torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("alpha", [0.7, torch.tensor([0.2, 1.5, 3.0])], ids=["fixed", "per-instance"])
+def test_expected_reward_equals_the_mean_of_sampled_rollouts(alpha):
+    from layerexit.consistentee.rollout import expected_rollout_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 3).expand(20000, 3, 4, 3)  # many copies of the same 3 instances
+    probs = torch.rand(1, 3, 4).expand(20000, 3, 4)
+    labels, memorized = torch.tensor([0, 2, 1]), torch.tensor([1, 3, 4])
+    loss, ce, stats = expected_rollout_loss(logits[:1], probs[:1], labels, memorized, alpha)
+    _, sampled_ce, sampled = rollout_loss(logits, probs, labels, memorized, alpha,
+                                          generator=torch.Generator().manual_seed(1))
+    assert -loss.item() == pytest.approx(stats.reward)
+    assert stats.reward == pytest.approx(sampled.reward, abs=0.02)  # the Monte-Carlo mean of the same reward
+    assert stats.exit_layer == pytest.approx(sampled.exit_layer, abs=0.02)
+    assert ce.item() == pytest.approx(sampled_ce.item(), abs=0.02)
+
+
+def test_expected_gradient_still_learns_where_sampling_stops():
+    from layerexit.consistentee.rollout import expected_rollout_loss
+
+    # exit 1 is wrong and confident, exit 2 right: continuing pays, but a policy that (almost) always exits at
+    # layer 1 never samples layer 2, so REINFORCE sees no advantage; the expected reward still has the gradient
+    logits = torch.tensor([[[4.0, -4.0], [-4.0, 4.0]]]).expand(1, 1, 2, 2).expand(8, 1, 2, 2)  # (K, B, L, C)
+    raw = torch.tensor([[12.0, 0.0]], requires_grad=True)  # pi_1 = sigmoid(12), nearly 1
+    labels, memorized = torch.tensor([1]), torch.tensor([2])
+    loss, _, _ = rollout_loss(logits, torch.sigmoid(raw).expand(8, 1, 2), labels, memorized, alpha=0.5,
+                              generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert raw.grad[0, 0] == 0
+    raw.grad = None
+    loss, _, _ = expected_rollout_loss(logits, torch.sigmoid(raw).expand(8, 1, 2), labels, memorized, alpha=0.5)
+    loss.backward()
+    assert raw.grad[0, 0] > 0  # gradient descent lowers pi_1: continue to the right exit

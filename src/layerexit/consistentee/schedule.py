@@ -66,7 +66,7 @@ from ..training.state import load_tensors
 from ..training.trainer import (TrainConfig, locked_run, make_accelerator, prepare_run_folder, seed_everything,
                                 train)
 from .config import ConsistentEEConfig
-from .rollout import memorized_layer, rollout_loss
+from .rollout import expected_rollout_loss, memorized_layer, rollout_loss
 
 
 def sample_alpha(config: ConsistentEEConfig, batch: int, device=None, generator=None) -> float | torch.Tensor:
@@ -90,6 +90,9 @@ def rollout_on_features(model: MultiExitModel, features: torch.Tensor, labels: t
     probs = torch.stack([model.policies[l](noisy[:, :, l], policy_extras(
         logits[:, :, l], l, num_layers, model.config.policy_inputs, policy_alpha)) for l in range(num_layers)],
         dim=2)  # (K, B, L)
+    if config.estimator == "expected":
+        return expected_rollout_loss(logits, probs, labels, memorized, alpha, config.hardness, config.reward,
+                                     config.policy_entropy)
     return rollout_loss(logits, probs, labels, memorized, alpha, config.hardness, config.action,
                         config.epsilon, generator, config.reward, config.policy_entropy)
 
