@@ -219,7 +219,22 @@ print("ok")
 """
 
 
-def test_shared_thread_pool_is_made_once_and_every_later_session_uses_it(tmp_path):
+JOIN_POOL_SCRIPT = """
+import onnxruntime as ort, torch
+from tiny import make_model, make_batch
+ort.set_global_thread_pool_sizes(2, 1)  # other code of the process made the shared pool first
+model = make_model("bert", "mean", double=False)
+model.optimize("onnx", exporter="torchscript", thread_pool="shared")
+assert model.backend.describe()["thread_pool"] == "shared"
+b = {k: v for k, v in make_batch("bert", batch=5, seed=3).items() if v is not None}
+with torch.no_grad():
+    torch.testing.assert_close(model(**b), make_model("bert", "mean", double=False)(**b), rtol=0, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [SHARED_POOL_SCRIPT, JOIN_POOL_SCRIPT], ids=["made-here", "made-elsewhere"])
+def test_shared_thread_pool_is_made_once_and_every_later_session_uses_it(tmp_path, script):
     """ONNX Runtime makes the process-wide pool once and then refuses per-session pools, so this runs in a
     fresh interpreter (the test process keeps per-session pools)."""
     import os
@@ -229,7 +244,7 @@ def test_shared_thread_pool_is_made_once_and_every_later_session_uses_it(tmp_pat
     here = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", SHARED_POOL_SCRIPT], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 

@@ -199,7 +199,7 @@ _SHARED_POOL_THREADS: int | None = None  # size of this process's global ONNX Ru
 
 def use_shared_thread_pool(threads: int) -> int:
     """Create ONNX Runtime's process-wide ("global") intra-op thread pool with ``threads`` threads, once per
-    process; returns its size.
+    process; returns its size (0 when other code of the process made it first: it is joined, size unknown).
 
     The engine calls one session per layer. With a pool per session (ONNX Runtime's default), each pool's
     threads spin after their layer returns and starve the next layer's pool; with spinning turned off
@@ -214,12 +214,12 @@ def use_shared_thread_pool(threads: int) -> int:
     if _SHARED_POOL_THREADS is None:
         try:
             ort.set_global_thread_pool_sizes(int(threads), 1)
+            _SHARED_POOL_THREADS = int(threads)
         except Exception as err:  # noqa: BLE001  (ORT raises its own exception types)
-            raise LayerExitError(f"thread_pool='shared' is invalid here: ONNX Runtime's shared thread pool of this "
-                                 f"process was made by other code ({str(err).splitlines()[0]}); use "
-                                 "thread_pool='session'") from None
-        _SHARED_POOL_THREADS = int(threads)
-    elif _SHARED_POOL_THREADS != int(threads):
+            if "already been created" not in str(err):
+                raise
+            _SHARED_POOL_THREADS = 0  # made by other code in this process, size unknown: join it
+    elif _SHARED_POOL_THREADS and _SHARED_POOL_THREADS != int(threads):
         warnings.warn(f"backend onnx: ONNX Runtime's shared thread pool of this process has {_SHARED_POOL_THREADS} "
                       f"threads (made once per process), not the {threads} asked for; using it", stacklevel=3)
     return _SHARED_POOL_THREADS
