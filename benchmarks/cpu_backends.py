@@ -297,11 +297,11 @@ def main() -> None:
         variants["layerexit-bf16whole-early"] = layerexit_early(whole, rules["bf16"])
     # accuracy: every variant once over all scored sentences (batch 32); the timed rounds use the first --examples
     scored_labels = torch.tensor(scored.labels)
+    scored_batches = Batches.build(scored, 32, len(scored))
     scored_preds, scored_layers = {}, {}
     for name, fn in variants.items():
         with torch.inference_mode():
-            scored_preds[name] = torch.cat([fn(inputs).argmax(-1) for inputs in
-                                            Batches.build(scored, 32, len(scored)).inputs])
+            scored_preds[name] = torch.cat([fn(inputs).argmax(-1) for inputs in scored_batches.inputs])
         if hasattr(fn, "exit_layers"):
             scored_layers[name] = float(torch.cat(fn.exit_layers).double().mean())
             fn.exit_layers.clear()

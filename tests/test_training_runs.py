@@ -252,6 +252,16 @@ def test_second_training_into_the_same_folder_fails_at_once(tmp_path):
         pass
 
 
+def _hold_lock(folder) -> subprocess.Popen:
+    """Another process holding the run-folder lock of ``folder`` (for 60 s, or until killed)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from layerexit.training.runfolder import locked\n"
+         "with locked(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(folder)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_cli_takes_the_lock_before_loading_data_or_backbone(task, tmp_path, monkeypatch, capsys):
     """A second `layerexit train` into a folder in use fails at once: before the data or the backbone load."""
     import layerexit.cli.train as train_cli
@@ -260,12 +270,8 @@ def test_cli_takes_the_lock_before_loading_data_or_backbone(task, tmp_path, monk
     loaded = []
     monkeypatch.setattr(train_cli, "data_from", lambda *a, **k: loaded.append("data"))
     monkeypatch.setattr(run_module, "resolve_model", lambda *a, **k: loaded.append("backbone"))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from layerexit.training.runfolder import locked\n"
-         "with locked(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(tmp_path / "run")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
         code = main(["train", "--model", task["backbone"], "--data", str(task["train_csv"]), "--eval-split", "none",
                      "--output", str(tmp_path / "run"), "--epochs", "1", "--max-length", "16"])
@@ -277,12 +283,8 @@ def test_cli_takes_the_lock_before_loading_data_or_backbone(task, tmp_path, monk
     assert code == 2 and "in use by another training" in err and f"pid {holder.pid}" in err
     assert loaded == [] and elapsed < 2
     # the Python API too: train_classifier takes the lock before resolving the backbone
-    blocker = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from layerexit.training.runfolder import locked\n"
-         "with locked(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path / "api")],
-        stdout=subprocess.PIPE, text=True)
+    blocker = _hold_lock(tmp_path / "api")
     try:
-        assert blocker.stdout.readline().strip() == "locked"
         with pytest.raises(LayerExitError, match="in use by another training"):
             run_module.train_classifier(task["backbone"], load_data(str(task["train_csv"])), None, tmp_path / "api")
     finally:
