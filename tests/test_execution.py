@@ -14,10 +14,13 @@ import torch
 
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.simulate import simulate
+from layerexit.execution.torch_backends import PackedLinear, bf16_prepack_available
 from layerexit.rules import make_rule
 from tiny import make_batch, make_model, row
 
 pytest.importorskip("onnxruntime")
+needs_onednn = pytest.mark.skipif(not bf16_prepack_available(),
+                                  reason="no oneDNN bf16 kernels here (this torch build or an AVX2-only CPU)")
 
 #: backend -> (options, max |logit - eager logit| allowed on the tiny models)
 BACKENDS = {
@@ -111,10 +114,65 @@ def test_batched_engine_drops_rows_and_trims_length_on_every_backend(optimized, 
 def test_bf16_layers_keep_the_checkpoint_weights_and_hidden_dtype(optimized):
     model = optimized("bert", "cls", "bf16")
     assert next(model.backbone.parameters()).dtype == torch.float32  # the backend runs copies
-    assert model.backend.layers[0].attention.self.query.weight.dtype == torch.bfloat16
+    query = model.backend.layers[0].attention.self.query
+    if bf16_prepack_available():
+        assert isinstance(query, PackedLinear) and query.packed_weight.dtype == torch.bfloat16
+        assert model.backend.describe()["linear_weights"] == "oneDNN prepacked"
+    else:  # an AVX2-only CPU: plain bf16 linears, which still run (emulated)
+        assert type(query) is torch.nn.Linear and query.weight.dtype == torch.bfloat16
+        assert model.backend.describe()["linear_weights"] == "plain"
     state = model.start(**_inputs("bert"))
     assert state.hidden.dtype == torch.bfloat16
     assert model.exit_feature(state).dtype == torch.float32
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 384), (4, 384), (3, 7, 384)])
+def test_prepacked_bf16_linear_equals_the_plain_bf16_linear(shape):
+    """The weight packed once gives the same numbers as ``F.linear``, which packs it at every call."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(384, 96).to(torch.bfloat16)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    packed = PackedLinear(linear)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), linear(x), rtol=0, atol=0)
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1) if x.dim() == 3 else x.t().contiguous().t()
+        assert not strided.is_contiguous() or x.shape[0] == 1
+        # a strided input takes another F.linear path (bf16 rounding differs by an ulp); the packed one is stable
+        torch.testing.assert_close(packed(strided), packed(x), rtol=0, atol=0)
+        torch.testing.assert_close(packed(strided), linear(strided), rtol=2e-2, atol=2e-2)
+
+
+@needs_onednn
+def test_bf16_prepack_can_be_turned_off():
+    model = make_model("bert", "cls", double=False)
+    backend = model.optimize("bf16", prepack=False)
+    assert type(backend.layers[0].attention.self.query) is torch.nn.Linear
+    assert backend.describe()["linear_weights"] == "plain"
+    packed = make_model("bert", "cls", double=False)
+    packed.load_state_dict(model.state_dict())
+    packed.optimize("bf16")
+    assert packed.backend.describe()["linear_weights"] == "oneDNN prepacked"
+    intermediate = packed.backend.layers[0].intermediate  # dense + exact GELU: one fused oneDNN call
+    assert intermediate.dense.activation == "gelu" and isinstance(intermediate.intermediate_act_fn, torch.nn.Identity)
+    assert packed.backend.layers[0].output.dense.activation == "none"
+    inputs = _inputs("bert")
+    # the fused GELU runs on the float32 accumulator, the plain path on the bf16-rounded linear output
+    torch.testing.assert_close(packed(**inputs), model(**inputs), rtol=0.05, atol=0.05)
+
+
+@needs_onednn
+def test_fused_gelu_equals_linear_then_gelu_up_to_bf16_rounding():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 256).to(torch.bfloat16)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = PackedLinear(linear, activation="gelu")(x)
+        reference = torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), linear.weight.float(),
+                                                                        linear.bias.float()))
+        torch.testing.assert_close(fused.float(), reference, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="activation='relu'"):
+        PackedLinear(linear, activation="relu")
 
 
 def test_albert_shared_layer_is_exported_once_with_the_dynamo_exporter():
@@ -360,3 +418,20 @@ def test_benchmark_cli_times_a_backend_against_its_own_full_model(tmp_path, caps
         main(["benchmark", "--model", str(checkpoint), "--data", str(data), "--backend", "int4"])
     assert refused.value.code == 2
     assert "argument --backend: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_onnx_int8_reduce_range_keeps_cpus_without_vnni_accurate():
+    """7-bit weights avoid the 16-bit saturation of ONNX Runtime's int8 kernels on CPUs without VNNI (on the
+    tiny BERT, full-range weights on an AVX2 CPU moved a logit by 0.29; 7-bit by 0.03); on by default there."""
+    from layerexit.execution.onnx import cpu_has_vnni
+
+    model = make_model("bert", "mean", double=False)
+    backend = model.optimize("onnx-int8", exporter="torchscript", reduce_range=True)
+    assert "7-bit" in backend.describe()["precision"]
+    eager = make_model("bert", "mean", double=False)
+    inputs = _inputs("bert")
+    with torch.no_grad():
+        diff = float((model(**inputs) - eager(**inputs)).abs().max())
+    assert 0 < diff <= 0.1, diff
+    default = make_model("bert", "mean", double=False).optimize("onnx-int8", exporter="torchscript")
+    assert default.reduce_range is (not cpu_has_vnni())

@@ -75,11 +75,13 @@ BACKBONES = {
 }
 #: ``execution.BACKENDS``: name -> description
 BACKENDS = {
-    "bf16": "layers in bfloat16 (hidden states travel in bf16); exit heads and rules on fp32 features",
+    "bf16": "layers in bfloat16, linear weights prepacked for oneDNN on CPUs with bf16 instructions (hidden "
+            "states travel in bf16); exit heads and rules on fp32 features",
     "eager": "the backbone's own layers in their own dtype (the default)",
     "int8": "dynamic int8 linear layers (FBGEMM, per-channel weights, per-tensor activations)",
     "onnx": "each layer an ONNX Runtime session (float32, dynamic rows and length)",
-    "onnx-int8": "each layer an ONNX Runtime session with dynamic int8 MatMuls (per-channel weights)",
+    "onnx-int8": "each layer an ONNX Runtime session with dynamic int8 MatMuls (per-channel weights; 7-bit on "
+                 "CPUs without VNNI)",
 }
 #: ``generation.DECODERS``: name -> (config.model_type values, description)
 DECODERS = {

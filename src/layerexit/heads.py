@@ -25,7 +25,9 @@ class ExitClassifier(nn.Module):
         self.linear = nn.Linear(hidden_size, num_labels)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(feature))  # (n, H) -> (n, C)
+        if self.training:  # in eval dropout is the identity: skip its call (the engine calls a head per layer)
+            feature = self.dropout(feature)
+        return self.linear(feature)  # (n, H) -> (n, C)
 
 
 #: optional inputs of a ConsistentEE policy beside the exit feature (the paper feeds the feature alone);

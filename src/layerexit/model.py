@@ -256,8 +256,10 @@ class MultiExitModel(nn.Module):
         hidden = state.hidden.to(self._head_dtype())  # (n, T, H); heads and rules see their own dtype (bf16 layers)
         hidden = self.adapter.normalize(hidden)  # identity except for pre-norm models (ViT)
         if kind == "mean":
-            weights = mean_weights(state.attention_mask, hidden.dtype)  # (n, T): 1/length on real tokens
-            return torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
+            weights = state.row_cache.get("mean_weights")  # (n, 1, T): 1/length on real tokens
+            if weights is None or weights.dtype != hidden.dtype:
+                weights = state.row_cache["mean_weights"] = mean_weights(state.attention_mask, hidden.dtype)[:, None]
+            return torch.bmm(weights, hidden).squeeze(1)
         if kind == "cls":
             return hidden[:, 0]
         return self.adapter.pool(hidden)

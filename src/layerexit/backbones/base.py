@@ -30,6 +30,9 @@ class EncoderState:
     attention_mask: torch.Tensor
     prepare: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]]
     prepared: dict[str, Any] | None = field(default=None, repr=False)  # layer_kwargs once built
+    #: values that depend on the rows' attention mask only (the exit feature's pooling weights), kept while the
+    #: rows stay the same: computed once per row set instead of at every exit
+    row_cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def layer_kwargs(self) -> dict[str, Any]:
@@ -39,7 +42,7 @@ class EncoderState:
 
     def with_hidden(self, hidden: torch.Tensor) -> "EncoderState":
         """The same rows (and their layer arguments, if built) with new hidden states of the same shape."""
-        return EncoderState(hidden, self.attention_mask, self.prepare, self.prepared)
+        return EncoderState(hidden, self.attention_mask, self.prepare, self.prepared, self.row_cache)
 
     def select(self, rows: torch.Tensor) -> "EncoderState":
         """Keep only ``rows`` (bool (n,) or long (k,)) and drop padding columns no kept row needs."""
@@ -47,7 +50,7 @@ class EncoderState:
         length = int(mask.sum(dim=1).max()) if mask.shape[0] else 0
         if length < mask.shape[1] and bool((mask[:, length:] == 0).all()):
             mask = mask[:, :length]  # right padding past every kept row's end is dead weight
-        hidden = self.hidden[rows][:, : mask.shape[1]]  # (k, T', H)
+        hidden = self.hidden[:, : mask.shape[1]][rows]  # (k, T', H), one contiguous copy
         return EncoderState(hidden, mask, self.prepare)
 
 

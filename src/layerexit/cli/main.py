@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         sub = parser.subparsers[command]
         args = apply_config(sub, argv[1:], sub.parse_args(argv[1:]))
         run_checks(sub, args)  # every option, before any model is loaded
+        if command != "list":  # commands that run models: keep freed activation memory (see layerexit.allocator)
+            from ..allocator import keep_freed_memory
+
+            keep_freed_memory()
         return args.run(args)
     except LayerExitError as err:
         print(f"layerexit {command}: error: {err}", file=sys.stderr)

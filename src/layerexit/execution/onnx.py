@@ -173,9 +173,14 @@ class OnnxInt8Backend(OnnxBackend):
     quantized = True
 
     def __init__(self, threads: int | None = None, optimization: str = "all", exporter: str = "dynamo",
-                 thread_pool: str = "session", host_threads: int | None = 1, per_channel: bool = True):
+                 thread_pool: str = "session", host_threads: int | None = 1, per_channel: bool = True,
+                 reduce_range: bool | None = None):
         super().__init__(threads, optimization, exporter, thread_pool, host_threads)
         self.per_channel = bool(per_channel)
+        #: 7-bit weights. ONNX Runtime's int8 kernels for CPUs without VNNI (AVX2, AVX-512 before VNNI) add
+        #: pairs of uint8 x int8 products in 16 bits, which saturate with full-range weights; ``None`` turns it
+        #: on exactly on such a CPU (the one quantizing: the graphs are saved quantized).
+        self.reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
 
     def _quantize(self, path: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -184,14 +189,27 @@ class OnnxInt8Backend(OnnxBackend):
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process concerns static quantization
         try:
-            quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel)
+            quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel,
+                             reduce_range=self.reduce_range)
         finally:
             logging.getLogger().setLevel(quiet)
         os.replace(out, path)
 
     def describe(self):
         return {**super().describe(), "precision": "int8 dynamic (weights per-"
-                f"{'channel' if self.per_channel else 'tensor'}, activations per-tensor)"}
+                f"{'channel' if self.per_channel else 'tensor'}{', 7-bit' if self.reduce_range else ''}, "
+                "activations per-tensor)"}
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI dot-product instructions (AVX-512 VNNI or AVX-VNNI), read from
+    ``/proc/cpuinfo``; ``True`` where that cannot be read (then ONNX Runtime's defaults are kept)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return True if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
 
 
 _SHARED_POOL_THREADS: int | None = None  # size of this process's global ONNX Runtime pool, once layerexit made it

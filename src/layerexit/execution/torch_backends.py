@@ -47,14 +47,97 @@ class _CopiedLayers(LayerBackend):
 
 @BACKENDS.register("bf16")
 class BF16Backend(_CopiedLayers):
+    """bf16 copies of the layers. On a CPU, each linear keeps its weight in oneDNN's blocked layout, packed once
+    here: a plain bf16 ``F.linear`` re-packs the weight at every call, a fixed cost that dominates the small
+    matrices of the few rows still running deep in the stack (see docs/backends.md). ``prepack=False`` keeps
+    plain ``nn.Linear`` modules."""
+
     name = "bf16"
     hidden_dtype = torch.bfloat16
 
+    def __init__(self, prepack: bool = True):
+        super().__init__()
+        self.prepack = bool(prepack)
+
     def convert(self, layer):
-        return layer.to(torch.bfloat16).eval()
+        layer = layer.to(torch.bfloat16).eval()
+        if self.prepack and _can_prepack(layer):
+            _prepack_linears(layer)
+        return layer
 
     def describe(self):
-        return {"backend": self.name, "layers": "bfloat16", "exit_heads": "float32"}
+        packed = any(isinstance(m, PackedLinear) for layer in self.layers for m in layer.modules())
+        return {"backend": self.name, "layers": "bfloat16", "exit_heads": "float32",
+                "linear_weights": "oneDNN prepacked" if packed else "plain"}
+
+
+class PackedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose weight was reordered once into oneDNN's blocked layout.
+
+    ``F.linear`` on a bf16 CPU tensor hands the weight to oneDNN, which reorders it for its kernels (AMX or
+    AVX-512 BF16) at every call; this module does it once. Same results as the linear it replaces on a
+    contiguous input (the same kernel runs; a strided input is made contiguous first). ``activation="gelu"``
+    applies the exact (erf) GELU inside the same kernel, on the float32 accumulator before rounding to bf16.
+    Built by :class:`BF16Backend`; gradients do not flow through it.
+    """
+
+    def __init__(self, linear: nn.Linear, activation: str = "none"):
+        super().__init__()
+        if activation not in ("none", "gelu"):
+            raise ValueError(f"activation={activation!r}: use 'none' or 'gelu'")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = activation
+        weight = linear.weight.detach()  # (out, in)
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # opaque oneDNN tensor
+        self.bias = None if linear.bias is None else linear.bias.detach()  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        algorithm = "none" if self.activation == "gelu" else ""  # "none": the erf GELU, not the tanh one
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, self.activation,
+                                                  [], algorithm)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activation={self.activation}")
+
+
+def _can_prepack(layer: nn.Module) -> bool:
+    """oneDNN's packed bf16 linear exists in this build, this CPU has bf16 kernels for it (AVX-512 or
+    AVX-NE-CONVERT), and the layer sits on the CPU."""
+    if not bf16_prepack_available():
+        return False
+    return all(p.device.type == "cpu" for p in layer.parameters())
+
+
+def bf16_prepack_available() -> bool:
+    """Whether :class:`PackedLinear` can run here: oneDNN in this torch build and a CPU it has bf16 kernels for
+    (on an AVX2-only CPU oneDNN refuses to pack bf16 weights, and bf16 matrix products are emulated: slow)."""
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
+        return False
+    supported = getattr(mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported()) if supported is not None else False
+
+
+def _prepack_linears(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, PackedLinear(child))
+        else:
+            _prepack_linears(child)
+    # a dense layer followed by the exact GELU (the BERT family's and ViT's intermediate block): one fused call
+    dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+    if isinstance(dense, PackedLinear) and dense.activation == "none" and _is_exact_gelu(act):
+        dense.activation = "gelu"
+        module.intermediate_act_fn = nn.Identity()
+
+
+def _is_exact_gelu(act) -> bool:
+    from transformers.activations import GELUActivation
+
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act) is GELUActivation and act.act is nn.functional.gelu
 
 
 @BACKENDS.register("int8")
