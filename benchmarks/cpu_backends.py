@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from layerexit.allocator import keep_freed_memory
 from layerexit.data import Encoded, load_data
 from layerexit.evaluation.benchmark import Batches
 from layerexit.evaluation.cache import collect_logits
 from layerexit.evaluation.evaluate import sweep
 from layerexit.evaluation.metrics import operating_point
 from layerexit.evaluation.simulate import per_layer_accuracy
-from layerexit.allocator import keep_freed_memory
 from layerexit.execution import own_process_options
 from layerexit.execution.onnx import cpu_has_vnni, use_shared_thread_pool
 from layerexit.io import write_json_atomic
