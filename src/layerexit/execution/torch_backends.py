@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import LayerExitError
+from ..errors import LayerExitError, bad_value
 from . import BACKENDS
 from .base import LayerBackend, read_manifest, unique_layers, write_manifest
 
@@ -84,7 +84,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, activation: str = "none"):
         super().__init__()
         if activation not in ("none", "gelu"):
-            raise ValueError(f"activation={activation!r}: use 'none' or 'gelu'")
+            raise bad_value("activation", activation, "use 'none' or 'gelu'")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.activation = activation
         weight = linear.weight.detach()  # (out, in)
