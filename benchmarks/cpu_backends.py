@@ -52,6 +52,7 @@ from layerexit.evaluation.evaluate import sweep
 from layerexit.evaluation.metrics import operating_point
 from layerexit.evaluation.simulate import per_layer_accuracy
 from layerexit.execution import own_process_options
+from layerexit.execution.base import cpu_flags
 from layerexit.execution.onnx import cpu_has_vnni, use_shared_thread_pool
 from layerexit.io import write_json_atomic
 from layerexit.model import MultiExitModel
@@ -182,7 +183,7 @@ def spread(values: list[float]) -> dict:
 def cpu_info() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    flags = cpu_flags() or frozenset()
     isa = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
                                     "amx_int8", "amx_bf16")}
     return {"model_name": name, "logical_cpus": os.cpu_count(), "isa": isa, "platform": platform.platform()}

@@ -142,3 +142,14 @@ def read_manifest(directory: Path, backend: LayerBackend) -> dict:
         raise LayerExitError(f"optimized={str(directory)!r} is invalid: it was built from other layer weights than "
                              "this model's; rebuild it with model.optimize(...) and model.save_optimized(...)")
     return manifest
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's instruction-set flags as Linux lists them in ``/proc/cpuinfo`` (``avx2``, ``avx512_vnni``...);
+    ``None`` where that file cannot be read (other systems). int8 and bf16 speed depend on them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else frozenset(flags)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LayerExitError, bad_value
 from . import BACKENDS
-from .base import LayerBackend, read_manifest, unique_layers, write_manifest
+from .base import LayerBackend, cpu_flags, read_manifest, unique_layers, write_manifest
 
 
 def require_onnxruntime():
@@ -202,14 +202,10 @@ class OnnxInt8Backend(OnnxBackend):
 
 
 def cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI dot-product instructions (AVX-512 VNNI or AVX-VNNI), read from
-    ``/proc/cpuinfo``; ``True`` where that cannot be read (then ONNX Runtime's defaults are kept)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    return True if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
+    """Whether this CPU has VNNI dot-product instructions (AVX-512 VNNI or AVX-VNNI); ``True`` where its flags
+    cannot be read (then ONNX Runtime's defaults are kept)."""
+    flags = cpu_flags()
+    return True if flags is None else bool({"avx512_vnni", "avx_vnni"} & flags)
 
 
 _SHARED_POOL_THREADS: int | None = None  # size of this process's global ONNX Runtime pool, once layerexit made it
