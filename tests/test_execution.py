@@ -181,9 +181,51 @@ def test_albert_shared_layer_is_exported_once_with_the_dynamo_exporter():
     eager = make_model("albert", "pooler", double=False)
     backend = model.optimize("onnx")
     assert backend.exporter == "dynamo" and len(backend._files) == 1 and len(backend.sessions) == 4
+    assert not backend.computes_exits  # one graph for four positions: each position's head runs on the host
     inputs = _inputs("albert")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_onnx_graphs_carry_their_exit_heads_in_float32(optimized, backend):
+    """One runtime call per layer and exit: the graph returns the hidden states, the exit feature and the
+    logits; the host heads are not called; onnx-int8 quantizes the layer's matrices, not the head's."""
+    import onnx
+
+    model = optimized("bert", "mean", backend)
+    assert model.backend.computes_exits
+    graph = onnx.load_from_string(model.backend._graph_bytes["layer_0.onnx"]).graph
+    assert [o.name for o in graph.output] == ["output", "feature", "logits"]
+    calls = []
+    hook = model.exits[1].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            out = model.early_exit(**_inputs("bert"), rule=make_rule("full"))
+    finally:
+        hook.remove()
+    assert calls == [] and out.logits.dtype == torch.float32
+    ops = [node.op_type for node in graph.node]
+    if backend == "onnx-int8":
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops  # the layer is quantized
+        from layerexit.execution.onnx import _exit_nodes
+        import tempfile, pathlib
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = pathlib.Path(tmp) / "layer.onnx"
+            path.write_bytes(model.backend._graph_bytes["layer_0.onnx"])
+            head_ops = {n.op_type for n in graph.node if n.name in set(_exit_nodes(path))}
+        assert head_ops and not head_ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+
+
+def test_saved_graphs_with_exits_refuse_retrained_heads(tmp_path, optimized):
+    model = optimized("bert", "mean", "onnx")
+    folder = model.save_optimized(tmp_path)
+    other = make_model("bert", "mean", double=False)  # same layers (seed), heads changed after saving
+    with torch.no_grad():
+        other.exits[2].linear.bias.add_(0.5)
+    with pytest.raises(LayerExitError, match="other exit heads than this model's"):
+        other.optimize("onnx", saved=folder)
 
 
 def test_optimize_back_to_eager_and_bad_names():
@@ -215,10 +257,10 @@ def test_layer_sessions_default_to_their_own_pools_without_spinning(optimized):
 
 def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_setting(optimized):
     """PyTorch's spinning threads would take the cores ONNX Runtime's threads need: the engine runs the host
-    work (embeddings, heads, rule) on one torch thread while an ONNX backend computes the layers."""
+    work (embeddings, rule) on one torch thread while an ONNX backend computes the layers and their exits."""
     model = optimized("bert", "mean", "onnx")
     seen = []
-    hook = model.exits[0].register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    hook = model.backbone.embeddings.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -228,7 +270,7 @@ def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_se
         assert seen == [1, 1] and torch.get_num_threads() == 2
         eager = optimized("bert", "mean", "eager")
         eager_seen = []
-        handle = eager.exits[0].register_forward_hook(lambda *_: eager_seen.append(torch.get_num_threads()))
+        handle = eager.backbone.embeddings.register_forward_hook(lambda *_: eager_seen.append(torch.get_num_threads()))
         with torch.no_grad():
             eager(**_inputs("bert"))
         handle.remove()

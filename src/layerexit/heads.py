@@ -16,6 +16,18 @@ def mean_weights(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
+def pool_feature(adapter, kind: str, hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """A layer's output (n, T, H) -> its exit feature (n, H): ``mean`` over real tokens (``weights`` (n, 1, T)
+    from :func:`mean_weights`), the first token (``cls``) or the backbone's pooler, after the adapter's
+    normalisation (a pre-norm model's final norm). The engine and exported graphs with exits both use it."""
+    hidden = adapter.normalize(hidden)  # identity except for pre-norm models (ViT)
+    if kind == "mean":
+        return torch.bmm(weights, hidden).squeeze(1)
+    if kind == "cls":
+        return hidden[:, 0]
+    return adapter.pool(hidden)
+
+
 class ExitClassifier(nn.Module):
     """``z_l = Linear(hidden, num_labels)(dropout(h_l))`` (the ConsistentEE / PABEE exit classifier)."""
 

@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModel
 from .backbones import EncoderState, adapter_for
 from .config import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
 from .errors import LayerExitError, bad_value
-from .heads import FEATURES, POLICY_INPUTS, ExitClassifier, PolicyNetwork, mean_weights, policy_extras
+from .heads import (FEATURES, POLICY_INPUTS, ExitClassifier, PolicyNetwork, mean_weights, policy_extras,
+                    pool_feature)
 from .io import atomic_directory
 from .resources import resolve_model
 from .rules.base import ExitRule
@@ -201,13 +202,16 @@ class MultiExitModel(nn.Module):
     def run_layers(self, state: EncoderState, start: int, stop: int) -> EncoderState:
         """Run layers ``start..stop-1`` (0-based) for the rows of ``state``; returns the new state."""
         hidden = state.hidden
-        if self.backend.name != "eager" and self.training:
-            raise LayerExitError(f"backend={self.backend.name!r} is for inference: call model.eval(), or "
-                                 "model.optimize('eager') before training")
+        self._refuse_training()
         run_layer = self.backend.run_layer
         for index in range(start, stop):
             hidden = run_layer(index, hidden, state)  # (n, T, H)
         return state.with_hidden(hidden)
+
+    def _refuse_training(self) -> None:
+        if self.backend.name != "eager" and self.training:
+            raise LayerExitError(f"backend={self.backend.name!r} is for inference: call model.eval(), or "
+                                 "model.optimize('eager') before training")
 
     # --- layer backends ------------------------------------------------------------------------------
     def optimize(self, backend: "str | LayerBackend" = "eager", saved: str | Path | None = None,
@@ -252,17 +256,26 @@ class MultiExitModel(nn.Module):
 
     def exit_feature(self, state: EncoderState) -> torch.Tensor:
         """(n, T, H) hidden states -> (n, H) exit feature."""
-        kind = self.config.exit_feature
         hidden = state.hidden.to(self._head_dtype())  # (n, T, H); heads and rules see their own dtype (bf16 layers)
-        hidden = self.adapter.normalize(hidden)  # identity except for pre-norm models (ViT)
-        if kind == "mean":
+        weights = None
+        if self.config.exit_feature == "mean":
             weights = state.row_cache.get("mean_weights")  # (n, 1, T): 1/length on real tokens
             if weights is None or weights.dtype != hidden.dtype:
                 weights = state.row_cache["mean_weights"] = mean_weights(state.attention_mask, hidden.dtype)[:, None]
-            return torch.bmm(weights, hidden).squeeze(1)
-        if kind == "cls":
-            return hidden[:, 0]
-        return self.adapter.pool(hidden)
+        return pool_feature(self.adapter, self.config.exit_feature, hidden, weights)
+
+    def run_layer_and_exit(self, state: EncoderState, index: int) -> tuple[EncoderState, torch.Tensor, torch.Tensor]:
+        """Layer ``index`` for the rows of ``state``, then its exit: (new state, exit feature (n, H), exit
+        logits (n, C)), in the exit heads' dtype. A backend whose executables carry the exit heads (the ONNX
+        ones) computes all three in one call; otherwise the heads run here."""
+        if self.backend.computes_exits:
+            self._refuse_training()
+            hidden, feature, logits = self.backend.run_layer_and_exit(index, state)
+            dtype = self._head_dtype()
+            return state.with_hidden(hidden), feature.to(dtype), logits.to(dtype)
+        state = self.run_layers(state, index, index + 1)
+        feature = self.exit_feature(state)  # (n, H)
+        return state, feature, self.exits[index](feature)
 
     def policy_probability(self, index: int, feature: torch.Tensor, logits: torch.Tensor | None = None,
                            alpha: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -357,10 +370,9 @@ class MultiExitModel(nn.Module):
         state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
         logits, features = [], []
         for index in range(self.config.num_layers):
-            state = self.run_layers(state, index, index + 1)
-            feature = self.exit_feature(state)  # (B, H)
+            state, feature, exit_logits = self.run_layer_and_exit(state, index)  # (B, H), (B, C)
             features.append(feature)
-            logits.append(self.exits[index](feature))
+            logits.append(exit_logits)
         if return_features:
             return torch.stack(logits), torch.stack(features)
         return torch.stack(logits)
@@ -399,21 +411,21 @@ class MultiExitModel(nn.Module):
         out_logits = torch.zeros(batch, self.config.num_labels, dtype=self._head_dtype(), device=device)
         exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
         for index in range(num_layers):
-            state = self.run_layers(state, index, index + 1)
-            feature = self.exit_feature(state)  # (n, H)
-            logits = self.exits[index](feature)  # (n, C)
+            state, feature, logits = self.run_layer_and_exit(state, index)  # (n, H), (n, C)
             if index == num_layers - 1:
                 out_logits[rows] = logits.to(out_logits.dtype)  # autocast computes exits in lower precision
                 break
             if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
                 rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
             done = rule.should_exit(logits, index, rule_state)  # (n,) bool
+            if bool(done.all()):  # every running row leaves (a batch of one: the usual exit)
+                out_logits[rows] = logits.to(out_logits.dtype)
+                exit_layer[rows] = index + 1
+                break
             if bool(done.any()):
                 out_logits[rows[done]] = logits[done].to(out_logits.dtype)
                 exit_layer[rows[done]] = index + 1
                 keep = ~done
-                if not bool(keep.any()):
-                    break
                 rows = rows[keep]
                 state = state.select(keep)
                 rule_state = {k: v[keep] for k, v in rule_state.items()}

@@ -1,9 +1,12 @@
 """Layer backends: where the engine's layers come from (eager PyTorch, bf16, int8, ONNX Runtime).
 
 The engine keeps one primitive, :meth:`layerexit.MultiExitModel.run_layers`; a backend only decides how
-layer ``i`` is computed for the rows still running. Embeddings, exit heads and exit rules always run in
-PyTorch on float32 features on the host, so every exit rule, the logit cache and the simulator work
-unchanged on every backend. Choose one with :meth:`layerexit.MultiExitModel.optimize` or ``--backend``.
+layer ``i`` is computed for the rows still running. Embeddings and exit rules always run in PyTorch on the
+host, and every exit returns float32 features and logits, so every exit rule, the logit cache and the
+simulator work unchanged on every backend. The exit heads run on the host too, except in the ONNX backends,
+whose graph for layer ``i`` also computes exit ``i`` (one runtime call per layer and exit:
+:meth:`LayerBackend.run_layer_and_exit`). Choose one with :meth:`layerexit.MultiExitModel.optimize` or
+``--backend``.
 """
 
 from __future__ import annotations

@@ -28,9 +28,12 @@ class LayerBackend:
     hidden_dtype: torch.dtype | None = None
     #: whether :meth:`save` writes files worth keeping (exported graphs, quantized weights)
     saves_files = False
-    #: PyTorch threads for the host work around the layers (embeddings, exit heads, rule) while this backend
+    #: PyTorch threads for the host work around the layers (embeddings, rule, exit heads) while this backend
     #: runs the layers; ``None``: leave torch's setting alone
     host_threads: int | None = None
+    #: whether :meth:`run_layer_and_exit` computes each layer's exit too (the ONNX graphs carry the heads);
+    #: otherwise the engine runs the exit heads on the host after :meth:`run_layer`
+    computes_exits = False
 
     def __init__(self):
         self.model = None
@@ -67,6 +70,11 @@ class LayerBackend:
         """Layer ``index`` (0-based) for the rows of ``state``: (n, T, H) -> (n, T, H)."""
         return self.model.adapter.run_layer(index, hidden, state.layer_kwargs)
 
+    def run_layer_and_exit(self, index: int, state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``index`` and its exit for the rows of ``state``, where :attr:`computes_exits`: hidden
+        (n, T, H), exit feature (n, H), exit logits (n, C)."""
+        raise NotImplementedError(f"backend {self.name!r} leaves the exits to the host")
+
     def host(self):
         """Context around one engine call: limits PyTorch's threads to :attr:`host_threads` for its duration.
 
@@ -96,15 +104,21 @@ def _torch_threads(threads: int):
 
 def layer_digest(model) -> str:
     """A digest of the backbone layers' weights: saved executables must come from these exact weights."""
-    digest = hashlib.sha1()
-    seen = set()
+    seen, named = set(), []
     for layer in model.adapter.layers:
         if id(layer) in seen:  # ALBERT shares one layer group between positions
             continue
         seen.add(id(layer))
-        for name, tensor in layer.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        named.extend(layer.state_dict().items())
+    return weights_digest(named)
+
+
+def weights_digest(named_tensors) -> str:
+    """SHA-1 of (name, tensor) pairs, tensors as float32 bytes."""
+    digest = hashlib.sha1()
+    for name, tensor in named_tensors:
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

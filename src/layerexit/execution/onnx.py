@@ -1,6 +1,9 @@
 """ONNX Runtime backends: each layer exported once (``torch.onnx.export``, dynamic rows and sequence length)
 and run by its own ONNX Runtime session; ``onnx-int8`` adds ONNX Runtime's dynamic int8 quantization
-(per-channel weights by default). Embeddings, exit heads and the rule stay in PyTorch on the host.
+(per-channel weights by default). Each graph also computes its layer's exit (feature and logits, float32
+also under int8: the heads are left unquantized), so a layer and its exit cost one runtime call; the
+embeddings and the rule stay in PyTorch on the host. Where layers are shared between positions (ALBERT) one
+graph serves several exits, so the heads run on the host instead.
 
 Each graph takes the running rows' hidden states (n, T, H) float32 and their 0/1 attention mask (n, T)
 int64 and builds the attention mask inside the graph, so the engine's row dropping and length trimming need
@@ -20,8 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import LayerExitError, bad_value
+from ..heads import mean_weights, pool_feature
 from . import BACKENDS
-from .base import LayerBackend, cpu_flags, read_manifest, unique_layers, write_manifest
+from .base import LayerBackend, cpu_flags, read_manifest, unique_layers, weights_digest, write_manifest
 
 
 def require_onnxruntime():
@@ -40,17 +44,25 @@ _LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": 
 
 
 class _LayerGraph(nn.Module):
-    """What one exported graph computes: (hidden (n, T, H), mask (n, T)) -> hidden (n, T, H)."""
+    """What one exported graph computes: (hidden (n, T, H), mask (n, T)) -> hidden (n, T, H), and with an exit
+    head also that layer's exit feature (n, H) and logits (n, C), so a batch-1 step costs one runtime call."""
 
-    def __init__(self, adapter, layer: nn.Module):
+    def __init__(self, adapter, layer: nn.Module, head: nn.Module | None = None, feature: str = "mean"):
         super().__init__()
         self.layer = layer
         self.backbone = adapter.backbone  # prepare() may read backbone parts (MPNet's relative position bias)
+        self.head = head
+        self.feature = feature
         self._adapter = adapter
 
     def forward(self, hidden, mask):
         out = self._adapter.call_layer(self.layer, hidden, self._adapter.prepare(hidden, mask))
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out  # (n, T, H)
+        if self.head is None:
+            return out
+        weights = mean_weights(mask, out.dtype)[:, None] if self.feature == "mean" else None  # (n, 1, T)
+        feature = pool_feature(self._adapter, self.feature, out, weights)  # (n, H)
+        return out, feature, self.head(feature)
 
 
 @BACKENDS.register("onnx")
@@ -73,7 +85,7 @@ class OnnxBackend(LayerBackend):
             raise bad_value("exporter", exporter, "choose 'dynamo' (torch.export-based, the default) or "
                             "'torchscript' (the legacy exporter: deprecated, but ~15x faster to export)")
         self.threads = threads
-        self.host_threads = host_threads  # PyTorch's share: embeddings, heads, rule (tiny next to the layers)
+        self.host_threads = host_threads  # PyTorch's share: embeddings, rule (tiny next to the layers)
         self.thread_pool = thread_pool
         self.optimization = optimization
         self.exporter = exporter
@@ -97,12 +109,16 @@ class OnnxBackend(LayerBackend):
         hidden = torch.randn(2, 5, hidden_size)
         mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
         was_dtype = next(model.backbone.parameters()).dtype
+        # each layer's exit head goes into its graph, unless layers are shared between positions (ALBERT):
+        # one graph per distinct layer then, and the heads run on the host
+        with_exits = positions == list(range(len(positions)))
         for i, module in enumerate(modules):
-            graph = _LayerGraph(model.adapter, module).eval()
+            head = model.exits[i] if with_exits else None
+            graph = _LayerGraph(model.adapter, module, head, model.config.exit_feature).eval()
             if was_dtype != torch.float32:
                 graph = _float_copy(graph)
             path = directory / f"layer_{i}.onnx"
-            _export_graph(graph, (hidden, mask), path, self.exporter)
+            _export_graph(graph, (hidden, mask), path, self.exporter, with_exits)
             if self.quantized:
                 self._quantize(path)
         self._positions = positions
@@ -132,27 +148,38 @@ class OnnxBackend(LayerBackend):
         self._graph_bytes = {name: (directory / name).read_bytes() for name in self._files}
         inputs = {i.name for i in sessions[0].get_inputs()}
         self._uses_mask = "mask" in inputs  # unused inputs are dropped at export (ViT: no padding, no mask)
+        # graphs saved by earlier versions (or for shared layers) return the hidden states only
+        self.computes_exits = [o.name for o in sessions[0].get_outputs()] == list(_EXIT_OUTPUTS)
         self.sessions = [sessions[i] for i in self._positions]
 
     # --- computation ---------------------------------------------------------------------------------
-    def run_layer(self, index, hidden, state):
+    def _feed(self, hidden, state) -> dict:
         feed = {"hidden": hidden.detach().float().contiguous().numpy()}  # (n, T, H) float32, no copy
         if self._uses_mask:
             feed["mask"] = np.ascontiguousarray(state.attention_mask.numpy(), dtype=np.int64)  # (n, T)
-        return torch.from_numpy(self.sessions[index].run(None, feed)[0])  # (n, T, H)
+        return feed
+
+    def run_layer(self, index, hidden, state):
+        return torch.from_numpy(self.sessions[index].run(["output"], self._feed(hidden, state))[0])  # (n, T, H)
+
+    def run_layer_and_exit(self, index, state):
+        hidden, feature, logits = self.sessions[index].run(None, self._feed(state.hidden, state))
+        return torch.from_numpy(hidden), torch.from_numpy(feature), torch.from_numpy(logits)  # (n,T,H) (n,H) (n,C)
 
     def describe(self):
         ort = require_onnxruntime()
         return {"backend": self.name, "runtime": f"onnxruntime {ort.__version__}", "precision": "float32",
                 "optimization": self.optimization, "exporter": self.exporter,
                 "thread_pool": getattr(self, "pool_used", self.thread_pool), "threads": self.threads,
-                "host_threads": self.host_threads}
+                "host_threads": self.host_threads,
+                "exit_heads": "in the layer graphs" if getattr(self, "computes_exits", False) else "host"}
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         for name, data in self._graph_bytes.items():
             (directory / name).write_bytes(data)
-        write_manifest(directory, self, positions=self._positions, files=self._files)
+        extra = {"exit_digest": exit_digest(self.model)} if self.computes_exits else {}
+        write_manifest(directory, self, positions=self._positions, files=self._files, **extra)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
@@ -162,6 +189,10 @@ class OnnxBackend(LayerBackend):
         if len(self._positions) != self.model.config.num_layers:
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "
                                  f"the model {self.model.config.num_layers}")
+        if "exit_digest" in manifest and manifest["exit_digest"] != exit_digest(self.model):
+            raise LayerExitError(f"optimized={str(directory)!r} is invalid: its graphs carry other exit heads than "
+                                 "this model's (trained after they were saved?); rebuild them with "
+                                 f"model.optimize({self.name!r}) and model.save_optimized(checkpoint)")
 
     def load(self, directory: Path) -> None:
         self._open(directory)
@@ -185,12 +216,23 @@ class OnnxInt8Backend(OnnxBackend):
     def _quantize(self, path: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        import onnx
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        model = onnx.load(str(path))
+        # the exporter's intermediate shapes can contradict the quantizer's own shape inference (seen on the
+        # exit head's Gemm): drop them, ONNX Runtime infers shapes when it loads the graph
+        del model.graph.value_info[:]
+        # the quantizer rewrites Gemm nodes as MatMul + Add under new names; do it first, so the names of the
+        # exit nodes it is told to leave alone are the ones it sees
+        ONNXModel(model).replace_gemm_with_matmul()
+        onnx.save(model, str(path))
         out = path.with_suffix(".int8.onnx")
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process concerns static quantization
-        try:
+        try:  # the exit heads stay float32: tiny matrices, and the rule reads their logits
             quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=self.per_channel,
-                             reduce_range=self.reduce_range)
+                             reduce_range=self.reduce_range, nodes_to_exclude=_exit_nodes(path))
         finally:
             logging.getLogger().setLevel(quiet)
         os.replace(out, path)
@@ -273,13 +315,43 @@ def _float_copy(graph: nn.Module) -> nn.Module:
     return clone
 
 
-def _export_graph(graph: nn.Module, example: tuple, path: Path, exporter: str) -> None:
-    """``torch.onnx.export`` with dynamic rows and sequence length on both inputs."""
-    names = {"input_names": ["hidden", "mask"], "output_names": ["output"]}
+_EXIT_OUTPUTS = ("output", "feature", "logits")
+
+
+def exit_digest(model) -> str:
+    """A digest of what a graph with exits reads besides its layer: the exit heads and the backbone's weights
+    outside the layers (a pooler, a final norm)."""
+    layers = {id(p) for layer in model.adapter.layers for p in layer.parameters()}
+    outside = ((f"backbone.{n}", p) for n, p in model.backbone.named_parameters() if id(p) not in layers)
+    return weights_digest([*outside, *((f"exits.{n}", p) for n, p in model.exits.named_parameters())])
+
+
+def _exit_nodes(path: Path) -> list[str]:
+    """Names of the nodes of a graph with exits that only its exit feature and logits need (not ``output``)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    if len(graph.output) == 1:
+        return []
+    producer = {out: node for node in graph.node for out in node.output}
+    needed, todo = set(), ["output"]
+    while todo:  # walk back from the hidden-state output
+        node = producer.get(todo.pop())
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            todo.extend(node.input)
+    return [node.name for node in graph.node if node.name not in needed]
+
+
+def _export_graph(graph: nn.Module, example: tuple, path: Path, exporter: str, with_exits: bool = False) -> None:
+    """``torch.onnx.export`` with dynamic rows and sequence length (inputs and outputs)."""
+    names = {"input_names": ["hidden", "mask"], "output_names": list(_EXIT_OUTPUTS if with_exits else ("output",))}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {"hidden": {0: "rows", 1: "length"}, "mask": {0: "rows", 1: "length"}}
+            axes = {"hidden": {0: "rows", 1: "length"}, "mask": {0: "rows", 1: "length"},
+                    "output": {0: "rows", 1: "length"}, "feature": {0: "rows"}, "logits": {0: "rows"}}
+            axes = {k: v for k, v in axes.items() if k in ("hidden", "mask", *names["output_names"])}
             torch.onnx.export(graph, example, str(path), dynamic_axes=axes, dynamo=False, opset_version=18, **names)
             return
         rows, length = torch.export.Dim("rows"), torch.export.Dim("length")

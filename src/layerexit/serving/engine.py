@@ -165,9 +165,7 @@ class Engine:
         hidden = pad_sequence([r.hidden for r in rows], batch_first=True)  # (n, T, H), zeros past each row's end
         mask = _mask(lengths, hidden.device)  # (n, T)
         state = EncoderState(hidden, mask, self._prepare)
-        state = self.model.run_layers(state, layer, layer + 1)
-        feature = self.model.exit_feature(state)  # (n, H)
-        logits = self.model.exits[layer](feature)  # (n, C)
+        state, feature, logits = self.model.run_layer_and_exit(state, layer)  # (n, H), (n, C)
         n, width = hidden.shape[0], hidden.shape[1]
         self.stats.steps += 1
         self.stats.rows_run += n
