@@ -193,6 +193,25 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "n/a"
 
 
+def cpu_ticks() -> dict:
+    """The machine's CPU time so far (``/proc/stat``, clock ticks): ``steal`` is time the hypervisor gave this
+    virtual machine's CPUs to others, a cause of noisy timings that the load average does not show."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return {}
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return dict(zip(names, map(int, fields)))
+
+
+def steal_percent(before: dict, after: dict) -> float | None:
+    """Steal time between two :func:`cpu_ticks` readings, in % of all CPU time."""
+    if not before or not after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    return 100.0 * (after["steal"] - before["steal"]) / total if total else None
+
+
 def versions() -> dict:
     out = {}
     for package in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "layerexit"):
@@ -333,9 +352,12 @@ def main() -> None:
     print(f"setup {setup_seconds:.0f}s; load {loadavg()}")
 
     results = {}
+    steal = {}  # per batch size: % of CPU time the hypervisor took while it was timed
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = Batches.build(test, batch_size, args.examples)
+        ticks = cpu_ticks()
         timed = interleaved(variants, batches, args.rounds)
+        steal[str(batch_size)] = steal_percent(ticks, cpu_ticks())
         fp32_preds = timed["predictions"]["hf-eager-fp32"]
         reference = statistics.median(timed["seconds"]["hf-eager-fp32"])
         rows = {}
@@ -359,7 +381,8 @@ def main() -> None:
                 entry["implausible"] = entry["ratio_to_ideal"] > 1.1  # measured above ideal by >10%
             rows[name] = entry
         results[str(batch_size)] = rows
-        print(f"\nbatch {batch_size} (load {loadavg()})")
+        stolen = "n/a" if steal[str(batch_size)] is None else f"{steal[str(batch_size)]:.1f}%"
+        print(f"\nbatch {batch_size} (load {loadavg()}; CPU time stolen by the hypervisor while timed: {stolen})")
         print(f"{'variant':28s} {'median s':>9s} {'spread':>7s} {'x fp32':>7s} {'acc %':>6s} {'chg':>4s} "
               f"{'layers':>6s} {'meas/ideal':>10s}")
         for name, e in rows.items():
@@ -375,7 +398,8 @@ def main() -> None:
             "dev_examples": args.dev_examples, "dev_tolerance": args.dev_tolerance, "rounds": args.rounds,
             "threads": args.threads, "allocator": allocator or "glibc defaults", "exporter": args.exporter,
             "cpu": cpu_info(), "versions": versions(),
-            "loadavg_before": load_before, "loadavg_after": loadavg(), "setup_seconds": setup_seconds,
+            "loadavg_before": load_before, "loadavg_after": loadavg(), "steal_percent": steal,
+            "setup_seconds": setup_seconds,
             "total_seconds": time.perf_counter() - started, "calibration": calibration, "results": results,
             "targets": targets,
         }

@@ -218,6 +218,20 @@ def test_onnx_graphs_carry_their_exit_heads_in_float32(optimized, backend):
         assert head_ops and not head_ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
 
 
+@pytest.mark.parametrize("arch,feature", [("bert", "mean"), ("mpnet", "pooler")])
+def test_onnx_graphs_take_a_mask_that_masks_nothing_for_unpadded_rows(optimized, arch, feature):
+    """Without padding the adapter builds no attention mask; the graph then gets one that masks nothing, in
+    its own layout (all True for BERT's boolean mask, all 0 for MPNet's additive one)."""
+    model, eager = optimized(arch, feature, "onnx"), make_model(arch, feature, double=False)
+    dtypes = {spec["name"]: spec["dtype"] for spec in model.backend._arguments}
+    assert dtypes["attention_mask"] == ("bool" if arch == "bert" else "float32")
+    inputs = _inputs(arch)
+    inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    assert model.adapter.prepare(torch.zeros(2, 3, model.config.hidden_size), torch.ones(2, 3))["attention_mask"] is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
+
+
 def test_saved_graphs_with_exits_refuse_retrained_heads(tmp_path, optimized):
     model = optimized("bert", "mean", "onnx")
     folder = model.save_optimized(tmp_path)
@@ -280,17 +294,24 @@ def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_se
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("backend,builds", [("onnx", False), ("eager", True)])
-def test_layer_arguments_are_built_only_for_backends_that_use_them(optimized, monkeypatch, backend, builds):
-    """The HF attention-mask layout is built lazily: ONNX graphs build their mask inside, so the engine never
-    prepares torch layer arguments for them (it did at every row change)."""
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_layer_arguments_are_built_once_per_row_set(optimized, monkeypatch, backend):
+    """The attention mask in the attention implementation's layout (and the ONNX graphs' other inputs) is built
+    on the host once for each set of running rows, not in every layer: the eager layers and the ONNX graphs
+    take it as an argument."""
+    from layerexit.backbones import EncoderState
+
     model = optimized("bert", "mean", backend)
-    calls = []
-    prepare = model.adapter.prepare
+    calls, selects = [], []
+    prepare, select = model.adapter.prepare, EncoderState.select
     monkeypatch.setattr(model.adapter, "prepare", lambda h, m: calls.append(h.shape) or prepare(h, m))
+    monkeypatch.setattr(EncoderState, "select", lambda self, rows: selects.append(1) or select(self, rows))
     with torch.no_grad():
+        model.early_exit(**_inputs("bert"), rule=make_rule("full"))  # every layer, the same rows
+        assert len(calls) == 1 and not selects
+        calls.clear()
         model.early_exit(**_inputs("bert"), rule=make_rule("maxprob", threshold=0.6))
-    assert bool(calls) == builds
+    assert len(selects) >= 1 and len(calls) == 1 + len(selects), (calls, selects)
 
 
 SHARED_POOL_SCRIPT = """

@@ -5,9 +5,12 @@ also under int8: the heads are left unquantized), so a layer and its exit cost o
 embeddings and the rule stay in PyTorch on the host. Where layers are shared between positions (ALBERT) one
 graph serves several exits, so the heads run on the host instead.
 
-Each graph takes the running rows' hidden states (n, T, H) float32 and their 0/1 attention mask (n, T)
-int64 and builds the attention mask inside the graph, so the engine's row dropping and length trimming need
-nothing but the two dynamic axes.
+Each graph takes the running rows' hidden states (n, T, H) float32 and the layer's arguments as the adapter
+builds them once per row set on the host (the attention mask in the attention implementation's layout, MPNet's
+position bias; a mask that masks nothing when no row is padded), plus the mean-pooling weights of the exit
+feature: no graph rebuilds them. Rows and length are dynamic axes, so the engine's row dropping and length
+trimming need nothing else. Graphs saved by earlier versions, which take the 0/1 mask (n, T) instead, still
+load.
 """
 
 from __future__ import annotations
@@ -44,25 +47,46 @@ _LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": 
 
 
 class _LayerGraph(nn.Module):
-    """What one exported graph computes: (hidden (n, T, H), mask (n, T)) -> hidden (n, T, H), and with an exit
-    head also that layer's exit feature (n, H) and logits (n, C), so a batch-1 step costs one runtime call."""
+    """What one exported graph computes: (hidden (n, T, H), the layer's arguments) -> hidden (n, T, H), and with
+    an exit head also that layer's exit feature (n, H) and logits (n, C), so a step costs one runtime call.
 
-    def __init__(self, adapter, layer: nn.Module, head: nn.Module | None = None, feature: str = "mean"):
+    The layer's arguments are what the adapter's ``prepare`` builds for a row set (the attention mask in the
+    attention implementation's layout, MPNet's position bias), named by ``arguments``, then the mean-pooling
+    weights (n, 1, T) when the exit feature is a mean: built once per row set on the host, not in every layer.
+    """
+
+    def __init__(self, adapter, layer: nn.Module, arguments: tuple[str, ...], head: nn.Module | None = None,
+                 feature: str = "mean"):
         super().__init__()
         self.layer = layer
-        self.backbone = adapter.backbone  # prepare() may read backbone parts (MPNet's relative position bias)
+        self.backbone = adapter.backbone  # the adapter's layer call may read backbone parts
+        self.arguments = arguments
         self.head = head
         self.feature = feature
         self._adapter = adapter
 
-    def forward(self, hidden, mask):
-        out = self._adapter.call_layer(self.layer, hidden, self._adapter.prepare(hidden, mask))
+    def forward(self, hidden, *inputs):
+        kwargs = dict(zip(self.arguments, inputs))
+        out = self._adapter.call_layer(self.layer, hidden, kwargs)
         out = out[0] if isinstance(out, tuple) else out  # (n, T, H)
         if self.head is None:
             return out
-        weights = mean_weights(mask, out.dtype)[:, None] if self.feature == "mean" else None  # (n, 1, T)
+        weights = inputs[len(self.arguments)] if self.feature == "mean" else None  # (n, 1, T)
         feature = pool_feature(self._adapter, self.feature, out, weights)  # (n, H)
         return out, feature, self.head(feature)
+
+
+def _argument_specs(adapter, hidden: torch.Tensor, mask: torch.Tensor) -> list[dict]:
+    """The tensors ``adapter.prepare`` builds for padded example rows: name, dtype and shape, each dimension
+    ``rows``, ``length`` or a fixed size (``None`` values, such as a vision model's mask, are not inputs)."""
+    rows, length = mask.shape
+    specs = []
+    for name, value in adapter.prepare(hidden, mask).items():
+        if isinstance(value, torch.Tensor):
+            shape = ["rows" if d == 0 else "length" if size == length else int(size) for d, size in enumerate(value.shape)]
+            dtype = "float32" if value.is_floating_point() else str(value.dtype).removeprefix("torch.")  # float graphs
+            specs.append({"name": name, "dtype": dtype, "shape": shape})
+    return specs
 
 
 @BACKENDS.register("onnx")
@@ -104,25 +128,37 @@ class OnnxBackend(LayerBackend):
             raise LayerExitError(f"backend={self.name!r} is invalid for a model on {device}: export on the CPU; move "
                                  "the model with model.to('cpu') first")
         modules, positions = unique_layers(model.adapter.layers)
-        hidden_size = model.config.hidden_size
-        # example rows with ragged padding, so the graph keeps the masked path
-        hidden = torch.randn(2, 5, hidden_size)
-        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+        # example rows with ragged padding, so the layer arguments keep the masked form; a length (11) unlikely
+        # to equal any other dimension, so the arguments' length axes can be told apart
+        hidden = torch.randn(2, 11, model.config.hidden_size)
+        mask = torch.ones(2, 11, dtype=torch.long)
+        mask[1, 7:] = 0
+        specs = _argument_specs(model.adapter, hidden, mask)
+        arguments = tuple(spec["name"] for spec in specs)
+        prepared = model.adapter.prepare(hidden, mask)
+        example = (hidden, *(prepared[spec["name"]].to(getattr(torch, spec["dtype"])) for spec in specs))
         was_dtype = next(model.backbone.parameters()).dtype
         # each layer's exit head goes into its graph, unless layers are shared between positions (ALBERT):
         # one graph per distinct layer then, and the heads run on the host
         with_exits = positions == list(range(len(positions)))
+        takes_weights = with_exits and model.config.exit_feature == "mean"
+        if takes_weights:
+            example = (*example, mean_weights(mask, torch.float32)[:, None])  # (n, 1, T)
+        shapes = [["rows", "length", hidden.shape[-1]], *(spec["shape"] for spec in specs)]
+        shapes += [["rows", 1, "length"]] if takes_weights else []
+        names = ["hidden", *arguments, *(["weights"] if takes_weights else [])]
         for i, module in enumerate(modules):
             head = model.exits[i] if with_exits else None
-            graph = _LayerGraph(model.adapter, module, head, model.config.exit_feature).eval()
+            graph = _LayerGraph(model.adapter, module, arguments, head, model.config.exit_feature).eval()
             if was_dtype != torch.float32:
                 graph = _float_copy(graph)
             path = directory / f"layer_{i}.onnx"
-            _export_graph(graph, (hidden, mask), path, self.exporter, with_exits)
+            _export_graph(graph, example, names, shapes, path, self.exporter, with_exits)
             if self.quantized:
                 self._quantize(path)
         self._positions = positions
         self._files = [f"layer_{i}.onnx" for i in range(len(modules))]
+        self._arguments = specs
 
     def _quantize(self, path: Path) -> None:
         pass
@@ -147,7 +183,9 @@ class OnnxBackend(LayerBackend):
         self.pool_used = "session" if sessions[0].get_session_options().use_per_session_threads else "shared"
         self._graph_bytes = {name: (directory / name).read_bytes() for name in self._files}
         inputs = {i.name for i in sessions[0].get_inputs()}
-        self._uses_mask = "mask" in inputs  # unused inputs are dropped at export (ViT: no padding, no mask)
+        # graphs saved by earlier versions take the 0/1 mask (n, T) and build the attention mask themselves
+        self._takes_mask = "mask" in inputs
+        self._takes_weights = "weights" in inputs
         # graphs saved by earlier versions (or for shared layers) return the hidden states only
         self.computes_exits = [o.name for o in sessions[0].get_outputs()] == list(_EXIT_OUTPUTS)
         self.sessions = [sessions[i] for i in self._positions]
@@ -155,8 +193,28 @@ class OnnxBackend(LayerBackend):
     # --- computation ---------------------------------------------------------------------------------
     def _feed(self, hidden, state) -> dict:
         feed = {"hidden": hidden.detach().float().contiguous().numpy()}  # (n, T, H) float32, no copy
-        if self._uses_mask:
+        if self._takes_mask:
             feed["mask"] = np.ascontiguousarray(state.attention_mask.numpy(), dtype=np.int64)  # (n, T)
+            return feed
+        arguments = state.row_cache.get("onnx_arguments")  # the same for every layer of a row set
+        if arguments is None:
+            arguments = state.row_cache["onnx_arguments"] = self._arguments_for(state)
+        feed.update(arguments)
+        return feed
+
+    def _arguments_for(self, state) -> dict:
+        """The graphs' layer arguments for the rows of ``state`` (built by the adapter, as the eager layers get
+        them), and the mean-pooling weights; as numpy arrays."""
+        kwargs = state.layer_kwargs
+        rows, length = state.attention_mask.shape
+        feed = {}
+        for spec in self._arguments:
+            value = kwargs.get(spec["name"])
+            if value is None:  # rows without padding: the adapter skips the mask, the graph takes one
+                value = _no_masking(spec, rows, length)
+            feed[spec["name"]] = np.ascontiguousarray(value.to(getattr(torch, spec["dtype"])).numpy())
+        if self._takes_weights:
+            feed["weights"] = mean_weights(state.attention_mask, torch.float32)[:, None].numpy()  # (n, 1, T)
         return feed
 
     def run_layer(self, index, hidden, state):
@@ -179,13 +237,15 @@ class OnnxBackend(LayerBackend):
         for name, data in self._graph_bytes.items():
             (directory / name).write_bytes(data)
         extra = {"exit_digest": exit_digest(self.model)} if self.computes_exits else {}
-        write_manifest(directory, self, positions=self._positions, files=self._files, **extra)
+        write_manifest(directory, self, positions=self._positions, files=self._files, arguments=self._arguments,
+                       **extra)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
         require_onnxruntime()
         manifest = read_manifest(directory, self)
         self._positions, self._files = manifest["positions"], manifest["files"]
+        self._arguments = manifest.get("arguments", [])  # none in graphs that take the 0/1 mask
         if len(self._positions) != self.model.config.num_layers:
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "
                                  f"the model {self.model.config.num_layers}")
@@ -343,17 +403,31 @@ def _exit_nodes(path: Path) -> list[str]:
     return [node.name for node in graph.node if node.name not in needed]
 
 
-def _export_graph(graph: nn.Module, example: tuple, path: Path, exporter: str, with_exits: bool = False) -> None:
-    """``torch.onnx.export`` with dynamic rows and sequence length (inputs and outputs)."""
-    names = {"input_names": ["hidden", "mask"], "output_names": list(_EXIT_OUTPUTS if with_exits else ("output",))}
+def _no_masking(spec: dict, rows: int, length: int) -> torch.Tensor:
+    """An attention mask that masks nothing, in the layout of ``spec``: all True (a boolean mask) or all 0
+    (an additive one)."""
+    shape = [rows if d == "rows" else length if d == "length" else d for d in spec["shape"]]
+    if spec["dtype"] == "bool":
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=getattr(torch, spec["dtype"]))
+
+
+def _export_graph(graph: nn.Module, example: tuple, names: list[str], shapes: list[list], path: Path,
+                  exporter: str, with_exits: bool = False) -> None:
+    """``torch.onnx.export`` with dynamic rows and sequence length (inputs and outputs); ``shapes`` gives each
+    input's dimensions as ``rows``, ``length`` or a fixed size."""
+    outputs = list(_EXIT_OUTPUTS if with_exits else ("output",))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            axes = {"hidden": {0: "rows", 1: "length"}, "mask": {0: "rows", 1: "length"},
-                    "output": {0: "rows", 1: "length"}, "feature": {0: "rows"}, "logits": {0: "rows"}}
-            axes = {k: v for k, v in axes.items() if k in ("hidden", "mask", *names["output_names"])}
-            torch.onnx.export(graph, example, str(path), dynamic_axes=axes, dynamo=False, opset_version=18, **names)
+            axes = {name: {d: size for d, size in enumerate(shape) if isinstance(size, str)}
+                    for name, shape in zip(names, shapes)}
+            axes.update({"output": {0: "rows", 1: "length"}, "feature": {0: "rows"}, "logits": {0: "rows"}})
+            axes = {k: v for k, v in axes.items() if k in names or k in outputs}
+            torch.onnx.export(graph, example, str(path), dynamic_axes=axes, dynamo=False, opset_version=18,
+                              input_names=names, output_names=outputs)
             return
-        rows, length = torch.export.Dim("rows"), torch.export.Dim("length")
-        torch.onnx.export(graph, example, str(path), dynamic_shapes={"hidden": {0: rows, 1: length},
-                          "mask": {0: rows, 1: length}}, dynamo=True, external_data=False, verbose=False, **names)
+        dims = {"rows": torch.export.Dim("rows"), "length": torch.export.Dim("length")}
+        dynamic = tuple({d: dims[size] for d, size in enumerate(shape) if isinstance(size, str)} for shape in shapes)
+        torch.onnx.export(graph, example, str(path), dynamic_shapes=(dynamic[0], dynamic[1:]), dynamo=True,
+                          external_data=False, verbose=False, input_names=names, output_names=outputs)
