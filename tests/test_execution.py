@@ -232,6 +232,45 @@ def test_onnx_graphs_take_a_mask_that_masks_nothing_for_unpadded_rows(optimized,
         torch.testing.assert_close(model(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
 
 
+def test_graphs_saved_by_earlier_versions_still_load(tmp_path):
+    """Earlier versions saved graphs that take the 0/1 mask (n, T), build the attention mask inside and return
+    the hidden states only; they still load, with the exit heads on the host."""
+    import json
+
+    from layerexit.execution.onnx import _export_graph
+
+    model, eager = make_model("bert", "mean", double=False), make_model("bert", "mean", double=False)
+    adapter = model.adapter
+
+    class OldGraph(torch.nn.Module):  # what an earlier version exported for each layer
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, hidden, mask):
+            return adapter.call_layer(self.layer, hidden, adapter.prepare(hidden, mask))
+
+    model.optimize("onnx", exporter="torchscript")
+    folder = model.save_optimized(tmp_path)
+    hidden, mask = torch.randn(2, 5, model.config.hidden_size), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    for i, layer in enumerate(adapter.layers):
+        _export_graph(OldGraph(layer).eval(), (hidden, mask), ["hidden", "mask"],
+                      [["rows", "length", hidden.shape[-1]], ["rows", "length"]], folder / f"layer_{i}.onnx",
+                      "torchscript")
+    manifest = json.loads((folder / "backend.json").read_text())
+    for key in ("arguments", "exit_digest", "exit_heads"):
+        manifest.pop(key)
+    (folder / "backend.json").write_text(json.dumps(manifest))
+
+    loaded = make_model("bert", "mean", double=False)
+    backend = loaded.optimize("onnx", saved=folder)
+    assert not backend.computes_exits and backend._takes_mask
+    inputs = _inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
+        loaded.early_exit(**inputs, rule=make_rule("maxprob", threshold=0.6))
+
+
 def test_saved_graphs_with_exits_refuse_retrained_heads(tmp_path, optimized):
     model = optimized("bert", "mean", "onnx")
     folder = model.save_optimized(tmp_path)

@@ -76,12 +76,12 @@ class _LayerGraph(nn.Module):
         return out, feature, self.head(feature)
 
 
-def _argument_specs(adapter, hidden: torch.Tensor, mask: torch.Tensor) -> list[dict]:
-    """The tensors ``adapter.prepare`` builds for padded example rows: name, dtype and shape, each dimension
-    ``rows``, ``length`` or a fixed size (``None`` values, such as a vision model's mask, are not inputs)."""
-    rows, length = mask.shape
+def _argument_specs(prepared: dict, length: int) -> list[dict]:
+    """The tensors ``adapter.prepare`` built for padded example rows of ``length`` tokens: name, dtype and
+    shape, each dimension ``rows``, ``length`` or a fixed size (``None`` values, such as a vision model's mask,
+    are not inputs)."""
     specs = []
-    for name, value in adapter.prepare(hidden, mask).items():
+    for name, value in prepared.items():
         if isinstance(value, torch.Tensor):
             shape = ["rows" if d == 0 else "length" if size == length else int(size) for d, size in enumerate(value.shape)]
             dtype = "float32" if value.is_floating_point() else str(value.dtype).removeprefix("torch.")  # float graphs
@@ -133,9 +133,9 @@ class OnnxBackend(LayerBackend):
         hidden = torch.randn(2, 11, model.config.hidden_size)
         mask = torch.ones(2, 11, dtype=torch.long)
         mask[1, 7:] = 0
-        specs = _argument_specs(model.adapter, hidden, mask)
-        arguments = tuple(spec["name"] for spec in specs)
         prepared = model.adapter.prepare(hidden, mask)
+        specs = _argument_specs(prepared, mask.shape[1])
+        arguments = tuple(spec["name"] for spec in specs)
         example = (hidden, *(prepared[spec["name"]].to(getattr(torch, spec["dtype"])) for spec in specs))
         was_dtype = next(model.backbone.parameters()).dtype
         # each layer's exit head goes into its graph, unless layers are shared between positions (ALBERT):
@@ -274,9 +274,8 @@ class OnnxInt8Backend(OnnxBackend):
         self.reduce_range = (not cpu_has_vnni()) if reduce_range is None else bool(reduce_range)
 
     def _quantize(self, path: Path) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
         from onnxruntime.quantization.onnx_model import ONNXModel
 
         model = onnx.load(str(path))
