@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_backends import cpu_info, cpu_ticks, layerexit_early, layerexit_full, loadavg, steal_percent  # noqa: E402
+from cpu_backends import (cpu_info, cpu_ticks, interleaved, layerexit_early, layerexit_full, loadavg,  # noqa: E402
+                          steal_percent)
 
 from layerexit.allocator import keep_freed_memory  # noqa: E402
 from layerexit.data import Encoded, load_data  # noqa: E402
@@ -65,16 +65,7 @@ def main() -> None:
         variants[f"{label} | early exit"] = layerexit_early(model, make_rule("maxprob", threshold=args.threshold))
     encoded = Encoded(load_data(args.data, "test", limit=args.examples), tokenizer, models[label].config.max_length)
     batches = Batches.build(encoded, args.batch_size)
-    seconds = {name: [] for name in variants}
-    for round_index in range(args.rounds + 1):  # round 0 warms up
-        for name, fn in variants.items():
-            if hasattr(fn, "exit_layers"):
-                fn.exit_layers.clear()
-            start = time.perf_counter()
-            for inputs in batches.inputs:
-                fn(inputs)
-            if round_index:
-                seconds[name].append(time.perf_counter() - start)
+    seconds = interleaved(variants, batches, args.rounds)["seconds"]  # one warm-up round, then the timed ones
 
     num_layers = models[label].config.num_layers
     reference = next(iter(folders))
