@@ -16,7 +16,7 @@ from layerexit.errors import LayerExitError
 from layerexit.evaluation.simulate import simulate
 from layerexit.execution.torch_backends import PackedLinear, bf16_prepack_available
 from layerexit.rules import make_rule
-from tiny import make_batch, make_model, row
+from tiny import ARCHS, make_batch, make_model, row
 
 pytest.importorskip("onnxruntime")
 needs_onednn = pytest.mark.skipif(not bf16_prepack_available(),
@@ -228,8 +228,12 @@ def test_onnx_graphs_take_a_mask_that_masks_nothing_for_unpadded_rows(optimized,
     inputs = _inputs(arch)
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     assert model.adapter.prepare(torch.zeros(2, 3, model.config.hidden_size), torch.ones(2, 3))["attention_mask"] is None
+    prepared, prepare = [], model.adapter.prepare
+    model.adapter.prepare = lambda *args: prepared.append(1) or prepare(*args)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
+    # BERT's graphs take the mask alone, so nothing is prepared on the host; MPNet's also take a position bias
+    assert len(prepared) == (0 if arch == "bert" else 1)
 
 
 def test_graphs_saved_by_earlier_versions_still_load(tmp_path):
@@ -258,26 +262,52 @@ def test_graphs_saved_by_earlier_versions_still_load(tmp_path):
                       [["rows", "length", hidden.shape[-1]], ["rows", "length"]], folder / f"layer_{i}.onnx",
                       "torchscript")
     manifest = json.loads((folder / "backend.json").read_text())
-    for key in ("arguments", "exit_digest", "exit_heads"):
-        manifest.pop(key)
+    for key in ("arguments", "exit_digest", "exit_heads", "embeddings"):
+        manifest.pop(key, None)
     (folder / "backend.json").write_text(json.dumps(manifest))
+    (folder / "embeddings.onnx").unlink()  # nor did they export the embeddings
 
     loaded = make_model("bert", "mean", double=False)
     backend = loaded.optimize("onnx", saved=folder)
-    assert not backend.computes_exits and backend._takes_mask
+    assert not backend.computes_exits and backend._takes_mask and not backend.computes_embeddings
     inputs = _inputs("bert")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
         loaded.early_exit(**inputs, rule=make_rule("maxprob", threshold=0.6))
 
 
-def test_saved_graphs_with_exits_refuse_retrained_heads(tmp_path, optimized):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_embeddings_graph_equals_the_backbones_embeddings(optimized, arch):
+    """Text models start in one ONNX Runtime call: the embeddings graph gives the adapter's layer-0 input
+    (token types, RoBERTa's and MPNet's padding-aware positions, ALBERT's projection included), for any rows
+    and length; without token types it embeds type 0, as the backbone does."""
+    cached = dict(CASES)  # models the other tests export with the default exporter; the rest: the quick one
+    if arch in cached:
+        model = optimized(arch, cached[arch], "onnx")
+    else:
+        model = make_model(arch, "cls", double=False)
+        model.optimize("onnx", exporter="torchscript")
+    backend = model.backend
+    assert backend.computes_embeddings and backend.describe()["embeddings"] == "graph"
+    for batch, length in ((5, 9), (1, 3)):
+        inputs = make_batch(arch, batch=batch, max_len=length, seed=batch)
+        ids, types = inputs["input_ids"], inputs["token_type_ids"]
+        with torch.no_grad():
+            want = model.adapter.embed(ids, types)  # (B, T, H) on the host
+            torch.testing.assert_close(backend.embed(ids, types), want, rtol=1e-5, atol=1e-5)
+            if types is not None:
+                torch.testing.assert_close(backend.embed(ids, None), model.adapter.embed(ids, None), rtol=1e-5,
+                                           atol=1e-5)
+
+
+@pytest.mark.parametrize("changed", ["exits.2.linear.bias", "backbone.embeddings.word_embeddings.weight"])
+def test_saved_graphs_refuse_retrained_heads_or_embeddings(tmp_path, optimized, changed):
     model = optimized("bert", "mean", "onnx")
     folder = model.save_optimized(tmp_path)
-    other = make_model("bert", "mean", double=False)  # same layers (seed), heads changed after saving
+    other = make_model("bert", "mean", double=False)  # same layers (seed), heads or embeddings changed after saving
     with torch.no_grad():
-        other.exits[2].linear.bias.add_(0.5)
-    with pytest.raises(LayerExitError, match="other exit heads than this model's"):
+        other.get_parameter(changed).add_(0.5)
+    with pytest.raises(LayerExitError, match="other exit heads or embeddings than this model's"):
         other.optimize("onnx", saved=folder)
 
 
@@ -310,17 +340,20 @@ def test_layer_sessions_default_to_their_own_pools_without_spinning(optimized):
 
 def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_setting(optimized):
     """PyTorch's spinning threads would take the cores ONNX Runtime's threads need: the engine runs the host
-    work (embeddings, rule) on one torch thread while an ONNX backend computes the layers and their exits."""
+    work (the rule, the engine's bookkeeping) on one torch thread while an ONNX backend computes the embeddings,
+    the layers and their exits."""
     model = optimized("bert", "mean", "onnx")
     seen = []
-    hook = model.backbone.embeddings.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    step = model.run_layer_and_exit
+    model.run_layer_and_exit = lambda *args: seen.append(torch.get_num_threads()) or step(*args)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
+    hook = model.backbone.embeddings.register_forward_hook(lambda *_: seen.append("host embeddings"))
     try:
         with torch.no_grad():
             model(**_inputs("bert"))
             model.early_exit(**_inputs("bert"), rule=make_rule("maxprob", threshold=0.9))
-        assert seen == [1, 1] and torch.get_num_threads() == 2
+        assert len(seen) > model.config.num_layers and set(seen) == {1} and torch.get_num_threads() == 2
         eager = optimized("bert", "mean", "eager")
         eager_seen = []
         handle = eager.backbone.embeddings.register_forward_hook(lambda *_: eager_seen.append(torch.get_num_threads()))
@@ -337,20 +370,30 @@ def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_se
 def test_layer_arguments_are_built_once_per_row_set(optimized, monkeypatch, backend):
     """The attention mask in the attention implementation's layout (and the ONNX graphs' other inputs) is built
     on the host once for each set of running rows, not in every layer: the eager layers and the ONNX graphs
-    take it as an argument."""
+    take it as an argument. BERT's graphs take nothing else, so the ONNX backend skips it for row sets
+    without padding (their mask masks nothing)."""
     from layerexit.backbones import EncoderState
 
     model = optimized("bert", "mean", backend)
-    calls, selects = [], []
+    calls, row_sets = [], []  # row_sets: whether each new row set is padded
+
+    def spy_select(self, rows):
+        state = select(self, rows)
+        row_sets.append(not bool(state.attention_mask.all()))
+        return state
+
     prepare, select = model.adapter.prepare, EncoderState.select
     monkeypatch.setattr(model.adapter, "prepare", lambda h, m: calls.append(h.shape) or prepare(h, m))
-    monkeypatch.setattr(EncoderState, "select", lambda self, rows: selects.append(1) or select(self, rows))
+    monkeypatch.setattr(EncoderState, "select", spy_select)
+    inputs = _inputs("bert")
+    assert not bool(inputs["attention_mask"].all())  # the first row set is padded
     with torch.no_grad():
-        model.early_exit(**_inputs("bert"), rule=make_rule("full"))  # every layer, the same rows
-        assert len(calls) == 1 and not selects
+        model.early_exit(**inputs, rule=make_rule("full"))  # every layer, the same rows
+        assert len(calls) == 1 and not row_sets
         calls.clear()
-        model.early_exit(**_inputs("bert"), rule=make_rule("maxprob", threshold=0.6))
-    assert len(selects) >= 1 and len(calls) == 1 + len(selects), (calls, selects)
+        model.early_exit(**inputs, rule=make_rule("maxprob", threshold=0.6))
+    built = len(row_sets) if backend == "eager" else sum(row_sets)
+    assert len(row_sets) >= 1 and len(calls) == 1 + built, (calls, row_sets)
 
 
 SHARED_POOL_SCRIPT = """

@@ -192,6 +192,8 @@ class MultiExitModel(nn.Module):
         the state before layer 0."""
         if pixel_values is not None:
             state = self.adapter.start_images(pixel_values)
+        elif self.backend.computes_embeddings:  # one runtime call instead of the embedding modules' host ops
+            state = EncoderState(self.backend.embed(input_ids, token_type_ids), attention_mask, self.adapter.prepare)
         else:
             state = self.adapter.start(input_ids, attention_mask, token_type_ids)
         dtype = self.backend.hidden_dtype
@@ -407,29 +409,34 @@ class MultiExitModel(nn.Module):
         state = self.start(input_ids, attention_mask, token_type_ids, pixel_values)
         batch, device = state.hidden.shape[0], state.hidden.device
         rule_state = rule.init_state(batch, targets=targets, device=device)
-        rows = torch.arange(batch, device=device)  # original index of each running row
-        out_logits = torch.zeros(batch, self.config.num_labels, dtype=self._head_dtype(), device=device)
-        exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+        dtype = self._head_dtype()  # autocast may compute exits in lower precision; answers come in the heads' dtype
+        rows = None  # original index of each running row, once some row has left (until then: all, in order)
         for index in range(num_layers):
             state, feature, logits = self.run_layer_and_exit(state, index)  # (n, H), (n, C)
-            if index == num_layers - 1:
-                out_logits[rows] = logits.to(out_logits.dtype)  # autocast computes exits in lower precision
-                break
-            if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
-                rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
-            done = rule.should_exit(logits, index, rule_state)  # (n,) bool
-            if bool(done.all()):  # every running row leaves (a batch of one: the usual exit)
-                out_logits[rows] = logits.to(out_logits.dtype)
-                exit_layer[rows] = index + 1
-                break
-            if bool(done.any()):
-                out_logits[rows[done]] = logits[done].to(out_logits.dtype)
-                exit_layer[rows[done]] = index + 1
-                keep = ~done
-                rows = rows[keep]
-                state = state.select(keep)
-                rule_state = {k: v[keep] for k, v in rule_state.items()}
-        return EarlyExitOutput(out_logits, exit_layer)
+            if index < num_layers - 1:  # (the last exit answers for every row still running)
+                if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
+                    rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
+                done = rule.should_exit(logits, index, rule_state)  # (n,) bool
+                if not bool(done.all()):  # some rows go on: the others leave the batch
+                    if bool(done.any()):
+                        if rows is None:
+                            rows = torch.arange(batch, device=device)
+                            out_logits = torch.zeros(batch, self.config.num_labels, dtype=dtype, device=device)
+                            exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+                        out_logits[rows[done]] = logits[done].to(dtype)
+                        exit_layer[rows[done]] = index + 1
+                        keep = ~done
+                        rows = rows[keep]
+                        state = state.select(keep)
+                        rule_state = {k: v[keep] for k, v in rule_state.items()}
+                    continue
+            # every running row leaves at this exit
+            if rows is None:  # none left earlier (a batch of one, the usual case): this exit answers for all
+                every = torch.full((batch,), index + 1, dtype=torch.long, device=device)
+                return EarlyExitOutput(logits.to(dtype), every)
+            out_logits[rows] = logits.to(dtype)
+            exit_layer[rows] = index + 1
+            return EarlyExitOutput(out_logits, exit_layer)
 
     # --- persistence ---------------------------------------------------------------------------------
     @property

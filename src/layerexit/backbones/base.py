@@ -83,6 +83,8 @@ class EncoderAdapter(LayerStackAdapter):
     #: exit feature used when neither the user nor the checkpoint chooses one
     default_feature: str = "pooler"
     uses_token_type_ids: bool = True
+    #: whether the input is token ids (:meth:`embed`); vision adapters embed images instead
+    reads_text: bool = True
 
     def __init__(self, backbone: nn.Module):
         super().__init__(backbone)

@@ -24,6 +24,7 @@ class ViTAdapter(EncoderAdapter):
     model_types = ("vit",)
     default_feature = "cls"
     uses_token_type_ids = False
+    reads_text = False
 
     @property
     def layers(self):

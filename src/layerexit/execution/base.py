@@ -34,6 +34,9 @@ class LayerBackend:
     #: whether :meth:`run_layer_and_exit` computes each layer's exit too (the ONNX graphs carry the heads);
     #: otherwise the engine runs the exit heads on the host after :meth:`run_layer`
     computes_exits = False
+    #: whether :meth:`embed` computes the backbone's text embeddings (an ONNX graph); otherwise the backbone's
+    #: own embeddings run on the host
+    computes_embeddings = False
 
     def __init__(self):
         self.model = None
@@ -74,6 +77,10 @@ class LayerBackend:
         """Layer ``index`` and its exit for the rows of ``state``, where :attr:`computes_exits`: hidden
         (n, T, H), exit feature (n, H), exit logits (n, C)."""
         raise NotImplementedError(f"backend {self.name!r} leaves the exits to the host")
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) input of layer 0, where :attr:`computes_embeddings`."""
+        raise NotImplementedError(f"backend {self.name!r} leaves the embeddings to the host")
 
     def host(self):
         """Context around one engine call: limits PyTorch's threads to :attr:`host_threads` for its duration.

@@ -1,16 +1,17 @@
 """ONNX Runtime backends: each layer exported once (``torch.onnx.export``, dynamic rows and sequence length)
 and run by its own ONNX Runtime session; ``onnx-int8`` adds ONNX Runtime's dynamic int8 quantization
 (per-channel weights by default). Each graph also computes its layer's exit (feature and logits, float32
-also under int8: the heads are left unquantized), so a layer and its exit cost one runtime call; the
-embeddings and the rule stay in PyTorch on the host. Where layers are shared between positions (ALBERT) one
-graph serves several exits, so the heads run on the host instead.
+also under int8: the heads are left unquantized), so a layer and its exit cost one runtime call. A text
+model's embeddings are one more graph (float32: table lookups and a norm), so starting a batch is one call
+too; the rule stays in PyTorch on the host. Where layers are shared between positions (ALBERT) one graph
+serves several exits, so the heads run on the host instead.
 
 Each graph takes the running rows' hidden states (n, T, H) float32 and the layer's arguments as the adapter
 builds them once per row set on the host (the attention mask in the attention implementation's layout, MPNet's
 position bias; a mask that masks nothing when no row is padded), plus the mean-pooling weights of the exit
 feature: no graph rebuilds them. Rows and length are dynamic axes, so the engine's row dropping and length
-trimming need nothing else. Graphs saved by earlier versions, which take the 0/1 mask (n, T) instead, still
-load.
+trimming need nothing else. Graphs saved by earlier versions, which take the 0/1 mask (n, T) instead or
+come without the embeddings graph, still load.
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ class _LayerGraph(nn.Module):
         weights = inputs[len(self.arguments)] if self.feature == "mean" else None  # (n, 1, T)
         feature = pool_feature(self._adapter, self.feature, out, weights)  # (n, H)
         return out, feature, self.head(feature)
+
+
+class _EmbeddingGraph(nn.Module):
+    """What the embeddings graph computes: token ids (n, T) (and token types (n, T) where the model reads
+    them) -> (n, T, H), the input of layer 0, as the adapter embeds text on the host."""
+
+    def __init__(self, adapter):
+        super().__init__()
+        self.backbone = adapter.backbone
+        self._adapter = adapter
+
+    def forward(self, input_ids, *token_type_ids):  # (hidden, *arguments) as the layer graphs, for the exporter
+        return self._adapter.embed(input_ids, token_type_ids[0] if token_type_ids else None)
 
 
 def _argument_specs(prepared: dict, length: int) -> list[dict]:
@@ -156,6 +170,17 @@ class OnnxBackend(LayerBackend):
             _export_graph(graph, example, names, shapes, path, self.exporter, with_exits)
             if self.quantized:
                 self._quantize(path)
+        self._embeddings = None
+        if model.adapter.reads_text:  # the embeddings too: one call instead of a dozen small host ops
+            graph = _EmbeddingGraph(model.adapter).eval()
+            if was_dtype != torch.float32:
+                graph = _float_copy(graph)
+            ids = torch.randint(5, min(1000, model.backbone.config.vocab_size), (2, 11))  # (n, T)
+            example = (ids, torch.zeros_like(ids)) if model.adapter.uses_token_type_ids else (ids,)
+            names = ["input_ids", "token_type_ids"][: len(example)]
+            _export_graph(graph, example, names, [["rows", "length"]] * len(example), directory / EMBEDDINGS,
+                          self.exporter, outputs=["hidden"])  # float32 also under onnx-int8: table lookups
+            self._embeddings = EMBEDDINGS
         self._positions = positions
         self._files = [f"layer_{i}.onnx" for i in range(len(modules))]
         self._arguments = specs
@@ -180,8 +205,14 @@ class OnnxBackend(LayerBackend):
                                      f"{ort.__version__} cannot run {name}: {str(err).splitlines()[0]}; re-export "
                                      f"with model.optimize({self.name!r}) on this installation") from None
             sessions.append(session)
+        self._embedding_session = None
+        if self._embeddings:
+            self._embedding_session = _session(ort, directory / self._embeddings, options, threads)
+            self._embedding_inputs = [i.name for i in self._embedding_session.get_inputs()]
+        self.computes_embeddings = self._embedding_session is not None
         self.pool_used = "session" if sessions[0].get_session_options().use_per_session_threads else "shared"
-        self._graph_bytes = {name: (directory / name).read_bytes() for name in self._files}
+        self._graph_bytes = {name: (directory / name).read_bytes()
+                             for name in [*self._files, *([self._embeddings] if self._embeddings else [])]}
         inputs = {i.name for i in sessions[0].get_inputs()}
         # graphs saved by earlier versions take the 0/1 mask (n, T) and build the attention mask themselves
         self._takes_mask = "mask" in inputs
@@ -205,8 +236,10 @@ class OnnxBackend(LayerBackend):
     def _arguments_for(self, state) -> dict:
         """The graphs' layer arguments for the rows of ``state`` (built by the adapter, as the eager layers get
         them), and the mean-pooling weights; as numpy arrays."""
-        kwargs = state.layer_kwargs
         rows, length = state.attention_mask.shape
+        # rows without padding need no attention mask: when that is all the graphs take, skip building it
+        only_masks = all(spec["name"] == "attention_mask" for spec in self._arguments)
+        kwargs = {} if only_masks and bool(state.attention_mask.all()) else state.layer_kwargs
         feed = {}
         for spec in self._arguments:
             value = kwargs.get(spec["name"])
@@ -216,6 +249,14 @@ class OnnxBackend(LayerBackend):
         if self._takes_weights:
             feed["weights"] = mean_weights(state.attention_mask, torch.float32)[:, None].numpy()  # (n, 1, T)
         return feed
+
+    def embed(self, input_ids, token_type_ids):
+        ids = input_ids.numpy().astype(np.int64, copy=False)  # (B, T)
+        feed = {"input_ids": ids}
+        if "token_type_ids" in self._embedding_inputs:  # absent: type 0, as the backbone's default
+            feed["token_type_ids"] = (np.zeros_like(ids) if token_type_ids is None
+                                      else token_type_ids.numpy().astype(np.int64, copy=False))
+        return torch.from_numpy(self._embedding_session.run(None, feed)[0])  # (B, T, H)
 
     def run_layer(self, index, hidden, state):
         return torch.from_numpy(self.sessions[index].run(["output"], self._feed(hidden, state))[0])  # (n, T, H)
@@ -230,15 +271,16 @@ class OnnxBackend(LayerBackend):
                 "optimization": self.optimization, "exporter": self.exporter,
                 "thread_pool": getattr(self, "pool_used", self.thread_pool), "threads": self.threads,
                 "host_threads": self.host_threads,
-                "exit_heads": "in the layer graphs" if getattr(self, "computes_exits", False) else "host"}
+                "exit_heads": "in the layer graphs" if getattr(self, "computes_exits", False) else "host",
+                "embeddings": "graph" if getattr(self, "computes_embeddings", False) else "host"}
 
     # --- persistence ---------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         for name, data in self._graph_bytes.items():
             (directory / name).write_bytes(data)
-        extra = {"exit_digest": exit_digest(self.model)} if self.computes_exits else {}
+        extra = {"exit_digest": exit_digest(self.model)} if self.computes_exits or self._embeddings else {}
         write_manifest(directory, self, positions=self._positions, files=self._files, arguments=self._arguments,
-                       **extra)
+                       embeddings=self._embeddings, **extra)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
@@ -246,12 +288,13 @@ class OnnxBackend(LayerBackend):
         manifest = read_manifest(directory, self)
         self._positions, self._files = manifest["positions"], manifest["files"]
         self._arguments = manifest.get("arguments", [])  # none in graphs that take the 0/1 mask
+        self._embeddings = manifest.get("embeddings")  # none in folders saved by earlier versions
         if len(self._positions) != self.model.config.num_layers:
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "
                                  f"the model {self.model.config.num_layers}")
         if "exit_digest" in manifest and manifest["exit_digest"] != exit_digest(self.model):
-            raise LayerExitError(f"optimized={str(directory)!r} is invalid: its graphs carry other exit heads than "
-                                 "this model's (trained after they were saved?); rebuild them with "
+            raise LayerExitError(f"optimized={str(directory)!r} is invalid: its graphs carry other exit heads or "
+                                 "embeddings than this model's (trained after they were saved?); rebuild them with "
                                  f"model.optimize({self.name!r}) and model.save_optimized(checkpoint)")
 
     def load(self, directory: Path) -> None:
@@ -375,6 +418,7 @@ def _float_copy(graph: nn.Module) -> nn.Module:
 
 
 _EXIT_OUTPUTS = ("output", "feature", "logits")
+EMBEDDINGS = "embeddings.onnx"
 
 
 def exit_digest(model) -> str:
@@ -412,21 +456,24 @@ def _no_masking(spec: dict, rows: int, length: int) -> torch.Tensor:
 
 
 def _export_graph(graph: nn.Module, example: tuple, names: list[str], shapes: list[list], path: Path,
-                  exporter: str, with_exits: bool = False) -> None:
+                  exporter: str, with_exits: bool = False, outputs: list[str] | None = None) -> None:
     """``torch.onnx.export`` with dynamic rows and sequence length (inputs and outputs); ``shapes`` gives each
     input's dimensions as ``rows``, ``length`` or a fixed size."""
-    outputs = list(_EXIT_OUTPUTS if with_exits else ("output",))
+    outputs = outputs or list(_EXIT_OUTPUTS if with_exits else ("output",))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             axes = {name: {d: size for d, size in enumerate(shape) if isinstance(size, str)}
                     for name, shape in zip(names, shapes)}
-            axes.update({"output": {0: "rows", 1: "length"}, "feature": {0: "rows"}, "logits": {0: "rows"}})
+            axes.update({"output": {0: "rows", 1: "length"}, "hidden": {0: "rows", 1: "length"},
+                         "feature": {0: "rows"}, "logits": {0: "rows"}})
             axes = {k: v for k, v in axes.items() if k in names or k in outputs}
             torch.onnx.export(graph, example, str(path), dynamic_axes=axes, dynamo=False, opset_version=18,
                               input_names=names, output_names=outputs)
             return
         dims = {"rows": torch.export.Dim("rows"), "length": torch.export.Dim("length")}
         dynamic = tuple({d: dims[size] for d, size in enumerate(shape) if isinstance(size, str)} for shape in shapes)
-        torch.onnx.export(graph, example, str(path), dynamic_shapes=(dynamic[0], dynamic[1:]), dynamo=True,
+        # forward(first, *rest): the exporter wants the shapes in that structure (no rest: first alone)
+        structure = (dynamic[0], dynamic[1:]) if len(dynamic) > 1 else (dynamic[0],)
+        torch.onnx.export(graph, example, str(path), dynamic_shapes=structure, dynamo=True,
                           external_data=False, verbose=False, input_names=names, output_names=outputs)
