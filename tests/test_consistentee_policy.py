@@ -118,6 +118,12 @@ def test_ce_reward_and_validation():
                                       kind="accuracy", hit=hit), hit - 1.0)
     with pytest.raises(ValueError, match="hits"):
         reward(ce, torch.tensor([3, 3]), torch.tensor([3, 3]), 3, 1.0, kind="agreement")
+    # the probability reward: the right label's probability at the chosen exit (in [0, 1]), the same layer cost
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0])
+    ce_rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    got = reward(ce_rows, torch.tensor([1, 2]), torch.tensor([2, 2]), 2, 1.0, hardness=False, kind="probability")
+    torch.testing.assert_close(got, logits.softmax(-1)[:, 0] - torch.tensor([0.5, 1.0]))
     with pytest.raises(LayerExitError, match="policy_inputs"):
         ConsistentEEConfig(policy_inputs=("maxprob", "maxprob")).validate()
     with pytest.raises(LayerExitError, match="alpha_range"):

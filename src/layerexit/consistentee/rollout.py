@@ -8,6 +8,8 @@ Notation (the paper's; see docs/methods.md): L exits, ``pi_l`` the policy's exit
     R = -CE(z_e, y)                                        (kind="ce": the released reference code's reward,
                                                             every layer and hardness term commented out)
     R = 1[z_e right] - alpha * (e / L) * (1 - m / L)       (kind="accuracy"; "agreement": 1[z_e agrees with z_L])
+    R = p_e(y) - alpha * (e / L) * (1 - m / L)             (kind="probability": exp(-CE), the right label's
+                                                            probability, bounded like accuracy, graded like CE)
 
 with the mean reward of the K copies as baseline and loss ``-mean(A.detach() * log pi(path))`` (the paper's
 REINFORCE estimator, ``rollout_loss``).
@@ -88,7 +90,8 @@ def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, 
     """R = -CE - alpha * (e/L) * (1 - m/L) with hardness, else -CE - alpha * (e/L); -CE alone for kind="ce".
 
     kind="accuracy" and "agreement" replace -CE by ``hit`` (1 where the chosen exit is right, resp. agrees with
-    the last exit, else 0) and keep the same layer cost. ``alpha`` is a float or a tensor broadcastable to ``ce``
+    the last exit, else 0) and keep the same layer cost; kind="probability" by exp(-CE), the chosen exit's
+    probability of the right label. ``alpha`` is a float or a tensor broadcastable to ``ce``
     (one alpha per instance for a conditioned policy).
     """
     if kind == "ce":
@@ -97,6 +100,8 @@ def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, 
         raise bad_value("reward", kind, f"choose one of {', '.join(REWARDS)}")
     if kind == "paper":
         gain = -ce
+    elif kind == "probability":
+        gain = (-ce).exp()  # p_e(y)
     elif hit is None:
         raise ValueError(f"reward kind {kind!r} needs the 0/1 hits of the chosen exits")
     else:
