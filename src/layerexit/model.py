@@ -305,6 +305,14 @@ class MultiExitModel(nn.Module):
             limit -= (config.pad_token_id or 0) + 1  # positions start after the padding index
         return limit
 
+    def _input_limits(self) -> tuple[int | None, int | None]:
+        """(longest sequence, vocabulary size) the backbone accepts, read from its config once (the checks run
+        on every call)."""
+        limits = self.__dict__.get("_limits")
+        if limits is None:
+            limits = self.__dict__["_limits"] = (self.max_positions(), getattr(self.backbone.config, "vocab_size", None))
+        return limits
+
     def check_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None):
         """Refuse a malformed batch with layerexit's error; returns the attention mask (all ones if None).
 
@@ -332,7 +340,7 @@ class MultiExitModel(nn.Module):
         if batch == 0 or length == 0:
             raise bad_value("input_ids", _describe(input_ids), "the batch is empty: pass at least one row with at "
                             "least one token")
-        limit = self.max_positions()
+        limit, vocab = self._input_limits()
         if limit is not None and length > limit:
             raise bad_value("input_ids", _describe(input_ids), f"sequences of {length} tokens exceed the model's "
                             f"{limit} positions: tokenize with truncation=True, max_length={limit}")
@@ -347,8 +355,10 @@ class MultiExitModel(nn.Module):
                             f"{tuple(input_ids.shape)}, or be None")
         empty = attention_mask[:, 0] == 0  # (B,) with right padding: the row has no real token
         low, high = torch.aminmax(input_ids)
-        low, high, empty_rows = torch.stack([low, high, empty.sum().to(low.dtype)]).tolist()  # one device sync
-        vocab = getattr(self.backbone.config, "vocab_size", None)
+        if input_ids.device.type == "cpu":  # reading three scalars costs less than stacking them
+            low, high, empty_rows = int(low), int(high), int(empty.sum())
+        else:
+            low, high, empty_rows = torch.stack([low, high, empty.sum().to(low.dtype)]).tolist()  # one device sync
         if low < 0 or (vocab is not None and high >= vocab):
             raise bad_value("input_ids", f"ids from {low} to {high}", f"ids must lie in [0, {vocab}) for "
                             "this model's vocabulary: tokenize with the checkpoint's own tokenizer "

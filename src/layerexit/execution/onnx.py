@@ -237,17 +237,20 @@ class OnnxBackend(LayerBackend):
         """The graphs' layer arguments for the rows of ``state`` (built by the adapter, as the eager layers get
         them), and the mean-pooling weights; as numpy arrays."""
         rows, length = state.attention_mask.shape
+        unpadded = bool(state.attention_mask.all())
         # rows without padding need no attention mask: when that is all the graphs take, skip building it
         only_masks = all(spec["name"] == "attention_mask" for spec in self._arguments)
-        kwargs = {} if only_masks and bool(state.attention_mask.all()) else state.layer_kwargs
+        kwargs = {} if only_masks and unpadded else state.layer_kwargs
         feed = {}
         for spec in self._arguments:
             value = kwargs.get(spec["name"])
             if value is None:  # rows without padding: the adapter skips the mask, the graph takes one
-                value = _no_masking(spec, rows, length)
-            feed[spec["name"]] = np.ascontiguousarray(value.to(getattr(torch, spec["dtype"])).numpy())
-        if self._takes_weights:
-            feed["weights"] = mean_weights(state.attention_mask, torch.float32)[:, None].numpy()  # (n, 1, T)
+                feed[spec["name"]] = _no_masking(spec, rows, length)
+            else:
+                feed[spec["name"]] = np.ascontiguousarray(value.to(getattr(torch, spec["dtype"])).numpy())
+        if self._takes_weights:  # (n, 1, T); without padding 1/T everywhere, the float32 quotient mean_weights gives
+            feed["weights"] = (np.full((rows, 1, length), np.float32(1) / np.float32(length)) if unpadded
+                               else mean_weights(state.attention_mask, torch.float32)[:, None].numpy())
         return feed
 
     def embed(self, input_ids, token_type_ids):
@@ -446,13 +449,13 @@ def _exit_nodes(path: Path) -> list[str]:
     return [node.name for node in graph.node if node.name not in needed]
 
 
-def _no_masking(spec: dict, rows: int, length: int) -> torch.Tensor:
+def _no_masking(spec: dict, rows: int, length: int) -> np.ndarray:
     """An attention mask that masks nothing, in the layout of ``spec``: all True (a boolean mask) or all 0
     (an additive one)."""
     shape = [rows if d == "rows" else length if d == "length" else d for d in spec["shape"]]
     if spec["dtype"] == "bool":
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.zeros(shape, dtype=getattr(torch, spec["dtype"]))
+        return np.ones(shape, dtype=np.bool_)
+    return np.zeros(shape, dtype=np.dtype(spec["dtype"]))
 
 
 def _export_graph(graph: nn.Module, example: tuple, names: list[str], shapes: list[list], path: Path,
