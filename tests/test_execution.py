@@ -311,6 +311,23 @@ def test_saved_graphs_refuse_retrained_heads_or_embeddings(tmp_path, optimized, 
         other.optimize("onnx", saved=folder)
 
 
+def test_saved_graphs_with_host_heads_accept_retrained_heads_but_not_embeddings(tmp_path):
+    """ALBERT's shared layer graph leaves the heads to the host: retrained heads load; changed embeddings (in
+    the embeddings graph) do not."""
+    model = make_model("albert", "pooler", double=False)
+    model.optimize("onnx", exporter="torchscript")
+    folder = model.save_optimized(tmp_path)
+    retrained = make_model("albert", "pooler", double=False)
+    with torch.no_grad():
+        retrained.exits[1].linear.bias.add_(0.5)
+    assert not retrained.optimize("onnx", saved=folder).computes_exits
+    other = make_model("albert", "pooler", double=False)
+    with torch.no_grad():
+        other.backbone.embeddings.word_embeddings.weight.add_(0.5)
+    with pytest.raises(LayerExitError, match="other exit heads or embeddings"):
+        other.optimize("onnx", saved=folder)
+
+
 def test_optimize_back_to_eager_and_bad_names():
     model = make_model("bert", "cls", double=False)
     inputs = _inputs("bert")

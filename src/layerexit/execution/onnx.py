@@ -281,7 +281,8 @@ class OnnxBackend(LayerBackend):
     def save(self, directory: Path) -> None:
         for name, data in self._graph_bytes.items():
             (directory / name).write_bytes(data)
-        extra = {"exit_digest": exit_digest(self.model)} if self.computes_exits or self._embeddings else {}
+        carried = self.computes_exits or self._embeddings  # weights besides the layers' inside the graphs
+        extra = {"exit_digest": exit_digest(self.model, heads=self.computes_exits)} if carried else {}
         write_manifest(directory, self, positions=self._positions, files=self._files, arguments=self._arguments,
                        embeddings=self._embeddings, **extra)
 
@@ -295,7 +296,8 @@ class OnnxBackend(LayerBackend):
         if len(self._positions) != self.model.config.num_layers:
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "
                                  f"the model {self.model.config.num_layers}")
-        if "exit_digest" in manifest and manifest["exit_digest"] != exit_digest(self.model):
+        heads = self._positions == list(range(len(self._positions)))  # one graph per position: exits inside
+        if "exit_digest" in manifest and manifest["exit_digest"] != exit_digest(self.model, heads=heads):
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: its graphs carry other exit heads or "
                                  "embeddings than this model's (trained after they were saved?); rebuild them with "
                                  f"model.optimize({self.name!r}) and model.save_optimized(checkpoint)")
@@ -424,12 +426,13 @@ _EXIT_OUTPUTS = ("output", "feature", "logits")
 EMBEDDINGS = "embeddings.onnx"
 
 
-def exit_digest(model) -> str:
-    """A digest of what a graph with exits reads besides its layer: the exit heads and the backbone's weights
-    outside the layers (a pooler, a final norm)."""
+def exit_digest(model, heads: bool = True) -> str:
+    """A digest of what the graphs read besides the layers: the backbone's weights outside them (embeddings, a
+    pooler, a final norm) and, where the layer graphs carry them (``heads``), the exit heads."""
     layers = {id(p) for layer in model.adapter.layers for p in layer.parameters()}
-    outside = ((f"backbone.{n}", p) for n, p in model.backbone.named_parameters() if id(p) not in layers)
-    return weights_digest([*outside, *((f"exits.{n}", p) for n, p in model.exits.named_parameters())])
+    outside = [(f"backbone.{n}", p) for n, p in model.backbone.named_parameters() if id(p) not in layers]
+    exits = [(f"exits.{n}", p) for n, p in model.exits.named_parameters()] if heads else []
+    return weights_digest([*outside, *exits])
 
 
 def _exit_nodes(path: Path) -> list[str]:
