@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from layerexit.consistentee import ConsistentEEConfig, reward, rollout_loss, train_consistentee
+from layerexit.consistentee.rollout import hits
 from layerexit.consistentee.schedule import sample_alpha, weighted_exit_loss
 from layerexit.data import load_data
 from layerexit.errors import LayerExitError
@@ -124,6 +125,11 @@ def test_ce_reward_and_validation():
     ce_rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     got = reward(ce_rows, torch.tensor([1, 2]), torch.tensor([2, 2]), 2, 1.0, hardness=False, kind="probability")
     torch.testing.assert_close(got, logits.softmax(-1)[:, 0] - torch.tensor([0.5, 1.0]))
+    # blend: the mean of the 0/1 gain and that probability (row 0 right, row 1 wrong), the same cost
+    hit = hits(logits.argmax(-1), labels, logits.argmax(-1), "blend")
+    assert hit.tolist() == [1.0, 0.0]
+    got = reward(ce_rows, torch.tensor([1, 2]), torch.tensor([2, 2]), 2, 1.0, hardness=False, kind="blend", hit=hit)
+    torch.testing.assert_close(got, 0.5 * (hit.float() + logits.softmax(-1)[:, 0]) - torch.tensor([0.5, 1.0]))
     with pytest.raises(LayerExitError, match="policy_inputs"):
         ConsistentEEConfig(policy_inputs=("maxprob", "maxprob")).validate()
     with pytest.raises(LayerExitError, match="alpha_range"):

@@ -16,8 +16,9 @@ POLICY_INPUT_NAMES = ("maxprob", "margin", "entropy", "layer")
 DEFAULT_POLICY_INPUTS = POLICY_INPUT_NAMES
 #: "paper": -CE minus the (hardness-weighted) layer cost; "ce": -CE alone, as the released reference code trains;
 #: "accuracy" / "agreement": 1 if the chosen exit is right / agrees with the last exit, minus the same layer cost;
-#: "probability": the chosen exit's probability of the right label (exp(-CE), in [0, 1]), minus the same layer cost
-REWARDS = ("paper", "ce", "accuracy", "agreement", "probability")
+#: "probability": the chosen exit's probability of the right label (exp(-CE), in [0, 1]), minus the same layer cost;
+#: "blend": the mean of the two gains, (1[right] + probability) / 2, minus the same layer cost
+REWARDS = ("paper", "ce", "accuracy", "agreement", "probability", "blend")
 #: "reinforce": sampled rollouts with the K copies' mean as baseline (the paper); "expected": the exact gradient of
 #: the expected reward over the exit distribution (every exit's logits are computed anyway)
 ESTIMATORS = ("reinforce", "expected")
@@ -52,7 +53,8 @@ class ConsistentEEConfig:
     reward: str = option("accuracy", "paper: -CE - layer cost; ce: -CE alone (the released reference code, where "
                          "alpha has no effect); accuracy: 1 if the chosen exit is right, else 0, - layer cost; "
                          "agreement: 1 if it agrees with the last exit - layer cost; probability: its probability "
-                         "of the right label - layer cost", REWARDS)
+                         "of the right label - layer cost; blend: the mean of the accuracy and probability gains "
+                         "- layer cost", REWARDS)
     policy_inputs: str = option(",".join(DEFAULT_POLICY_INPUTS), "policy inputs beside the exit feature, comma "
                                 f"separated, from {','.join(POLICY_INPUT_NAMES)}; 'none' for the paper's policy on "
                                 "the feature alone (a sequence of names in Python)")

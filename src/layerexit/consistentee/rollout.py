@@ -9,7 +9,8 @@ Notation (the paper's; see docs/methods.md): L exits, ``pi_l`` the policy's exit
                                                             every layer and hardness term commented out)
     R = 1[z_e right] - alpha * (e / L) * (1 - m / L)       (kind="accuracy"; "agreement": 1[z_e agrees with z_L])
     R = p_e(y) - alpha * (e / L) * (1 - m / L)             (kind="probability": exp(-CE), the right label's
-                                                            probability, bounded like accuracy, graded like CE)
+                                                            probability, bounded like accuracy, graded like CE;
+                                                            "blend": (1[z_e right] + p_e(y)) / 2 as the gain)
 
 with the mean reward of the K copies as baseline and loss ``-mean(A.detach() * log pi(path))`` (the paper's
 REINFORCE estimator, ``rollout_loss``).
@@ -91,7 +92,7 @@ def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, 
 
     kind="accuracy" and "agreement" replace -CE by ``hit`` (1 where the chosen exit is right, resp. agrees with
     the last exit, else 0) and keep the same layer cost; kind="probability" by exp(-CE), the chosen exit's
-    probability of the right label. ``alpha`` is a float or a tensor broadcastable to ``ce``
+    probability of the right label; kind="blend" by the mean of ``hit`` (right) and that probability. ``alpha`` is a float or a tensor broadcastable to ``ce``
     (one alpha per instance for a conditioned policy).
     """
     if kind == "ce":
@@ -104,6 +105,8 @@ def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, 
         gain = (-ce).exp()  # p_e(y)
     elif hit is None:
         raise ValueError(f"reward kind {kind!r} needs the 0/1 hits of the chosen exits")
+    elif kind == "blend":
+        gain = 0.5 * (hit.to(ce.dtype) + (-ce).exp())  # a right answer counts, a surer one a little more
     else:
         gain = hit.to(ce.dtype)
     cost = alpha * exit_layer.to(ce.dtype) / num_layers
@@ -113,9 +116,9 @@ def reward(ce: torch.Tensor, exit_layer: torch.Tensor, memorized: torch.Tensor, 
 
 
 def hits(predictions: torch.Tensor, labels: torch.Tensor, final: torch.Tensor, kind: str) -> torch.Tensor | None:
-    """The 0/1 gain of the accuracy-type rewards: predictions == labels ("accuracy") or == the last exit's
-    prediction ("agreement"); None for the CE rewards. All arguments broadcast together."""
-    if kind == "accuracy":
+    """The 0/1 gain of the accuracy-type rewards: predictions == labels ("accuracy", and half of "blend") or
+    == the last exit's prediction ("agreement"); None for the CE rewards. All arguments broadcast together."""
+    if kind in ("accuracy", "blend"):
         return (predictions == labels).double()
     if kind == "agreement":
         return (predictions == final).double()
