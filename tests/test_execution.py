@@ -219,7 +219,7 @@ def test_onnx_graphs_carry_their_exit_heads_in_float32(optimized, backend):
 
 
 @pytest.mark.parametrize("arch,feature", [("bert", "mean"), ("mpnet", "pooler")])
-def test_onnx_graphs_take_a_mask_that_masks_nothing_for_unpadded_rows(optimized, arch, feature):
+def test_onnx_graphs_take_a_mask_that_masks_nothing_for_unpadded_rows(optimized, monkeypatch, arch, feature):
     """Without padding the adapter builds no attention mask; the graph then gets one that masks nothing, in
     its own layout (all True for BERT's boolean mask, all 0 for MPNet's additive one)."""
     model, eager = optimized(arch, feature, "onnx"), make_model(arch, feature, double=False)
@@ -229,7 +229,7 @@ def test_onnx_graphs_take_a_mask_that_masks_nothing_for_unpadded_rows(optimized,
     inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     assert model.adapter.prepare(torch.zeros(2, 3, model.config.hidden_size), torch.ones(2, 3))["attention_mask"] is None
     prepared, prepare = [], model.adapter.prepare
-    model.adapter.prepare = lambda *args: prepared.append(1) or prepare(*args)
+    monkeypatch.setattr(model.adapter, "prepare", lambda *args: prepared.append(1) or prepare(*args))
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), eager(**inputs), rtol=1e-4, atol=1e-4)
     # BERT's graphs take the mask alone, so nothing is prepared on the host; MPNet's also take a position bias
@@ -355,14 +355,14 @@ def test_layer_sessions_default_to_their_own_pools_without_spinning(optimized):
     assert own_process_options("onnx-int8") == {"thread_pool": "shared"} and own_process_options("int8") == {}
 
 
-def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_setting(optimized):
+def test_host_work_of_onnx_backends_runs_on_one_torch_thread_and_restores_the_setting(optimized, monkeypatch):
     """PyTorch's spinning threads would take the cores ONNX Runtime's threads need: the engine runs the host
     work (the rule, the engine's bookkeeping) on one torch thread while an ONNX backend computes the embeddings,
     the layers and their exits."""
     model = optimized("bert", "mean", "onnx")
     seen = []
     step = model.run_layer_and_exit
-    model.run_layer_and_exit = lambda *args: seen.append(torch.get_num_threads()) or step(*args)
+    monkeypatch.setattr(model, "run_layer_and_exit", lambda *args: seen.append(torch.get_num_threads()) or step(*args))
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     hook = model.backbone.embeddings.register_forward_hook(lambda *_: seen.append("host embeddings"))
