@@ -28,9 +28,9 @@ ESTIMATORS = ("reinforce", "expected")
 class ConsistentEEConfig:
     """ConsistentEE's own hyper-parameters.
 
-    Defaults: what measured best on SST-2 with a frozen MiniLM-L6 stage 1 (docs/benchmarks.md), not the paper's:
-    the 0/1 ``accuracy`` reward, the ``expected`` estimator, the confidence policy inputs and a stage 2 of 10
-    epochs at lr 3e-3. The paper's form is ``reward="paper", estimator="reinforce", policy_inputs=""`` (with
+    Defaults: what measured best on SST-2 with frozen MiniLM-L6 and MPNet-12 stage 1s (docs/benchmarks.md), not
+    the paper's: the ``blend`` reward (the mean of the 0/1 correctness and the right label's probability), the
+    ``expected`` estimator, the confidence policy inputs and a stage 2 of 10 epochs at lr 3e-3. The paper's form is ``reward="paper", estimator="reinforce", policy_inputs=""`` (with
     ``stage2_epochs=2, stage2_learning_rate=3e-4`` our earlier defaults); the released reference code's reward is
     ``reward="ce"``.
     """
@@ -50,7 +50,7 @@ class ConsistentEEConfig:
     stage3_epochs: int = option(1, "epochs of stage 3 per round (0 skips it: policies only)")
     stage3_batch_size: int = option(32, "batch size of stage 3")
     stage3_learning_rate: float = option(3e-5, "learning rate of stage 3")
-    reward: str = option("accuracy", "paper: -CE - layer cost; ce: -CE alone (the released reference code, where "
+    reward: str = option("blend", "paper: -CE - layer cost; ce: -CE alone (the released reference code, where "
                          "alpha has no effect); accuracy: 1 if the chosen exit is right, else 0, - layer cost; "
                          "agreement: 1 if it agrees with the last exit - layer cost; probability: its probability "
                          "of the right label - layer cost; blend: the mean of the accuracy and probability gains "
