@@ -8,6 +8,7 @@ rows that exit leave the batch between layers, so layers past an input's exit ar
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -305,13 +306,11 @@ class MultiExitModel(nn.Module):
             limit -= (config.pad_token_id or 0) + 1  # positions start after the padding index
         return limit
 
+    @functools.cached_property
     def _input_limits(self) -> tuple[int | None, int | None]:
         """(longest sequence, vocabulary size) the backbone accepts, read from its config once (the checks run
         on every call)."""
-        limits = self.__dict__.get("_limits")
-        if limits is None:
-            limits = self.__dict__["_limits"] = (self.max_positions(), getattr(self.backbone.config, "vocab_size", None))
-        return limits
+        return self.max_positions(), getattr(self.backbone.config, "vocab_size", None)
 
     def check_inputs(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None):
         """Refuse a malformed batch with layerexit's error; returns the attention mask (all ones if None).
@@ -340,7 +339,7 @@ class MultiExitModel(nn.Module):
         if batch == 0 or length == 0:
             raise bad_value("input_ids", _describe(input_ids), "the batch is empty: pass at least one row with at "
                             "least one token")
-        limit, vocab = self._input_limits()
+        limit, vocab = self._input_limits
         if limit is not None and length > limit:
             raise bad_value("input_ids", _describe(input_ids), f"sequences of {length} tokens exceed the model's "
                             f"{limit} positions: tokenize with truncation=True, max_length={limit}")
@@ -423,30 +422,29 @@ class MultiExitModel(nn.Module):
         rows = None  # original index of each running row, once some row has left (until then: all, in order)
         for index in range(num_layers):
             state, feature, logits = self.run_layer_and_exit(state, index)  # (n, H), (n, C)
-            if index < num_layers - 1:  # (the last exit answers for every row still running)
+            last = index == num_layers - 1  # the last exit answers for every row still running
+            if not last:
                 if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
                     rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
                 done = rule.should_exit(logits, index, rule_state)  # (n,) bool
-                if not bool(done.all()):  # some rows go on: the others leave the batch
-                    if bool(done.any()):
-                        if rows is None:
-                            rows = torch.arange(batch, device=device)
-                            out_logits = torch.zeros(batch, self.config.num_labels, dtype=dtype, device=device)
-                            exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
-                        out_logits[rows[done]] = logits[done].to(dtype)
-                        exit_layer[rows[done]] = index + 1
-                        keep = ~done
-                        rows = rows[keep]
-                        state = state.select(keep)
-                        rule_state = {k: v[keep] for k, v in rule_state.items()}
-                    continue
-            # every running row leaves at this exit
-            if rows is None:  # none left earlier (a batch of one, the usual case): this exit answers for all
-                every = torch.full((batch,), index + 1, dtype=torch.long, device=device)
-                return EarlyExitOutput(logits.to(dtype), every)
-            out_logits[rows] = logits.to(dtype)
-            exit_layer[rows] = index + 1
-            return EarlyExitOutput(out_logits, exit_layer)
+            if last or bool(done.all()):  # every running row leaves at this exit
+                if rows is None:  # none left earlier (a batch of one, the usual case): this exit answers for all
+                    every = torch.full((batch,), index + 1, dtype=torch.long, device=device)
+                    return EarlyExitOutput(logits.to(dtype), every)
+                out_logits[rows] = logits.to(dtype)
+                exit_layer[rows] = index + 1
+                return EarlyExitOutput(out_logits, exit_layer)
+            if bool(done.any()):  # these rows leave the batch, the others go on
+                if rows is None:
+                    rows = torch.arange(batch, device=device)
+                    out_logits = torch.zeros(batch, self.config.num_labels, dtype=dtype, device=device)
+                    exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+                out_logits[rows[done]] = logits[done].to(dtype)
+                exit_layer[rows[done]] = index + 1
+                keep = ~done
+                rows = rows[keep]
+                state = state.select(keep)
+                rule_state = {k: v[keep] for k, v in rule_state.items()}
 
     # --- persistence ---------------------------------------------------------------------------------
     @property

@@ -154,7 +154,7 @@ class OnnxBackend(LayerBackend):
         was_dtype = next(model.backbone.parameters()).dtype
         # each layer's exit head goes into its graph, unless layers are shared between positions (ALBERT):
         # one graph per distinct layer then, and the heads run on the host
-        with_exits = positions == list(range(len(positions)))
+        with_exits = _exits_in_graphs(positions)
         takes_weights = with_exits and model.config.exit_feature == "mean"
         if takes_weights:
             example = (*example, mean_weights(mask, torch.float32)[:, None])  # (n, 1, T)
@@ -167,7 +167,8 @@ class OnnxBackend(LayerBackend):
             if was_dtype != torch.float32:
                 graph = _float_copy(graph)
             path = directory / f"layer_{i}.onnx"
-            _export_graph(graph, example, names, shapes, path, self.exporter, with_exits)
+            _export_graph(graph, example, names, shapes, path, self.exporter,
+                          _EXIT_OUTPUTS if with_exits else ("output",))
             if self.quantized:
                 self._quantize(path)
         self._embeddings = None
@@ -179,7 +180,7 @@ class OnnxBackend(LayerBackend):
             example = (ids, torch.zeros_like(ids)) if model.adapter.uses_token_type_ids else (ids,)
             names = ["input_ids", "token_type_ids"][: len(example)]
             _export_graph(graph, example, names, [["rows", "length"]] * len(example), directory / EMBEDDINGS,
-                          self.exporter, outputs=["hidden"])  # float32 also under onnx-int8: table lookups
+                          self.exporter, ("hidden",))  # float32 also under onnx-int8: table lookups
             self._embeddings = EMBEDDINGS
         self._positions = positions
         self._files = [f"layer_{i}.onnx" for i in range(len(modules))]
@@ -296,7 +297,7 @@ class OnnxBackend(LayerBackend):
         if len(self._positions) != self.model.config.num_layers:
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has {len(self._positions)} layers, "
                                  f"the model {self.model.config.num_layers}")
-        heads = self._positions == list(range(len(self._positions)))  # one graph per position: exits inside
+        heads = _exits_in_graphs(self._positions)
         if "exit_digest" in manifest and manifest["exit_digest"] != exit_digest(self.model, heads=heads):
             raise LayerExitError(f"optimized={str(directory)!r} is invalid: its graphs carry other exit heads or "
                                  "embeddings than this model's (trained after they were saved?); rebuild them with "
@@ -426,6 +427,12 @@ _EXIT_OUTPUTS = ("output", "feature", "logits")
 EMBEDDINGS = "embeddings.onnx"
 
 
+def _exits_in_graphs(positions: list[int]) -> bool:
+    """Whether the layer graphs carry the exit heads: one graph per position (not shared between positions, as
+    ALBERT's layer group is)."""
+    return positions == list(range(len(positions)))
+
+
 def exit_digest(model, heads: bool = True) -> str:
     """A digest of what the graphs read besides the layers: the backbone's weights outside them (embeddings, a
     pooler, a final norm) and, where the layer graphs carry them (``heads``), the exit heads."""
@@ -462,10 +469,10 @@ def _no_masking(spec: dict, rows: int, length: int) -> np.ndarray:
 
 
 def _export_graph(graph: nn.Module, example: tuple, names: list[str], shapes: list[list], path: Path,
-                  exporter: str, with_exits: bool = False, outputs: list[str] | None = None) -> None:
+                  exporter: str, outputs: tuple[str, ...] = ("output",)) -> None:
     """``torch.onnx.export`` with dynamic rows and sequence length (inputs and outputs); ``shapes`` gives each
     input's dimensions as ``rows``, ``length`` or a fixed size."""
-    outputs = outputs or list(_EXIT_OUTPUTS if with_exits else ("output",))
+    outputs = list(outputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
