@@ -16,7 +16,7 @@ from .common import (add_data_options, add_device_options, arg, at_least, comman
 
 EXAMPLES = """examples:
   layerexit benchmark --model runs/rt/best --rule maxprob --param threshold=0.9
-  layerexit benchmark --model runs/sst2/best --data ../shared/data/sst2 --split test --rule patience
+  layerexit benchmark --model runs/sst2/best --data data/sst2 --split test --rule patience
 """
 
 

@@ -24,9 +24,9 @@ from .common import (add_data_options, add_device_options, arg, at_least, comman
 
 EXAMPLES = """examples:
   layerexit calibrate --model runs/rt/best --split validation --output runs/rt/calibration
-  layerexit calibrate --model runs/sst2/best --data ../shared/data/sst2 --split dev --target-accuracy 0.85 \\
+  layerexit calibrate --model runs/sst2/best --data data/sst2 --split dev --target-accuracy 0.85 \\
       --budget 0.5 --output runs/sst2/calibration
-  layerexit evaluate --model runs/sst2/best --data ../shared/data/sst2 --split test \\
+  layerexit evaluate --model runs/sst2/best --data data/sst2 --split test \\
       --calibration runs/sst2/calibration --target-accuracy 0.85 --budget 0.5 --output runs/sst2/eval
 """
 

@@ -10,7 +10,7 @@ from .common import (add_data_options, add_device_options, arg, at_least, comman
 
 EXAMPLES = """examples:
   layerexit evaluate --model runs/rt/best --output runs/rt/eval
-  layerexit evaluate --model runs/sst2/best --data ../shared/data/sst2 --split test --output runs/sst2/eval
+  layerexit evaluate --model runs/sst2/best --data data/sst2 --split test --output runs/sst2/eval
   layerexit evaluate --model runs/rt/best --rules maxprob,patience --measure-rules maxprob --batch-sizes 1
   layerexit evaluate --model runs/rt/best --calibration runs/rt/calibration --target-accuracy 0.85 --budget 0.5
 """

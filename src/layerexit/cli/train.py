@@ -15,7 +15,7 @@ from .common import add_data_options, add_fields, arg, at_least, command_parser,
 
 EXAMPLES = """examples:
   layerexit train --output runs/rt                      # packaged MiniLM on the packaged movie reviews
-  layerexit train --data ../shared/data/sst2 --split train --eval-split dev --limit 8000 --output runs/sst2
+  layerexit train --data data/sst2 --split train --eval-split dev --limit 8000 --output runs/sst2
   layerexit train --data glue/sst2 --eval-split validation --output runs/glue-sst2     # hub data set, subset
   layerexit train --objective two-stage --epochs 1 --output runs/deebert
   layerexit train --config configs/sst2-minilm.yaml --epochs 3     # YAML options, flags override
