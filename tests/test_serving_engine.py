@@ -74,6 +74,28 @@ def test_rows_with_different_rules_share_layer_steps(models):
     assert engine.stats.steps - steps_before <= model.config.num_layers  # one step per layer: rules shared steps
 
 
+@pytest.mark.parametrize("scheduler", ["batch", "layer"])
+def test_policy_with_confidence_inputs_and_alpha_dial_matches_offline(scheduler):
+    """The default ConsistentEE policy reads its exit's logits, and an alpha-conditioned one the rule's alpha:
+    rows at two dial settings, served together, exit where the offline engine exits them."""
+    model = make_model("bert", "cls", double=False)
+    model.add_policies(8, ("maxprob", "margin", "entropy", "layer"), (0.0, 2.0), 0.5)
+    with torch.no_grad():
+        for policy in model.policies:  # spread exit probabilities over (0, 1), and make alpha matter
+            policy.net[-1].weight.mul_(16)
+            policy.net[0].weight[:, -1].mul_(40)
+    model.double().eval()
+    engine = Engine(model)
+    batch = make_batch("bert", batch=10, max_len=9, seed=3)
+    cautious, eager = make_rule("consistentee", alpha=0.0), make_rule("consistentee", alpha=2.0)
+    want = (offline(model, batch, cautious).exit_layer[:5].tolist()
+            + offline(model, batch, eager).exit_layer[5:].tolist())
+    assert offline(model, batch, cautious).exit_layer.tolist() != offline(model, batch, eager).exit_layer.tolist()
+    rows = rows_of(engine, batch, cautious)[:5] + rows_of(engine, batch, eager)[5:]
+    got = serve_all(make_scheduler(scheduler, engine, max_batch=16, max_wait_ms=20), [rows[:3], rows[3:]])
+    assert [p.exit_layer for answers in got for p in answers] == want
+
+
 def test_layer_policies_pick_as_documented(models):
     engine = Engine(models("bert", "cls"))
     scheduler = make_scheduler("layer", engine, policy="largest")
