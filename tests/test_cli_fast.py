@@ -12,7 +12,7 @@ import pytest
 
 import layerexit
 from layerexit import catalog
-from layerexit.cli.main import build_parser, main
+from layerexit.cli.main import attach_negative_values, build_parser, main
 
 HEAVY = ("torch", "transformers", "matplotlib", "accelerate", "datasets")
 
@@ -149,3 +149,17 @@ def test_a_part_registers_by_name_and_takes_its_description_from_the_catalog():
         registry.register("b")
     with pytest.raises(RuntimeError, match="registered twice"):
         registry.register("a")(object)
+
+
+def test_negative_numbers_are_option_values(capsys):
+    """``--alpha-range -0.5,2`` is a value, not an unknown option; a lone word after a flag stays a word."""
+    assert attach_negative_values(["train", "--alpha-range", "-0.5,2", "--alpha", "-0.2", "--seed", "3"]) == [
+        "train", "--alpha-range=-0.5,2", "--alpha=-0.2", "--seed", "3"]
+    assert attach_negative_values(["--alpha-range", "-.5:2", "--data", "-x"]) == ["--alpha-range=-.5:2", "--data",
+                                                                                 "-x"]
+    args = build_parser().subparsers["train"].parse_args(
+        attach_negative_values(["--method", "consistentee", "--alpha-range", "-0.5,2"]))
+    assert args.alpha_range == "-0.5,2"
+    # checked before any model loads: the default dial setting must lie in the range
+    assert main(["train", "--method", "consistentee", "--alpha-range", "-0.5,2", "--alpha", "-0.7"]) == 2
+    assert "--alpha=-0.7 is invalid" in capsys.readouterr().err

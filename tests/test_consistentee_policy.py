@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from layerexit.consistentee import ConsistentEEConfig, reward, rollout_loss, train_consistentee
 from layerexit.consistentee.rollout import hits
@@ -27,7 +28,7 @@ from layerexit.training import TrainConfig
 from tiny import make_batch, make_model
 from tiny_text import write_backbone, write_csv
 
-ALPHAS = [0.2, 1.0, 2.5]
+ALPHAS = [-0.5, 0.2, 1.0, 2.5]  # below 0: the cautious end of a dial trained from a negative alpha
 
 
 def test_policy_extras_by_hand():
@@ -47,12 +48,14 @@ def conditioned_model(inputs=tuple(POLICY_INPUTS), alpha_range=(0.1, 3.0)):
     torch.manual_seed(5)
     with torch.no_grad():
         for policy in model.policies:  # spread the random policies' probabilities over (0, 1)
-            for p in policy.parameters():
+            for p in policy.net.parameters():
                 p.mul_(6.0)
+            if policy.alpha_gain is not None:  # alpha's direct path moves decisions without swamping them
+                policy.alpha_gain.fill_(2.0)
     return model.eval()
 
 
-@pytest.mark.parametrize("inputs,alpha_range", [(tuple(POLICY_INPUTS), (0.1, 3.0)), (("maxprob",), None),
+@pytest.mark.parametrize("inputs,alpha_range", [(tuple(POLICY_INPUTS), (-1.0, 3.0)), (("maxprob",), None),
                                                 ((), (0.0, 2.0))], ids=["all-conditioned", "maxprob-fixed", "alpha"])
 def test_engine_feeds_the_policy_what_the_simulator_does(inputs, alpha_range):
     model = conditioned_model(inputs, alpha_range)
@@ -86,7 +89,7 @@ def test_alpha_is_no_dial_for_a_fixed_alpha_policy():
         model.early_exit(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                          rule=make_rule("consistentee", alpha=2.0))
     with pytest.raises(LayerExitError, match="policy.alpha"):
-        make_rule("consistentee", alpha=-1)
+        make_rule("consistentee", alpha=float("nan"))
     # a simulated dial setting the cache was not collected at says what is missing
     cache = LogitCache(torch.randn(4, 5, 3), torch.zeros(5, dtype=torch.long), torch.rand(4, 5))
     with pytest.raises(LayerExitError, match="policy@alpha=2"):
@@ -104,6 +107,38 @@ def test_policy_inputs_and_alpha_range_survive_save_and_load(tmp_path):
                                model.policy_probability(1, feature, logits, 0.7))
     with pytest.raises(LayerExitError, match="policy_inputs"):
         make_model("bert", "mean").add_policies(8, ["confidence"])
+
+
+def test_checkpoints_from_before_the_alpha_gain_load_as_they_were_trained(tmp_path):
+    """An alpha-conditioned policy adds gain * alpha to its logit; folders saved before that path existed lack
+    the gains and load with gain 0, i.e. the MLP-only policy they were trained as."""
+    model = conditioned_model()
+    feature, logits = torch.randn(3, 32, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    extra = policy_extras(logits, 1, model.config.num_layers, model.config.policy_inputs, 0.7)
+    # the direct path: logit = MLP([feature, extra]) + gain * alpha
+    direct = torch.sigmoid(model.policies[1].net(torch.cat([feature, extra], -1)).squeeze(-1) + 2.0 * 0.7)
+    torch.testing.assert_close(model.policy_probability(1, feature, logits, 0.7), direct)
+    model.save_pretrained(tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    assert sum(k.endswith(".alpha_gain") for k in tensors) == model.config.num_layers
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".alpha_gain")}, tmp_path / "m" / "model.safetensors")
+    old = MultiExitModel.from_pretrained(tmp_path / "m").double()
+    assert all(p.alpha_gain.item() == 0.0 for p in old.policies)
+    mlp_only = torch.sigmoid(model.policies[1].net(torch.cat([feature, extra], -1)).squeeze(-1))
+    torch.testing.assert_close(old.policy_probability(1, feature, logits, 0.7), mlp_only)
+
+
+def test_a_dial_may_start_below_zero():
+    config = ConsistentEEConfig(alpha=0.5, alpha_range=(-0.5, 2.0))
+    config.validate()
+    assert config.alpha_bounds == (-0.5, 2.0)
+    draws = sample_alpha(config, 4000, generator=torch.Generator().manual_seed(0))
+    assert -0.5 <= float(draws.min()) < -0.4 and 1.9 < float(draws.max()) <= 2.0
+    assert make_rule("consistentee", alpha=-0.5).params == {"threshold": 0.5, "alpha": -0.5}
+    with pytest.raises(LayerExitError, match="alpha=-1"):  # one fixed alpha: a cost, never a payment
+        ConsistentEEConfig(alpha=-1).validate()
+    with pytest.raises(LayerExitError, match="alpha=-1"):  # the default dial setting lies in the range
+        ConsistentEEConfig(alpha=-1, alpha_range=(-0.5, 2.0)).validate()
 
 
 def test_ce_reward_and_validation():

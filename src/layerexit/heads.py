@@ -84,23 +84,39 @@ def policy_extras(logits: torch.Tensor | None, index: int, num_layers: int, inpu
     return torch.stack(columns, dim=-1).to(logits.dtype)  # (..., k)
 
 
+#: initial weight of alpha's direct path to an alpha-conditioned policy's logit (see :class:`PolicyNetwork`)
+ALPHA_GAIN_INIT = 8.0
+
+
 class PolicyNetwork(nn.Module):
     """ConsistentEE's per-layer exit policy (Zeng et al., AAAI 2024): ``pi_l(h_l) = P(exit at layer l)``.
 
     ``sigmoid(Linear(hidden_size -> 1)(GELU(Linear(hidden + extra -> hidden_size)([h_l, x_l]))))`` on the exit
     feature ``h_l`` and, when ``extra > 0``, the extra inputs ``x_l`` of :func:`policy_extras` (the exit's own
     confidence signals, its depth, and the layer-cost dial alpha of an alpha-conditioned policy).
+
+    An alpha-conditioned policy (``alpha_gain`` given) also adds ``g * alpha`` to the logit, ``g`` learned from
+    ``alpha_gain``. Under the layer-cost reward an input should leave once alpha exceeds a price of its own
+    (what continuing would still earn, per layer saved), i.e. ``logit ~ g * alpha - price(h_l, x_l)``; with alpha
+    only one of the MLP's ``hidden + extra`` inputs the dial bent every input alike and lost the sharp
+    decisions that separately trained high-alpha policies make (docs/benchmarks.md).
     """
 
-    def __init__(self, hidden: int, hidden_size: int = 32, extra: int = 0):
+    def __init__(self, hidden: int, hidden_size: int = 32, extra: int = 0, alpha_gain: float | None = None):
         super().__init__()
         self.extra = int(extra)
         self.net = nn.Sequential(nn.Linear(hidden + self.extra, hidden_size), nn.GELU(), nn.Linear(hidden_size, 1))
+        if alpha_gain is not None and not self.extra:
+            raise ValueError("an alpha-conditioned policy takes alpha as its last extra input")
+        self.alpha_gain = None if alpha_gain is None else nn.Parameter(torch.tensor(float(alpha_gain)))
 
     def forward(self, feature: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., H) feature [+ (..., extra) inputs] -> (...) exit probability."""
+        """(..., H) feature [+ (..., extra) inputs, alpha last when conditioned] -> (...) exit probability."""
         if self.extra:
             if extra is None or extra.shape[-1] != self.extra:
                 raise ValueError(f"this policy takes {self.extra} extra inputs beside the feature")
             feature = torch.cat([feature, extra.to(feature.dtype)], dim=-1)
-        return torch.sigmoid(self.net(feature)).squeeze(-1)
+        logit = self.net(feature).squeeze(-1)  # (...)
+        if self.alpha_gain is not None:
+            logit = logit + self.alpha_gain * extra[..., -1].to(logit.dtype)
+        return torch.sigmoid(logit)

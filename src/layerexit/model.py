@@ -25,8 +25,8 @@ from transformers import AutoConfig, AutoModel
 from .backbones import EncoderState, adapter_for
 from .config import CONFIG_NAME, HF_CONFIG_NAME, WEIGHTS_NAME, LayerExitConfig, MultiExitConfig, read_json, rule_spec
 from .errors import LayerExitError, bad_value
-from .heads import (FEATURES, POLICY_INPUTS, ExitClassifier, PolicyNetwork, mean_weights, policy_extras,
-                    pool_feature)
+from .heads import (ALPHA_GAIN_INIT, FEATURES, POLICY_INPUTS, ExitClassifier, PolicyNetwork, mean_weights,
+                    policy_extras, pool_feature)
 from .io import atomic_directory
 from .resources import resolve_model
 from .rules.base import ExitRule
@@ -115,8 +115,8 @@ class MultiExitModel(nn.Module):
             raise bad_value("policy_inputs", list(inputs), f"choose from {', '.join(POLICY_INPUTS)}")
         if alpha_range:
             low, high = (float(v) for v in alpha_range)
-            if not 0 <= low < high:
-                raise bad_value("alpha_range", list(alpha_range), "give low < high, both >= 0")
+            if not low < high:
+                raise bad_value("alpha_range", list(alpha_range), "give low < high (below 0 pays for depth)")
             alpha_range = [low, high]
         self.config.policy_hidden = int(hidden_size)
         self.config.policy_inputs = list(inputs)
@@ -127,7 +127,8 @@ class MultiExitModel(nn.Module):
         device = next(self.exits.parameters()).device
         dtype = next(self.exits.parameters()).dtype
         self.policies = nn.ModuleList(
-            PolicyNetwork(self.config.hidden_size, hidden_size, extra) for _ in range(self.config.num_layers)
+            PolicyNetwork(self.config.hidden_size, hidden_size, extra, ALPHA_GAIN_INIT if alpha_range else None)
+            for _ in range(self.config.num_layers)
         ).to(device=device, dtype=dtype)
         return self
 
@@ -537,6 +538,7 @@ class MultiExitModel(nn.Module):
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if external:
             missing = [k for k in missing if not k.startswith("backbone.")]
+        missing = _without_alpha_gains(model, missing)
         if missing or unexpected:
             raise LayerExitError(
                 f"checkpoint={str(directory)!r} is invalid: missing weights {missing[:5]}, unexpected "
@@ -683,6 +685,16 @@ def _backbone_config(directory: Path, hf_config: LayerExitConfig | None):
     if (directory / BACKBONE_DIR / HF_CONFIG_NAME).is_file():
         return AutoConfig.from_pretrained(directory / BACKBONE_DIR)
     return None
+
+
+def _without_alpha_gains(model: MultiExitModel, missing: list[str]) -> list[str]:
+    """Checkpoints written before alpha-conditioned policies had alpha's direct path to the logit lack its
+    weights: set them to 0, which is exactly the policy they were trained as; the other missing keys."""
+    gains = [k for k in missing if k.startswith("policies.") and k.endswith(".alpha_gain")]
+    with torch.no_grad():
+        for key in gains:
+            model.get_parameter(key).zero_()
+    return [k for k in missing if k not in gains]
 
 
 def _saved_dtype(hf_config: LayerExitConfig | None, tensors: dict[str, torch.Tensor]) -> torch.dtype:

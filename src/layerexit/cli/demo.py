@@ -30,7 +30,7 @@ FULL = {"train": 6000, "eval": 500, "test": None, "epochs": 2, "measure": 300, "
 QUICK = {"train": 400, "eval": 100, "test": 200, "epochs": 1, "measure": None, "rounds": 3,
          "measure_rules": ["maxprob"], "cee_train": 400, "stage2_epochs": 10, "stage3_epochs": 0, "copies": 4}
 #: the layer-cost range the demo's alpha-conditioned ConsistentEE policy is trained on (its dial)
-DEMO_ALPHA_RANGE = (0.0, 2.0)
+DEMO_ALPHA_RANGE = (-0.5, 2.0)
 
 
 def add_parser(subparsers):

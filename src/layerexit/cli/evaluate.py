@@ -36,9 +36,9 @@ def add_parser(subparsers):
     arg(p, "--rounds", type=int, default=DEFAULT_ROUNDS, check=at_least(1),
         help="interleaved timing rounds (median and spread are reported; fewer than 3 is flagged)")
     add_control_options(p)
-    arg(p, "--alpha", type=float, check=at_least(0, "an alpha"),
+    arg(p, "--alpha", type=float,
         help="alpha-conditioned ConsistentEE model: the layer-cost dial its policy uses (default: the one it was "
-        "trained with); larger alpha, earlier exits")
+        "trained with), within its trained range; larger alpha, earlier exits")
     p.add_argument("--consistentee-runs", help="ConsistentEE `final` folders trained with different --alpha, comma "
                    "separated: adds the 'consistentee' curve (each model's policy at threshold 0.5)")
     add_device_options(p)

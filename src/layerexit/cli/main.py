@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .. import __version__
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -73,6 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         place = f" ({err.filename})" if getattr(err, "filename", None) else ""
         print(f"layerexit {command}: error: {err.strerror or err}{place}; {_where(command, args)}", file=sys.stderr)
         return 1
+
+
+#: a value that starts like an option but is numbers: "-0.5,2" (argparse takes only a lone "-0.5" as a value)
+_NEGATIVE_NUMBERS = re.compile(r"^-(\d+\.?\d*|\.\d+)([,:]-?(\d+\.?\d*|\.\d+))*$")
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--alpha-range -0.5,2`` -> ``--alpha-range=-0.5,2``, so that argparse reads the numbers as the option's
+    value instead of an unknown option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBERS.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _where(command: str, args) -> str:

@@ -88,7 +88,7 @@ class ConsistentEEConfig:
         try:
             low, high = (float(v) for v in parts)
         except (TypeError, ValueError):
-            raise bad_value("alpha_range", value, "give LOW,HIGH, e.g. 0.1,3") from None
+            raise bad_value("alpha_range", value, "give LOW,HIGH, e.g. -0.5,2") from None
         return low, high
 
     def validate(self) -> None:
@@ -104,8 +104,9 @@ class ConsistentEEConfig:
         bounds = self.alpha_bounds
         if bounds is not None:
             low, high = bounds
-            if not 0 <= low < high:
-                raise bad_value("alpha_range", f"{low},{high}", "give low < high, both >= 0, e.g. 0.1,3")
+            if not low < high:
+                raise bad_value("alpha_range", f"{low},{high}", "give low < high, e.g. -0.5,2 (an alpha below 0 "
+                                "pays for depth: the dial's cautious end)")
             if not low <= self.alpha <= high:
                 raise bad_value("alpha", self.alpha, f"the default dial must lie in alpha_range [{low}, {high}]")
         for name in ("all_exits_weight", "policy_entropy"):
@@ -113,7 +114,7 @@ class ConsistentEEConfig:
                 raise bad_value(name, getattr(self, name), "use a weight >= 0 (0 turns it off)")
         if self.action not in ACTIONS:
             raise bad_value("action", self.action, f"choose one of {', '.join(ACTIONS)}")
-        if not self.alpha >= 0:
+        if bounds is None and not self.alpha >= 0:
             raise bad_value("alpha", self.alpha, "use alpha >= 0 (0 turns the layer cost off)")
         if int(self.copies) < 2:
             raise bad_value("copies", self.copies, "use K >= 2: the baseline is the mean reward of the K copies, "

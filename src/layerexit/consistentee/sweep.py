@@ -7,6 +7,7 @@ alphas; a single model's threshold sweep is the separate ``consistentee-threshol
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -46,8 +47,8 @@ def set_alpha(model: MultiExitModel, alpha: float) -> MultiExitModel:
     if model.policies is None or not model.alpha_conditioned:
         raise bad_value("--alpha", alpha, "only an alpha-conditioned ConsistentEE model has an alpha dial; train "
                         "one with `layerexit train --method consistentee --alpha-range LOW,HIGH`")
-    if not float(alpha) >= 0:
-        raise bad_value("--alpha", alpha, "use alpha >= 0 (larger alpha: earlier exits)")
+    if not math.isfinite(float(alpha)):
+        raise bad_value("--alpha", alpha, "use a finite alpha in the trained range (larger alpha: earlier exits)")
     low, high = model.config.policy_alpha_range
     if not low <= float(alpha) <= high:
         import warnings

@@ -37,15 +37,17 @@ class PolicyRule(ExitRule):
     reads_logits = False
 
     def __init__(self, threshold: float = 0.5, alpha: float | None = None):
-        """threshold in [0, 1); alpha >= 0, only for alpha-conditioned policies (None: the model's default)"""
+        """threshold in [0, 1); alpha, only for alpha-conditioned policies (None: the model's default), a finite
+        number in the range the policy was trained on (below 0, where trained so, pays for depth)"""
         threshold = float(threshold)
         if not 0.0 <= threshold < 1.0:
             raise bad_value("policy.threshold", threshold, "use a value in [0, 1); a probability never exceeds 1, "
                             "so with 1 no input could exit")
         if alpha is not None:
             alpha = float(alpha)
-            if not alpha >= 0 or math.isinf(alpha):
-                raise bad_value("policy.alpha", alpha, "use a finite alpha >= 0 (larger alpha: earlier exits)")
+            if not math.isfinite(alpha):
+                raise bad_value("policy.alpha", alpha, "use a finite alpha in the policy's trained alpha_range "
+                                "(larger alpha: earlier exits)")
         self.threshold = threshold
         self.alpha = alpha
 
