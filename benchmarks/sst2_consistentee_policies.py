@@ -153,7 +153,9 @@ def main() -> None:
     parser.add_argument("--heldout-examples", type=int, default=8000)
     parser.add_argument("--variants", default="paper,inputs")
     parser.add_argument("--policy-seeds", default="1,2,3")
-    parser.add_argument("--stage2-epochs", type=int, default=2)
+    parser.add_argument("--stage2-epochs", type=int, default=2, help="stage-2 epochs of every variant that does not "
+                        "name stage2_epochs itself (this replaces ConsistentEEConfig's default of 10; 2 is the "
+                        "paper-form recipe)")
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--fixed-for-dial", default="", help="DIAL->FIXED1|FIXED2;...: compare each dial variant's "
