@@ -243,10 +243,10 @@ def test_cli_trains_an_alpha_conditioned_model_and_evaluates_its_dial(tmp_path, 
     out = tmp_path / "cee"
     assert main(["train", "--method", "consistentee", *common, "--epochs", "1", "--batch-size", "16",
                  "--learning-rate", "2e-3", "--copies", "4", "--stage2-epochs", "1", "--stage3-epochs", "1",
-                 "--alpha-range", "0.1,3", "--alpha", "1", "--policy-inputs", "maxprob,layer",
+                 "--alpha-range", "-0.5,3", "--alpha", "1", "--policy-inputs", "maxprob,layer",
                  "--all-exits-weight", "0.2", "--reward", "paper", "--output", str(out)]) == 0
     saved = MultiExitModel.from_pretrained(out / "final").config
-    assert saved.policy_alpha_range == [0.1, 3.0] and saved.policy_inputs == ["maxprob", "layer"]
+    assert saved.policy_alpha_range == [-0.5, 3.0] and saved.policy_inputs == ["maxprob", "layer"]
     assert main(["evaluate", *common[:4], "--model", str(out / "final"), "--output", str(tmp_path / "eval"),
                  "--rules", "consistentee,maxprob", "--measure-rules", "consistentee", "--batch-sizes", "4",
                  "--measure-examples", "8", "--rounds", "1", "--alpha", "2.5"]) == 0
