@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from layerexit.cli.train import leave_process_group
 from layerexit.consistentee import schedule
 from layerexit.data import Encoded, load_data
 from layerexit.model import MultiExitModel
@@ -118,5 +119,6 @@ def consistentee() -> None:
 
 if __name__ == "__main__":
     joint() if MODE == "joint" else consistentee()
+    leave_process_group()  # as `layerexit train` does: no abort while tearing down after the work is saved
     if RANK == 0:
         print("worker done", Path(OUTPUT).name)

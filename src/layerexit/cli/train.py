@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from ..catalog import FEATURES, OBJECTIVES
@@ -95,8 +96,20 @@ def run(args) -> int:
 
     # the folder's lock first (before torch, the data or the backbone load): a second training into the same
     # --output fails at once; the training itself holds it again (re-entrant) on the main process
-    with locked(args.output, enabled=launch_rank() == 0):
-        return _run(args)
+    try:
+        with locked(args.output, enabled=launch_rank() == 0):
+            return _run(args)
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """With several processes (torchrun), leave the process group before the interpreter exits: a process that
+    exits with it still open can abort while tearing down its communication threads ("terminate called without
+    an active exception") although its work is done and saved."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for a run that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(args) -> int:
