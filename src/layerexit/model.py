@@ -298,6 +298,14 @@ class MultiExitModel(nn.Module):
         extra = policy_extras(logits, index, self.config.num_layers, self.config.policy_inputs, alpha)
         return self.policies[index](feature, extra)
 
+    def rule_signals(self, rule: ExitRule, index: int, feature: torch.Tensor, logits: torch.Tensor) -> dict:
+        """The per-layer signals besides the logits that ``rule`` asked for (its ``needs``), for its state at
+        exit ``index``: (n, H) features and (n, C) logits -> {"policy": (n,) exit probability at the rule's
+        alpha}, or {}. The offline engine and the serving engine both feed rules through it."""
+        if "policy" not in rule.needs:
+            return {}
+        return {"policy": self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))}
+
     # --- input checks at the public entry points ----------------------------------------------------
     def max_positions(self) -> int | None:
         """The longest sequence the backbone's position embeddings cover (None if it has no such limit)."""
@@ -425,8 +433,7 @@ class MultiExitModel(nn.Module):
             state, feature, logits = self.run_layer_and_exit(state, index)  # (n, H), (n, C)
             last = index == num_layers - 1  # the last exit answers for every row still running
             if not last:
-                if "policy" in rule.needs:  # per-layer signals a rule asked for travel in its state
-                    rule_state["policy"] = self.policy_probability(index, feature, logits, getattr(rule, "alpha", None))
+                rule_state.update(self.rule_signals(rule, index, feature, logits))
                 done = rule.should_exit(logits, index, rule_state)  # (n,) bool
             if last or bool(done.all()):  # every running row leaves at this exit
                 if rows is None:  # none left earlier (a batch of one, the usual case): this exit answers for all

@@ -203,18 +203,15 @@ class Engine:
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(id(row.rule), []).append(i)
-        policies: dict = {}  # the policy's (n,) exit probabilities per alpha dial setting the rules ask for
         for members in groups.values():
             rule = rows[members[0]].rule
             index = torch.tensor(members, device=logits.device)
             state = _join_state([rows[i].rule_state for i in members])
-            if "policy" in rule.needs:
-                alpha = getattr(rule, "alpha", None)
-                if alpha not in policies:  # the policy reads the exit's logits (its confidence inputs) too
-                    policies[alpha] = self.model.policy_probability(layer, feature, logits, alpha)
-                state["policy"] = policies[alpha][index]
+            signals = self.model.rule_signals(rule, layer, feature[index], logits[index])  # this rule's rows only
+            state.update(signals)
             exits = rule.should_exit(logits[index], layer, state).cpu()  # (k,)
-            state.pop("policy", None)
+            for name in signals:  # per-layer signals are not carried to the next layer
+                state.pop(name)
             for i, one in zip(members, _split_state(state, len(members))):
                 rows[i].rule_state = one
             done[members] = exits
