@@ -1,8 +1,9 @@
 """ConsistentEE against max-prob on the weighted baseline, over several seeds (MiniLM-L6, SST-2).
 
 Per seed (the training seed and the data order): stage 1 is PABEE's weighted objective on the first N SST-2
-training phrases (that model is also the weighted baseline the classic rules run on); every ConsistentEE
-variant starts from it. Variants (see ``VARIANTS``):
+training phrases (that model is also the weighted baseline the classic rules run on; ``--stage1-objective
+distilled`` trains it with self-distillation instead, and the classic rules then run on that model); every
+ConsistentEE variant starts from it. Variants (see ``VARIANTS``):
 
 - ``*-s2``: stages 2 only (policies trained on the frozen stage-1 model, cached features): the exits are the
   baseline's, so the policy is compared with max-prob on the very same exits;
@@ -169,7 +170,8 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
     stage1 = Path(args.stage1) if args.stage1 else seed_dir / "stage1"
     if not ((stage1 / "best").is_dir() and (stage1 / "final").is_dir()):
         t = time.perf_counter()
-        train_classifier(args.model, train, dev, stage1, "weighted", max_length=args.max_length, config=train_config)
+        train_classifier(args.model, train, dev, stage1, args.stage1_objective, max_length=args.max_length,
+                         config=train_config)
         done["seconds"]["stage1"] = time.perf_counter() - t
     baseline = MultiExitModel.from_pretrained(stage1 / "best")
     tokenizer = AutoTokenizer.from_pretrained(stage1 / "best")
@@ -268,6 +270,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3", help="training seeds (each also sets the data order)")
     parser.add_argument("--variants", default="paper-s2,inputs-s2,alpha0.5-s2,alpha2-s2,dial-s2,dial-entropy-s2,"
                         "dial,dial-allexits", help=f"comma separated, from {','.join(VARIANTS)}")
+    parser.add_argument("--stage1-objective", default="weighted", choices=["weighted", "distilled"],
+                        help="stage 1's objective; its model is the baseline the classic rules run on (use another "
+                        "--run-dir per objective)")
     parser.add_argument("--stage1", help="reuse this finished stage-1 run (best/, final/) for the (single) seed")
     parser.add_argument("--run-dir", default="runs/bench-cee-seeds")
     parser.add_argument("--output", default="benchmarks/results/sst2_consistentee_seeds.json")

@@ -102,6 +102,8 @@ def test_config_validation():
         ConsistentEEConfig(action="argmax").validate()
     with pytest.raises(LayerExitError, match="estimator"):
         ConsistentEEConfig(estimator="sampled").validate()
+    with pytest.raises(LayerExitError, match="stage1_objective"):
+        ConsistentEEConfig(stage1_objective="uniform").validate()
     with pytest.raises(LayerExitError, match="policy.threshold"):
         make_rule("consistentee", threshold=1.0)
 
@@ -135,6 +137,14 @@ def _run(task, out, **overrides):
     train_config = TrainConfig(epochs=1, batch_size=16, learning_rate=2e-3, seed=3)
     return train_consistentee(task["backbone"], task["train"], task["eval"], out, config, train_config,
                               max_length=16)
+
+
+def test_stage1_objective_distilled_trains_stage1_with_self_distillation(task, tmp_path):
+    _run(task, tmp_path / "d", stage1_objective="distilled")
+    stage1 = json.loads((tmp_path / "d" / "stage1" / "run_config.json").read_text())["settings"]["stages"]
+    assert stage1[0]["settings"] == {"distill_weight": 0.5, "distill_temperature": 2.0}
+    history = json.loads((tmp_path / "d" / "history.json").read_text())
+    assert history[0]["stage"] == "stage1" and history[0]["distill_kl"] > 0
 
 
 def test_full_schedule_is_reproducible_logged_and_resumable(task, tmp_path):

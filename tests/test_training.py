@@ -62,6 +62,69 @@ def test_objective_stages():
         make_objective("no-such-objective")
 
 
+def test_distillation_loss_mixes_labels_and_the_last_exit():
+    from layerexit.training.objectives import distillation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 4, requires_grad=True)  # (L, B, C)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    # weight 0: the weighted objective exactly
+    assert torch.isclose(distillation_loss(logits, labels, weights, 0.0, 2.0)[0],
+                         weighted_exit_loss(logits, labels, weights)[0])
+    # by hand: exits 1, 2 mix CE with T^2 * KL(p_3^T || p_l^T); exit 3 keeps its CE
+    w, t = 0.3, 2.0
+    ce = [torch.nn.functional.cross_entropy(logits[l], labels) for l in range(3)]
+    teacher = torch.softmax(logits[2].detach() / t, -1)
+    kl = [torch.nn.functional.kl_div(torch.log_softmax(logits[l] / t, -1), teacher, reduction="batchmean") * t * t
+          for l in range(2)]
+    expected = (1 * ((1 - w) * ce[0] + w * kl[0]) + 2 * ((1 - w) * ce[1] + w * kl[1]) + 3 * ce[2]) / 6
+    loss, stats = distillation_loss(logits, labels, weights, w, t)
+    assert torch.isclose(loss, expected)
+    assert stats["distill_kl"] == pytest.approx(float((kl[0] + kl[1]) / 2), rel=1e-5)
+    # the teacher is detached: the last exit's gradient is that of its own CE alone
+    loss.backward()
+    alone = logits.detach().clone().requires_grad_(True)
+    (3 * torch.nn.functional.cross_entropy(alone[2], labels) / 6).backward()
+    assert torch.allclose(logits.grad[2], alone.grad[2], atol=1e-6)
+    assert logits.grad[0].abs().sum() > 0
+
+
+def test_distilled_objective_checks_its_options_and_joins_the_fingerprint(task):
+    stage, = make_objective("distilled", distill_weight=0.25, distill_temperature=3.0).stages(3)
+    assert stage.layer_weights == [1.0, 2.0, 3.0] and stage.loss is not None
+    assert stage.settings == {"distill_weight": 0.25, "distill_temperature": 3.0}
+    with pytest.raises(LayerExitError, match="distill_weight"):
+        make_objective("distilled", distill_weight=1.5)
+    with pytest.raises(LayerExitError, match="distill_temperature"):
+        make_objective("distilled", distill_temperature=0.0)
+    tokenizer, train_set, eval_set = _sets(task)
+    model, config = _fresh_model(task), TrainConfig(epochs=1)
+    fingerprints = {trainer_module.runfolder.fingerprint(trainer_module.run_settings(
+        model, train_set, eval_set, make_objective(name, distill_temperature=t).stages(3), config))
+        for name, t in [("weighted", 2.0), ("distilled", 2.0), ("distilled", 1.0)]}
+    assert len(fingerprints) == 3
+    # a weighted run's settings carry no "settings" key: runs saved before it existed still resume
+    assert "settings" not in trainer_module.run_settings(model, train_set, eval_set,
+                                                         make_objective("weighted").stages(3), config)["stages"][0]
+
+
+def test_distilled_training_runs_end_to_end_and_records_its_options(task, tmp_path):
+    """The objective trains through the loop (its KL logged per epoch) and its options are in run_config.json.
+    Whether distillation helps early exit is a measurement (docs/benchmarks.md), not something a random tiny
+    backbone can show: there the last exit's early answers are near uniform."""
+    tokenizer, train_set, eval_set = _sets(task)
+    train(_fresh_model(task), tokenizer, train_set, eval_set, make_objective("distilled", distill_temperature=1.5),
+          TrainConfig(epochs=3, batch_size=16, learning_rate=2e-3, seed=0), tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["stage"] for h in history] == ["joint"] * 3
+    assert all(h["distill_kl"] > 0 for h in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["per_layer_accuracy"][-1] >= 0.8  # chance is about 0.5
+    stage = json.loads((tmp_path / "run_config.json").read_text())["settings"]["stages"][0]
+    assert stage["settings"] == {"distill_weight": 0.5, "distill_temperature": 1.5}
+
+
 def test_training_learns_and_keeps_best(task, tmp_path):
     tokenizer, train_set, eval_set = _sets(task)
     model = _fresh_model(task)

@@ -115,6 +115,10 @@ CASES = [
     (["train", "--model", "BACKBONE", "--data", "DATA", "--limit", "0"], "--limit=0", ">= 1"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--limit", "-1"], "--limit=-1", ">= 1"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--objective", "custom"], "--layer-weights", "one weight"),
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--objective", "distilled", "--distill-weight", "1.5"],
+     "--distill-weight=1.5", "[0, 1]"),
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--objective", "distilled", "--distill-temperature", "0"],
+     "--distill-temperature=0.0", "(0, inf)"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--method", "consistentee", "--copies", "1"], "--copies=1",
      "K >= 2"),
     # generation thresholds and kinds of model

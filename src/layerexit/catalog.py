@@ -60,6 +60,7 @@ DEFAULT_SWEEP = ("maxprob", "margin", "entropy", "patience", "patience-confidenc
 #: ``training.OBJECTIVES``
 OBJECTIVES = {
     "custom": "weighted average with user weights, one per exit (--layer-weights)",
+    "distilled": "weighted, plus each exit learning from the last exit's prediction (self-distillation)",
     "two-stage": "DeeBERT: backbone + last exit first, then the other exits on the frozen backbone",
     "uniform": "plain average of all exits' cross-entropies",
     "weighted": "PABEE weighted average of exit losses, weight l for exit l (default)",

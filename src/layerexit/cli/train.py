@@ -12,7 +12,8 @@ from ..errors import LayerExitError, bad_value
 from ..preflight import check_max_length, writable_folder
 from ..resources import DEFAULT_MODEL
 from ..training.config import TrainConfig
-from .common import add_data_options, add_fields, arg, at_least, command_parser, config_from, data_from, field_help
+from .common import (add_data_options, add_fields, arg, at_least, command_parser, config_from, data_from,
+                     field_help, in_range)
 
 EXAMPLES = """examples:
   layerexit train --output runs/rt                      # packaged MiniLM on the packaged movie reviews
@@ -41,6 +42,10 @@ def add_parser(subparsers):
     p.add_argument("--output", default="runs/train", help="output folder (best/, final/, state/)")
     p.add_argument("--objective", default="weighted", choices=list(OBJECTIVES), help="training objective")
     p.add_argument("--layer-weights", type=float, nargs="+", help="per-exit weights for --objective custom")
+    arg(p, "--distill-weight", type=float, default=0.5, check=in_range(0.0, 1.0, example="0.5"),
+        help="--objective distilled: weight of the last exit's prediction against the labels for exits 1..L-1")
+    arg(p, "--distill-temperature", type=float, default=2.0, check=in_range(0.0, float("inf"), low_open=True, high_open=True, example="2"),
+        help="--objective distilled: softmax temperature of teacher and students")
     p.add_argument("--exit-feature", choices=list(FEATURES), help="exit feature (default: the checkpoint's "
                    "declared pooling, else the architecture's default)")
     p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input (at least 2, at most "
@@ -50,7 +55,7 @@ def add_parser(subparsers):
                    "(without it, a run resumes only when its options and data match the folder's run_config.json)")
     cee = p.add_argument_group("ConsistentEE (--method consistentee; Zeng et al., AAAI 2024)")
     cee.add_argument("--method", default="joint", choices=["joint", "consistentee"],
-                     help="joint: the --objective alone; consistentee: stage 1 (weighted) + RL policy stages")
+                     help="joint: the --objective alone; consistentee: stage 1 (--stage1-objective) + RL policy stages")
     cee.add_argument("--no-hardness", action="store_true",
                      help=f"turn off: {field_help(ConsistentEEConfig, 'hardness')}")
     add_fields(cee, ConsistentEEConfig, CEE_FIELDS, CEE_FLAGS)
@@ -129,7 +134,8 @@ def _run(args) -> int:
             print(f"saved: {args.output}/final (ConsistentEE model with policies; evaluate with --rules consistentee)")
         return 0
     train_classifier(args.model, train_data, eval_data, args.output, args.objective, args.layer_weights,
-                     args.exit_feature, args.max_length, config, resume=not args.no_resume)
+                     args.exit_feature, args.max_length, config, resume=not args.no_resume,
+                     distill_weight=args.distill_weight, distill_temperature=args.distill_temperature)
     if _is_main_process():  # one line, also when several processes train
         print(_saved_line(Path(args.output), eval_data is not None))
     return 0

@@ -22,6 +22,8 @@ REWARDS = ("paper", "ce", "accuracy", "agreement", "probability", "blend")
 #: "reinforce": sampled rollouts with the K copies' mean as baseline (the paper); "expected": the exact gradient of
 #: the expected reward over the exit distribution (every exit's logits are computed anyway)
 ESTIMATORS = ("reinforce", "expected")
+#: stage 1's objectives (``training.OBJECTIVES`` that need no per-exit weights from the user)
+STAGE1_OBJECTIVES = ("weighted", "distilled")
 
 
 @dataclass
@@ -69,6 +71,9 @@ class ConsistentEEConfig:
                             ESTIMATORS)
     policy_entropy: float = option(0.0, "subtract this multiple of the policies' entropy from their loss (keeps "
                                    "them exploring)")
+    stage1_objective: str = option("weighted", "stage 1's objective: weighted (PABEE's, the paper's stage 1) or "
+                                   "distilled (weighted, plus every exit learning from the last exit's prediction)",
+                                   STAGE1_OBJECTIVES)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -96,6 +101,8 @@ class ConsistentEEConfig:
             raise bad_value("estimator", self.estimator, f"choose one of {', '.join(ESTIMATORS)}")
         if self.reward not in REWARDS:
             raise bad_value("reward", self.reward, f"choose one of {', '.join(REWARDS)}")
+        if self.stage1_objective not in STAGE1_OBJECTIVES:
+            raise bad_value("stage1_objective", self.stage1_objective, f"choose one of {', '.join(STAGE1_OBJECTIVES)}")
         inputs = self.inputs
         unknown = [name for name in inputs if name not in POLICY_INPUT_NAMES]
         if unknown or len(set(inputs)) != len(inputs):

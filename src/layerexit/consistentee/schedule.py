@@ -1,6 +1,7 @@
 """ConsistentEE's training schedule (Zeng et al., AAAI 2024, arXiv 2312.11882; see docs/methods.md).
 
-1. Stage 1, joint: backbone and all exits with PABEE's weighted average loss.
+1. Stage 1, joint: backbone and all exits with PABEE's weighted average loss (``stage1_objective="distilled"``
+   adds self-distillation from the last exit).
 2. The memorized layer of every training instance, computed once with the stage-1 model (eval mode).
 3. Stage 2, policies only, on the frozen model: REINFORCE with K copies per instance. The frozen model's
    exit features are computed once and cached; per copy, dropout with the exits' rate is applied to them,
@@ -286,7 +287,7 @@ def _train_consistentee(backbone, train_data, eval_data, output_dir, config, tra
     history = _History(output_dir / "history.json", accelerator)
     stage1 = Path(stage1_dir) if stage1_dir else output_dir / "stage1"
     model, tokenizer = _run_stage1(backbone, train_data, eval_data, stage1, train_config, exit_feature, max_length,
-                                   history)
+                                   history, config.stage1_objective)
     if eval_data is not None:
         check_labels(eval_data, model.config.num_labels, model.config.label_names)
     train_set = Encoded(train_data, tokenizer, model.config.max_length)
@@ -348,12 +349,12 @@ class _Run:
 
 
 def _run_stage1(backbone, train_data, eval_data, stage1: Path, train_config, exit_feature, max_length,
-                history: _History):
-    """Stage 1 (joint, weighted), or the finished one in ``stage1``: (model, tokenizer)."""
+                history: _History, objective: str = "weighted"):
+    """Stage 1 (joint, ``objective``), or the finished one in ``stage1``: (model, tokenizer)."""
     picked = stage1 / ("best" if eval_data is not None else "final")
     if picked.is_dir() and (stage1 / "final").is_dir():
         return MultiExitModel.from_pretrained(picked), AutoTokenizer.from_pretrained(picked)
-    model, tokenizer, progress = train_classifier(backbone, train_data, eval_data, stage1, "weighted",
+    model, tokenizer, progress = train_classifier(backbone, train_data, eval_data, stage1, objective,
                                                   exit_feature=exit_feature, max_length=max_length,
                                                   config=train_config)
     history.log([{**h, "stage": "stage1"} for h in progress.history], 0)

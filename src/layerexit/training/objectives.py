@@ -6,11 +6,15 @@
 - ``custom``: user weights, one per exit.
 - ``two-stage``: DeeBERT (Xin et al., ACL 2020): first the backbone with the last exit only, then the other
   exits on the frozen backbone.
+- ``distilled``: ``weighted``, where every exit but the last also learns from the last exit's (detached)
+  prediction, KL(p_L || p_l) at a temperature: self-distillation as in FastBERT (Liu et al., ACL 2020) and
+  Phuong & Lampert (ICCV 2019), trained jointly. Early exit is judged on agreeing with the full model, and
+  the labels alone do not say which inputs the shallow layers should give up on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,7 +34,8 @@ class Stage:
 
     ``loss(model, batch, labels, index) -> (loss, stats)`` replaces the weighted exit loss; ``index`` holds
     the rows' positions in the training set (for per-instance data such as ConsistentEE's memorized layer)
-    and ``stats`` are floats averaged into the epoch's log.
+    and ``stats`` are floats averaged into the epoch's log. ``settings`` are that loss's own options (they
+    join the run's fingerprint, so a resume cannot silently change them).
     """
 
     name: str
@@ -38,6 +43,7 @@ class Stage:
     train_backbone: bool = True
     train_policies: bool = False
     loss: Callable | None = None
+    settings: dict = field(default_factory=dict)
 
 
 class Objective:
@@ -88,12 +94,42 @@ class TwoStage(Objective):
         ]
 
 
-def make_objective(name: str, layer_weights: list[float] | None = None) -> Objective:
+@OBJECTIVES.register("distilled")
+class Distilled(Objective):
+    """``weighted`` plus self-distillation: exit l < L minimises ``(1 - weight) * CE_l + weight * T^2 *
+    KL(p_L^T || p_l^T)``, the last exit its own CE; the teacher p_L is detached, so the last layer learns
+    from the labels only and the shallow exits cannot pull it toward their mistakes."""
+
+    name = "distilled"
+
+    def __init__(self, weight: float = 0.5, temperature: float = 2.0):
+        if not 0.0 <= weight <= 1.0:
+            raise bad_value("distill_weight", weight, "give a weight between 0 (labels only) and 1 (teacher only)")
+        if not temperature > 0:
+            raise bad_value("distill_temperature", temperature, "give a positive temperature, e.g. 2")
+        self.weight, self.temperature = float(weight), float(temperature)
+
+    def stages(self, num_layers):
+        weights = [float(l) for l in range(1, num_layers + 1)]
+
+        def loss(model, batch, labels, index):
+            logits = model(**batch)  # (L, B, C)
+            return distillation_loss(logits, labels, torch.tensor(weights, device=logits.device),
+                                     self.weight, self.temperature)
+
+        return [Stage("joint", weights, loss=loss,
+                      settings={"distill_weight": self.weight, "distill_temperature": self.temperature})]
+
+
+def make_objective(name: str, layer_weights: list[float] | None = None, distill_weight: float = 0.5,
+                   distill_temperature: float = 2.0) -> Objective:
     cls = OBJECTIVES.get(name, "objective")
     if cls is Custom:
         if not layer_weights:
             raise bad_value("layer_weights", layer_weights, "objective 'custom' needs one weight per exit")
         return Custom(layer_weights)
+    if cls is Distilled:
+        return Distilled(distill_weight, distill_temperature)
     return cls()
 
 
@@ -105,3 +141,19 @@ def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torc
     ).view(num_layers, batch).mean(dim=1)  # (L,)
     loss = (weights * per_exit).sum() / weights.sum()
     return loss, per_exit.detach()
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, weight: float,
+                      temperature: float) -> tuple[torch.Tensor, dict]:
+    """logits (L, B, C), labels (B,), weights (L,) -> (``Distilled``'s loss, stats: the exits' mean KL to the
+    last exit and mean CE). Exits 1..L-1 mix their CE with T^2 * KL(p_L^T || p_l^T) (T^2 keeps the gradient's
+    scale independent of T, as in Hinton et al. 2015); the last exit keeps its CE."""
+    num_layers, batch, num_classes = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, num_classes), labels.repeat(num_layers),
+                         reduction="none").view(num_layers, batch).mean(dim=1)  # (L,)
+    teacher = F.log_softmax(logits[-1].detach() / temperature, dim=-1)  # (B, C)
+    students = F.log_softmax(logits[:-1] / temperature, dim=-1)  # (L-1, B, C)
+    kl = (teacher.exp() * (teacher - students)).sum(-1).mean(-1) * temperature ** 2  # (L-1,)
+    per_exit = torch.cat([(1 - weight) * ce[:-1] + weight * kl, ce[-1:]])  # (L,)
+    loss = (weights * per_exit).sum() / weights.sum()
+    return loss, {"distill_kl": float(kl.mean()) if num_layers > 1 else 0.0, "exit_ce": float(ce.mean())}

@@ -24,14 +24,17 @@ def train_classifier(
     max_length: int = 128,
     config: TrainConfig | None = None,
     resume: bool = True,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 2.0,
 ):
     """Wrap ``backbone`` with exits for ``train_data``'s labels, train it, and return (best model, tokenizer).
+    ``distill_weight`` and ``distill_temperature`` configure the ``distilled`` objective.
 
     The output folder's lock is taken first, so a second training into ``output_dir`` fails before any
     backbone or data loads."""
     config = config or TrainConfig()
     config.validate()
-    objective_obj = make_objective(objective, layer_weights)
+    objective_obj = make_objective(objective, layer_weights, distill_weight, distill_temperature)
     accelerator = make_accelerator()
     with locked_run(Path(output_dir), accelerator):
         path = resolve_model(backbone)
