@@ -156,4 +156,5 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch
     kl = (teacher.exp() * (teacher - students)).sum(-1).mean(-1) * temperature ** 2  # (L-1,)
     per_exit = torch.cat([(1 - weight) * ce[:-1] + weight * kl, ce[-1:]])  # (L,)
     loss = (weights * per_exit).sum() / weights.sum()
-    return loss, {"distill_kl": float(kl.mean()) if num_layers > 1 else 0.0, "exit_ce": float(ce.mean())}
+    stats = {"distill_kl": float(kl.detach().mean()) if num_layers > 1 else 0.0, "exit_ce": float(ce.detach().mean())}
+    return loss, stats
