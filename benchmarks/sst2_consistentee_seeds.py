@@ -256,6 +256,44 @@ def aggregate(per_seed: list[dict], tolerance: float) -> dict:
             "agreement_oracle_saved": summarize([s["agreement_oracle_saved"] for s in per_seed])}
 
 
+def _saved(curve, full: float, tolerance: float) -> float:
+    point = operating_point(curve, full, tolerance)
+    return point["saved_layers"] if point else 0.0
+
+
+def versus_reference(per_seed: list[dict], reference: dict, tolerance: float) -> dict:
+    """Every curve@model row of this run against ``reference``, another run of this benchmark on the same seeds
+    (e.g. a distilled stage 1 against the weighted one): its area and layers saved against the same row there
+    and against the reference's max-prob on its baseline. Saved layers are counted within ``tolerance`` of the
+    *reference's* full model, so a stage 1 whose last exit is less accurate gains nothing from that."""
+    by_seed = {s["seed"]: s for s in reference["per_seed"]}
+    missing = [s["seed"] for s in per_seed if s["seed"] not in by_seed]
+    if missing:
+        raise SystemExit(f"--reference has no seed {missing}: compare runs over the same seeds")
+    ref = [by_seed[s["seed"]] for s in per_seed]
+    ref_full = [r["baseline_full_accuracy"] for r in ref]
+    ref_maxprob = {"area": [r["models"]["baseline"]["areas"]["maxprob"] for r in ref],
+                   "saved": [_saved(r["models"]["baseline"]["curves"]["maxprob"], f, tolerance)
+                             for r, f in zip(ref, ref_full)]}
+    rows = {}
+    for model, curve in sorted({(m, c) for s in per_seed for m, e in s["models"].items() for c in e["curves"]}):
+        if not all(model in s["models"] and curve in s["models"][model]["curves"] for s in per_seed):
+            continue
+        area = [s["models"][model]["areas"][curve] for s in per_seed]
+        saved = [_saved(s["models"][model]["curves"][curve], f, tolerance) for s, f in zip(per_seed, ref_full)]
+        row = {"area": summarize(area), "saved_within_tolerance_of_reference_full": summarize(saved),
+               "area_versus_reference_maxprob": compare(area, ref_maxprob["area"]),
+               "saved_versus_reference_maxprob": compare(saved, ref_maxprob["saved"])}
+        if all(model in r["models"] and curve in r["models"][model]["curves"] for r in ref):
+            row["area_versus_same_row"] = compare(area, [r["models"][model]["areas"][curve] for r in ref])
+            row["saved_versus_same_row"] = compare(saved, [_saved(r["models"][model]["curves"][curve], f, tolerance)
+                                                           for r, f in zip(ref, ref_full)])
+        rows[f"{curve}@{model}"] = row
+    return {"reference": reference.get("command"), "reference_full_accuracy": summarize(ref_full),
+            "reference_maxprob": {"area": summarize(ref_maxprob["area"]), "saved": summarize(ref_maxprob["saved"])},
+            "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with train.tsv, dev.tsv, test.tsv (SST-2)")
@@ -280,6 +318,9 @@ def main() -> None:
     parser.add_argument("--policy-seeds", help="also aggregate NAME@P variants of the (single) stage-1 seed over "
                         "these policy seeds (the stage-1 seed itself stands for its own policy seed)")
     parser.add_argument("--aggregate-only", action="store_true", help="train nothing; aggregate finished seeds")
+    parser.add_argument("--reference", help="results JSON of another run of this benchmark on the same seeds: every "
+                        "row is also compared with it (same row, and its max-prob), saved layers counted within "
+                        "--tolerance of its full model")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -314,6 +355,8 @@ def main() -> None:
         "variants": {v: variant_overrides(v.partition("@")[0]) for v in variants},
         "per_seed": per_seed, "summary": aggregate(per_seed, args.tolerance),
         "policy_seed_summary": policy_summary,
+        "versus_reference": (versus_reference(per_seed, json.loads(Path(args.reference).read_text()), args.tolerance)
+                             if args.reference else None),
     }
     write_json_atomic(Path(args.output), payload)
     summary = payload["summary"]
@@ -325,6 +368,15 @@ def main() -> None:
         verdict = row.get("area_versus_maxprob_baseline", {}).get("verdict", "")
         print(f"{name:>40} {row['area']['mean']:.4f} +- {row['area']['std']:.4f} "
               f"{row['saved_within_tolerance']['mean']:.3f} +- {row['saved_within_tolerance']['std']:.3f}  {verdict}")
+    if payload["versus_reference"]:
+        print(f"\nagainst --reference (saved within tolerance of its full model): "
+              f"{'area, vs its max-prob, vs same row':>44} {'saved, vs its max-prob, vs same row':>40}")
+        for name, row in payload["versus_reference"]["rows"].items():
+            same_area = row.get("area_versus_same_row", {}).get("verdict", "-")
+            same_saved = row.get("saved_versus_same_row", {}).get("verdict", "-")
+            print(f"{name[:60]:>60} {row['area']['mean']:.4f} {row['area_versus_reference_maxprob']['verdict']:>13} "
+                  f"{same_area:>13}  {row['saved_within_tolerance_of_reference_full']['mean']:.3f} "
+                  f"{row['saved_versus_reference_maxprob']['verdict']:>13} {same_saved:>13}")
     print(f"wrote {args.output}")
 
 
