@@ -119,6 +119,8 @@ CASES = [
      "--distill-weight=1.5", "[0, 1]"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--objective", "distilled", "--distill-temperature", "0"],
      "--distill-temperature=0.0", "(0, inf)"),
+    (["train", "--model", "BACKBONE", "--data", "DATA", "--distill-weight", "0.3"], "--distill-weight=0.3",
+     "applies to --objective distilled"),
     (["train", "--model", "BACKBONE", "--data", "DATA", "--method", "consistentee", "--copies", "1"], "--copies=1",
      "K >= 2"),
     # generation thresholds and kinds of model

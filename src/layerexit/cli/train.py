@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
-from ..catalog import FEATURES, OBJECTIVES
+from ..catalog import DISTILL_DEFAULTS, FEATURES, OBJECTIVES
 from ..consistentee.config import ConsistentEEConfig
 from ..errors import LayerExitError, bad_value
 from ..preflight import check_max_length, writable_folder
@@ -42,10 +43,13 @@ def add_parser(subparsers):
     p.add_argument("--output", default="runs/train", help="output folder (best/, final/, state/)")
     p.add_argument("--objective", default="weighted", choices=list(OBJECTIVES), help="training objective")
     p.add_argument("--layer-weights", type=float, nargs="+", help="per-exit weights for --objective custom")
-    arg(p, "--distill-weight", type=float, default=0.5, check=in_range(0.0, 1.0, example="0.5"),
-        help="--objective distilled: weight of the last exit's prediction against the labels for exits 1..L-1")
-    arg(p, "--distill-temperature", type=float, default=2.0, check=in_range(0.0, float("inf"), low_open=True, high_open=True, example="2"),
-        help="--objective distilled: softmax temperature of teacher and students")
+    arg(p, "--distill-weight", type=float, check=in_range(0.0, 1.0, example="0.5"),
+        help=f"--objective distilled: weight of the last exit's prediction against the labels for exits 1..L-1 "
+        f"(default {DISTILL_DEFAULTS['distill_weight']})")
+    arg(p, "--distill-temperature", type=float, check=in_range(0.0, math.inf, low_open=True, high_open=True,
+                                                                example="2"),
+        help=f"--objective distilled: softmax temperature of teacher and students "
+        f"(default {DISTILL_DEFAULTS['distill_temperature']})")
     p.add_argument("--exit-feature", choices=list(FEATURES), help="exit feature (default: the checkpoint's "
                    "declared pooling, else the architecture's default)")
     p.add_argument("--max-length", type=int, default=128, help="maximum tokens per input (at least 2, at most "
@@ -89,6 +93,11 @@ def check(args) -> None:
                             "choose a new --output to start over")
         if args.stage1 and not Path(args.stage1).is_dir():
             raise bad_value("--stage1", args.stage1, "give a finished stage-1 run folder (from `layerexit train`)")
+    given = [f"--{name.replace('_', '-')}" for name in DISTILL_DEFAULTS if getattr(args, name) is not None]
+    if given and (args.objective != "distilled" or args.method == "consistentee"):
+        raise bad_value(given[0], getattr(args, given[0][2:].replace("-", "_")),
+                        "it applies to --objective distilled (joint training) only; add --objective distilled "
+                        "or leave it out")
     if args.objective == "custom" and not args.layer_weights:
         raise bad_value("--layer-weights", None, "--objective custom needs one weight per exit, e.g. "
                         "--layer-weights 1 2 3 4 5 6")
@@ -135,7 +144,8 @@ def _run(args) -> int:
         return 0
     train_classifier(args.model, train_data, eval_data, args.output, args.objective, args.layer_weights,
                      args.exit_feature, args.max_length, config, resume=not args.no_resume,
-                     distill_weight=args.distill_weight, distill_temperature=args.distill_temperature)
+                     **{name: default if getattr(args, name) is None else getattr(args, name)
+                        for name, default in DISTILL_DEFAULTS.items()})
     if _is_main_process():  # one line, also when several processes train
         print(_saved_line(Path(args.output), eval_data is not None))
     return 0

@@ -102,7 +102,8 @@ class Distilled(Objective):
 
     name = "distilled"
 
-    def __init__(self, weight: float = 0.5, temperature: float = 2.0):
+    def __init__(self, weight: float = catalog.DISTILL_DEFAULTS["distill_weight"],
+                 temperature: float = catalog.DISTILL_DEFAULTS["distill_temperature"]):
         if not 0.0 <= weight <= 1.0:
             raise bad_value("distill_weight", weight, "give a weight between 0 (labels only) and 1 (teacher only)")
         if not temperature > 0:
@@ -121,8 +122,9 @@ class Distilled(Objective):
                       settings={"distill_weight": self.weight, "distill_temperature": self.temperature})]
 
 
-def make_objective(name: str, layer_weights: list[float] | None = None, distill_weight: float = 0.5,
-                   distill_temperature: float = 2.0) -> Objective:
+def make_objective(name: str, layer_weights: list[float] | None = None,
+                   distill_weight: float = catalog.DISTILL_DEFAULTS["distill_weight"],
+                   distill_temperature: float = catalog.DISTILL_DEFAULTS["distill_temperature"]) -> Objective:
     cls = OBJECTIVES.get(name, "objective")
     if cls is Custom:
         if not layer_weights:
@@ -133,12 +135,17 @@ def make_objective(name: str, layer_weights: list[float] | None = None, distill_
     return cls()
 
 
+def exit_cross_entropies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (L, B, C), labels (B,) -> every exit's mean cross-entropy (L,)."""
+    num_layers, batch, num_classes = logits.shape
+    return F.cross_entropy(
+        logits.reshape(-1, num_classes), labels.repeat(num_layers), reduction="none"
+    ).view(num_layers, batch).mean(dim=1)
+
+
 def weighted_exit_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
     """logits (L, B, C), labels (B,), weights (L,) -> (weighted mean CE, per-exit CE (L,) detached)."""
-    num_layers, batch, num_classes = logits.shape
-    per_exit = F.cross_entropy(
-        logits.reshape(-1, num_classes), labels.repeat(num_layers), reduction="none"
-    ).view(num_layers, batch).mean(dim=1)  # (L,)
+    per_exit = exit_cross_entropies(logits, labels)  # (L,)
     loss = (weights * per_exit).sum() / weights.sum()
     return loss, per_exit.detach()
 
@@ -148,13 +155,11 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch
     """logits (L, B, C), labels (B,), weights (L,) -> (``Distilled``'s loss, stats: the exits' mean KL to the
     last exit and mean CE). Exits 1..L-1 mix their CE with T^2 * KL(p_L^T || p_l^T) (T^2 keeps the gradient's
     scale independent of T, as in Hinton et al. 2015); the last exit keeps its CE."""
-    num_layers, batch, num_classes = logits.shape
-    ce = F.cross_entropy(logits.reshape(-1, num_classes), labels.repeat(num_layers),
-                         reduction="none").view(num_layers, batch).mean(dim=1)  # (L,)
+    ce = exit_cross_entropies(logits, labels)  # (L,)
     teacher = F.log_softmax(logits[-1].detach() / temperature, dim=-1)  # (B, C)
     students = F.log_softmax(logits[:-1] / temperature, dim=-1)  # (L-1, B, C)
     kl = (teacher.exp() * (teacher - students)).sum(-1).mean(-1) * temperature ** 2  # (L-1,)
     per_exit = torch.cat([(1 - weight) * ce[:-1] + weight * kl, ce[-1:]])  # (L,)
     loss = (weights * per_exit).sum() / weights.sum()
-    stats = {"distill_kl": float(kl.detach().mean()) if num_layers > 1 else 0.0, "exit_ce": float(ce.detach().mean())}
+    stats = {"distill_kl": float(kl.detach().mean()) if len(kl) else 0.0, "exit_ce": float(ce.detach().mean())}
     return loss, stats

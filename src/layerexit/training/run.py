@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from ..catalog import DISTILL_DEFAULTS
 from ..data import Encoded, TextClassificationData, check_labels
 from ..model import MultiExitModel
 from ..resources import resolve_model
@@ -24,8 +25,8 @@ def train_classifier(
     max_length: int = 128,
     config: TrainConfig | None = None,
     resume: bool = True,
-    distill_weight: float = 0.5,
-    distill_temperature: float = 2.0,
+    distill_weight: float = DISTILL_DEFAULTS["distill_weight"],
+    distill_temperature: float = DISTILL_DEFAULTS["distill_temperature"],
 ):
     """Wrap ``backbone`` with exits for ``train_data``'s labels, train it, and return (best model, tokenizer).
     ``distill_weight`` and ``distill_temperature`` configure the ``distilled`` objective.
