@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from layerexit.catalog import DISTILL_DEFAULTS
 from layerexit.consistentee import ConsistentEEConfig, train_consistentee
 from layerexit.consistentee.evidence import compare, dial_coverage, dial_versus_runs, summarize
 from layerexit.data import Encoded, load_data
@@ -171,7 +172,8 @@ def run_seed(args, seed: int, variants: list[str]) -> dict:
     if not ((stage1 / "best").is_dir() and (stage1 / "final").is_dir()):
         t = time.perf_counter()
         train_classifier(args.model, train, dev, stage1, args.stage1_objective, max_length=args.max_length,
-                         config=train_config)
+                         config=train_config, distill_weight=args.distill_weight,
+                         distill_temperature=args.distill_temperature)
         done["seconds"]["stage1"] = time.perf_counter() - t
     baseline = MultiExitModel.from_pretrained(stage1 / "best")
     tokenizer = AutoTokenizer.from_pretrained(stage1 / "best")
@@ -311,6 +313,9 @@ def main() -> None:
     parser.add_argument("--stage1-objective", default="weighted", choices=["weighted", "distilled"],
                         help="stage 1's objective; its model is the baseline the classic rules run on (use another "
                         "--run-dir per objective)")
+    parser.add_argument("--distill-weight", type=float, default=DISTILL_DEFAULTS["distill_weight"],
+                        help="--stage1-objective distilled: the last exit's weight against the labels")
+    parser.add_argument("--distill-temperature", type=float, default=DISTILL_DEFAULTS["distill_temperature"])
     parser.add_argument("--stage1", help="reuse this finished stage-1 run (best/, final/) for the (single) seed")
     parser.add_argument("--run-dir", default="runs/bench-cee-seeds")
     parser.add_argument("--output", default="benchmarks/results/sst2_consistentee_seeds.json")
