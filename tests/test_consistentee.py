@@ -142,7 +142,7 @@ def _run(task, out, **overrides):
 def test_stage1_objective_distilled_trains_stage1_with_self_distillation(task, tmp_path):
     _run(task, tmp_path / "d", stage1_objective="distilled")
     stage1 = json.loads((tmp_path / "d" / "stage1" / "run_config.json").read_text())["settings"]["stages"]
-    assert stage1[0]["settings"] == {"distill_weight": 0.5, "distill_temperature": 2.0}
+    assert stage1[0]["settings"] == {"distill_weight": 1.0, "distill_temperature": 1.0}
     history = json.loads((tmp_path / "d" / "history.json").read_text())
     assert history[0]["stage"] == "stage1" and history[0]["distill_kl"] > 0
 

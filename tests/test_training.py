@@ -122,7 +122,7 @@ def test_distilled_training_runs_end_to_end_and_records_its_options(task, tmp_pa
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["per_layer_accuracy"][-1] >= 0.8  # chance is about 0.5
     stage = json.loads((tmp_path / "run_config.json").read_text())["settings"]["stages"][0]
-    assert stage["settings"] == {"distill_weight": 0.5, "distill_temperature": 1.5}
+    assert stage["settings"] == {"distill_weight": 1.0, "distill_temperature": 1.5}
 
 
 def test_training_learns_and_keeps_best(task, tmp_path):

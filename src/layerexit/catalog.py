@@ -66,7 +66,7 @@ OBJECTIVES = {
     "weighted": "PABEE weighted average of exit losses, weight l for exit l (default)",
 }
 #: the ``distilled`` objective's options and their defaults (teacher weight for exits 1..L-1, temperature)
-DISTILL_DEFAULTS = {"distill_weight": 0.5, "distill_temperature": 2.0}
+DISTILL_DEFAULTS = {"distill_weight": 1.0, "distill_temperature": 1.0}
 #: ``backbones.ADAPTERS``: name -> (config.model_type values, description)
 BACKBONES = {
     "albert": (("albert",), "ALBERT: one shared layer group run L times; embedding projection; pooler feature"),
