@@ -14,7 +14,7 @@ import torch
 
 from layerexit.errors import LayerExitError
 from layerexit.evaluation.simulate import simulate
-from layerexit.execution.torch_backends import PackedLinear, bf16_prepack_available
+from layerexit.execution.torch_backends import FusedEncoderLayer, PackedLinear, bf16_prepack_available
 from layerexit.rules import make_rule
 from tiny import ARCHS, make_batch, make_model, row
 
@@ -114,7 +114,7 @@ def test_batched_engine_drops_rows_and_trims_length_on_every_backend(optimized, 
 def test_bf16_layers_keep_the_checkpoint_weights_and_hidden_dtype(optimized):
     model = optimized("bert", "cls", "bf16")
     assert next(model.backbone.parameters()).dtype == torch.float32  # the backend runs copies
-    query = model.backend.layers[0].attention.self.query
+    query = model.backend.layers[0].qkv  # query, key and value stacked (FusedEncoderLayer)
     if bf16_prepack_available():
         assert isinstance(query, PackedLinear) and query.packed_weight.dtype == torch.bfloat16
         assert model.backend.describe()["linear_weights"] == "oneDNN prepacked"
@@ -147,7 +147,7 @@ def test_prepacked_bf16_linear_equals_the_plain_bf16_linear(shape):
 def test_bf16_prepack_can_be_turned_off():
     model = make_model("bert", "cls", double=False)
     backend = model.optimize("bf16", prepack=False)
-    assert type(backend.layers[0].attention.self.query) is torch.nn.Linear
+    assert type(backend.layers[0].qkv) is torch.nn.Linear
     assert backend.describe()["linear_weights"] == "plain"
     packed = make_model("bert", "cls", double=False)
     packed.load_state_dict(model.state_dict())
@@ -159,6 +159,48 @@ def test_bf16_prepack_can_be_turned_off():
     inputs = _inputs("bert")
     # the fused GELU runs on the float32 accumulator, the plain path on the bf16-rounded linear output
     torch.testing.assert_close(packed(**inputs), model(**inputs), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_encoder_layer_computes_what_the_hugging_face_layer_computes(arch):
+    """BERT-style layers get the fused inference layer, exactly equal in float32 on padded and unpadded rows;
+    other architectures keep their own modules."""
+    model = make_model(arch, "cls", double=False)
+    layer = model.adapter.layers[0]
+    if arch not in ("bert", "roberta"):
+        assert not FusedEncoderLayer.supports(layer)
+        return
+    assert FusedEncoderLayer.supports(layer)
+    fused = FusedEncoderLayer(layer).eval()
+    padded, unpadded = make_batch(arch, batch=5, seed=5), make_batch(arch, batch=3, min_len=9)  # max_len 9
+    for batch in (padded, unpadded):  # SDPA's bool mask, then rows of full length (no mask)
+        state = model.start(**{k: v for k, v in batch.items() if v is not None})
+        with torch.no_grad():
+            want = model.adapter.call_layer(layer, state.hidden, state.layer_kwargs)
+            got = model.adapter.call_layer(fused, state.hidden, state.layer_kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_encoder_layer_only_where_it_is_exact():
+    model = make_model("bert", "cls", double=False)
+    layer = model.adapter.layers[0]
+    layer.attention.self.config._attn_implementation = "eager"  # another attention kernel: keep the module
+    try:
+        assert not FusedEncoderLayer.supports(layer)
+    finally:
+        layer.attention.self.config._attn_implementation = "sdpa"
+    layer.chunk_size_feed_forward = 4
+    assert not FusedEncoderLayer.supports(layer)
+
+
+def test_bf16_fused_layers_can_be_turned_off_and_give_the_same_answers():
+    fused, plain = make_model("bert", "cls", double=False), make_model("bert", "cls", double=False)
+    assert fused.optimize("bf16").describe()["layer_forward"].startswith("fused")
+    assert plain.optimize("bf16", fuse=False).describe()["layer_forward"] == "Hugging Face modules"
+    assert type(plain.backend.layers[0]).__name__ == "BertLayer"
+    inputs = _inputs("bert")
+    with torch.no_grad():  # one stacked product instead of three may round differently in bf16
+        torch.testing.assert_close(fused(**inputs), plain(**inputs), rtol=0.02, atol=0.02)
 
 
 @needs_onednn
