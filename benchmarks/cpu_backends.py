@@ -51,6 +51,7 @@ from layerexit.evaluation.cache import collect_logits
 from layerexit.evaluation.evaluate import sweep
 from layerexit.evaluation.metrics import operating_point
 from layerexit.evaluation.simulate import per_layer_accuracy
+from layerexit.evaluation.timing import paired_speedup
 from layerexit.execution import own_process_options
 from layerexit.execution.base import cpu_flags
 from layerexit.execution.onnx import cpu_has_vnni, use_shared_thread_pool
@@ -375,18 +376,21 @@ def main() -> None:
                 avg = float(torch.cat(fn.exit_layers).double().mean())
                 full = statistics.median(timed["seconds"][f"layerexit-{backend}-full"])
                 measured = full / statistics.median(timed["seconds"][name])
+                own = paired_speedup(timed["seconds"][f"layerexit-{backend}-full"], timed["seconds"][name])
                 entry.update({"avg_layers": avg, "scored_avg_layers": scored_layers[name], "speedup_ideal": num_layers / avg,
                               "speedup_vs_own_full": measured, "ratio_to_ideal": measured / (num_layers / avg),
+                              "speedup_vs_own_full_paired": own,
+                              "ratio_to_ideal_paired": own["median"] / (num_layers / avg),
                               "params": rules[backend].params})
-                entry["implausible"] = entry["ratio_to_ideal"] > 1.1  # measured above ideal by >10%
+                entry["implausible"] = entry["ratio_to_ideal_paired"] > 1.1  # measured above ideal by >10%
             rows[name] = entry
         results[str(batch_size)] = rows
         stolen = "n/a" if steal[str(batch_size)] is None else f"{steal[str(batch_size)]:.1f}%"
         print(f"\nbatch {batch_size} (load {loadavg()}; CPU time stolen by the hypervisor while timed: {stolen})")
         print(f"{'variant':28s} {'median s':>9s} {'spread':>7s} {'x fp32':>7s} {'acc %':>6s} {'chg':>4s} "
-              f"{'layers':>6s} {'meas/ideal':>10s}")
+              f"{'layers':>6s} {'meas/ideal':>10s} (per round)")
         for name, e in rows.items():
-            extra = f"{e['avg_layers']:6.2f} {e['ratio_to_ideal']:10.2f}" if "avg_layers" in e else ""
+            extra = f"{e['avg_layers']:6.2f} {e['ratio_to_ideal_paired']:10.2f}" if "avg_layers" in e else ""
             print(f"{name:28s} {e['time']['median']:9.3f} {100 * e['time']['range_rel']:6.1f}% "
                   f"{e['speedup_vs_hf_fp32']:7.2f} {100 * e['accuracy']:6.1f} {e['changed_vs_fp32']:4d} {extra}")
         targets = evaluate_targets(results, calibration)  # written after every batch size: a run cut short
@@ -423,15 +427,22 @@ def evaluate_targets(results: dict, calibration: dict) -> dict:
         vs = rows[fastest]["time"]["median"] / rows[best]["time"]["median"] if best else 0.0
         int8_stack = "ort-int8" if "ort-int8" in rows else "hf-eager-fp32"
         vs_int8 = rows[int8_stack]["time"]["median"] / rows[best]["time"]["median"] if best else 0.0
+        # the verdict reads the per-round paired ratio: both variants of a round share its disturbance
+        paired = paired_speedup(rows[fastest]["time"]["rounds"], rows[best]["time"]["rounds"]) if best else None
+        met = paired is not None and paired["median"] >= 1.5
         floor = 0.9 if batch == "1" else 0.8
-        ratios = {n: rows[n]["ratio_to_ideal"] for n in rows if n.endswith("-early")}
+        ratios = {n: rows[n].get("ratio_to_ideal_paired", rows[n]["ratio_to_ideal"]) for n in rows
+                  if n.endswith("-early")}
         checks[batch] = {"fastest_full_within_1pt": fastest, "best_layerexit_within_1pt": best,
-                         "speedup_vs_fastest_full": vs, "speedup_target_met": vs >= 1.5,
-                         "speedup_vs_ort_int8": vs_int8, "ratio_floor": floor,
+                         "speedup_vs_fastest_full": vs, "speedup_vs_fastest_full_paired": paired,
+                         "speedup_target_met": met, "speedup_vs_ort_int8": vs_int8, "ratio_floor": floor,
                          "ratio_target_met": {n: r >= floor for n, r in ratios.items()},
                          "implausible": [n for n, r in ratios.items() if r > 1.1]}
-        lines.append(f"batch {batch}: best layerexit within 1 pt = {best} is {vs:.2f}x the fastest full stack "
-                     f"within 1 pt ({fastest}) -> target 1.5x {'MET' if vs >= 1.5 else 'MISSED'}; "
+        within = "" if paired is None else (f", per round {paired['median']:.2f}x "
+                                            f"({paired['min']:.2f}-{paired['max']:.2f})")
+        lines.append(f"batch {batch}: best layerexit within 1 pt = {best} is {vs:.2f}x (medians{within}) the "
+                     f"fastest full stack within 1 pt ({fastest}) -> target 1.5x {'MET' if met else 'MISSED'}"
+                     f"{' (the rounds straddle it)' if paired and paired['min'] < 1.5 <= paired['max'] else ''}; "
                      f"{vs_int8:.2f}x {int8_stack} (accuracy {100 * rows[int8_stack]['accuracy']:.1f}%)")
         lines.append(f"batch {batch}: measured/ideal " + ", ".join(
             f"{n.removeprefix('layerexit-').removesuffix('-early')} {r:.2f}{'' if r >= floor else ' MISSED'}"

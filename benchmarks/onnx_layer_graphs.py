@@ -27,6 +27,7 @@ from cpu_backends import (cpu_info, cpu_ticks, interleaved, layerexit_early, lay
 from layerexit.allocator import keep_freed_memory  # noqa: E402
 from layerexit.data import Encoded, load_data  # noqa: E402
 from layerexit.evaluation.benchmark import Batches  # noqa: E402
+from layerexit.evaluation.timing import paired_speedup  # noqa: E402
 from layerexit.execution.onnx import use_shared_thread_pool  # noqa: E402
 from layerexit.io import write_json_atomic  # noqa: E402
 from layerexit.model import MultiExitModel  # noqa: E402
@@ -80,8 +81,8 @@ def main() -> None:
             "full_seconds": statistics.median(full), "early_seconds": statistics.median(early),
             "speedup": statistics.median(speedups), "ideal": num_layers / avg,
             "ratio_to_ideal": statistics.median(speedups) / (num_layers / avg),
-            "full_vs_reference": paired(seconds[f"{reference} | full"], full),
-            "early_vs_reference": paired(seconds[f"{reference} | early exit"], early),
+            "full_vs_reference": paired_speedup(seconds[f"{reference} | full"], full),
+            "early_vs_reference": paired_speedup(seconds[f"{reference} | early exit"], early),
             "rounds": {"full": full, "early": early},
         }
         print(f"{label:28s} full {rows[label]['full_seconds']:.3f} s, early exit {rows[label]['early_seconds']:.3f} s "
@@ -93,12 +94,6 @@ def main() -> None:
         "args": vars(args), "cpu": cpu_info(), "loadavg_before": load_before, "loadavg_after": loadavg(),
         "steal_percent": steal_percent(ticks, cpu_ticks()), "results": rows})
     print(f"wrote {args.output}")
-
-
-def paired(reference: list[float], other: list[float]) -> dict:
-    """Per-round speed-up of ``other`` over ``reference`` (>1: faster): median, min, max."""
-    ratios = [r / o for r, o in zip(reference, other)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerexit.evaluation.benchmark import Batches, plain_forward
-from layerexit.evaluation.timing import spread, timing_warnings
+from layerexit.evaluation.timing import paired_speedup, spread, timing_warnings
 from tiny import CASE_IDS, CASES, make_batch
 from tiny_vision import make_images, make_vit
 
@@ -46,6 +46,16 @@ def test_spread_quartiles_and_a_single_value():
     s = spread([5.0, 1.0, 3.0, 2.0, 4.0])
     assert s == {"min": 1.0, "q1": 2.0, "median": 3.0, "q3": 4.0, "max": 5.0}
     assert spread([2.5]) == {"min": 2.5, "q1": 2.5, "median": 2.5, "q3": 2.5, "max": 2.5}
+
+
+def test_paired_speedup_divides_within_each_round():
+    """A slow round slows both variants alike, so the per-round ratio stays put; the range shows when not."""
+    reference, other = [2.0, 4.0, 2.2, 4.4, 2.0], [1.0, 2.0, 1.1, 2.2, 1.0]  # other twice as fast in every round
+    assert paired_speedup(reference, other) == {"median": 2.0, "min": 2.0, "max": 2.0}
+    unsteady = [2.0, 2.0, 2.2, 4.4, 2.0]  # as fast as the reference but for one round: 1x to 2x
+    assert paired_speedup(reference, unsteady) == {"median": 1.0, "min": 1.0, "max": 2.0}
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_speedup([1.0, 2.0], [1.0])
 
 
 def test_sound_timing_has_no_warning():

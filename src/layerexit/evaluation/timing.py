@@ -36,6 +36,16 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"min": ordered[0], "q1": q1, "median": statistics.median(ordered), "q3": q3, "max": ordered[-1]}
 
 
+def paired_speedup(reference: Sequence[float], other: Sequence[float]) -> dict[str, float]:
+    """Per-round speed-up of ``other`` over ``reference`` (seconds of the same rounds; > 1: ``other`` is
+    faster): median, min and max over rounds. On a noisy machine both variants of one round share its
+    disturbance, so the ratio within a round varies less than the ratio of two medians taken over rounds."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"paired_speedup() needs the same rounds for both: got {len(reference)} and {len(other)}")
+    ratios = [float(r) / float(o) for r, o in zip(reference, other)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 def timing_warnings(entry: dict) -> list[str]:
     """Plain-language warnings for one measured entry (``speed_report``'s keys); empty when it looks sound."""
     warnings = []
