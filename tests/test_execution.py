@@ -542,6 +542,33 @@ def test_save_and_load_optimized(tmp_path, optimized, backend):
         torch.testing.assert_close(loaded(**inputs), model(**inputs), rtol=0, atol=0)
 
 
+def test_int8_folders_from_before_the_fused_layers_still_load(tmp_path):
+    """A folder written by the int8 backend before it fused BERT-style layers holds each module's linears
+    (query, key, value apart) and no "fused" entry: it loads as modules and runs the int8 weights it holds."""
+    import json
+
+    from layerexit.model import MultiExitModel
+
+    model = make_model("bert", "cls", double=False)
+    model.optimize("int8", fuse=False)
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)
+    folder = model.save_optimized(checkpoint)
+    manifest = json.loads((folder / "backend.json").read_text())
+    assert manifest.pop("fused") is False
+    manifest.pop("layer_forward")
+    (folder / "backend.json").write_text(json.dumps(manifest))
+    loaded = MultiExitModel.from_pretrained(checkpoint)
+    backend = loaded.optimize("int8", saved=checkpoint)  # default options ask for fused layers
+    assert backend.describe()["layer_forward"] == "Hugging Face modules"
+    inputs = _inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs), model(**inputs), rtol=0, atol=0)
+        fused = make_model("bert", "cls", double=False)
+        assert fused.optimize("int8").describe()["layer_forward"].startswith("fused")
+        torch.testing.assert_close(fused(**inputs), model(**inputs), rtol=1e-4, atol=1e-4)  # same int8 products
+
+
 def test_saved_backend_refuses_other_weights_and_missing_folders(tmp_path):
     model = make_model("bert", "cls", double=False)
     model.optimize("int8")

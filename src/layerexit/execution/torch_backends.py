@@ -33,13 +33,22 @@ class _CopiedLayers(LayerBackend):
     """Runs per-layer copies of the backbone's layers (cast or quantized); the backbone itself is untouched,
     so the checkpoint, training and the reference path keep the original weights."""
 
+    fuse = True  # BERT-style layers run as FusedEncoderLayer
+
     def build(self) -> None:
         modules, positions = unique_layers(self.model.adapter.layers)
-        copies = [self.convert(copy.deepcopy(m)) for m in modules]
+        copies = [self.convert(self.fused(copy.deepcopy(m))) for m in modules]
         self.layers = [copies[i] for i in positions]
+
+    def fused(self, layer: nn.Module) -> nn.Module:
+        return FusedEncoderLayer(layer) if self.fuse and FusedEncoderLayer.supports(layer) else layer
 
     def convert(self, layer: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def layer_forward(self) -> str:
+        fused = all(isinstance(layer, FusedEncoderLayer) for layer in self.layers)
+        return "fused (one query-key-value product)" if fused else "Hugging Face modules"
 
     def run_layer(self, index, hidden, state):
         return self.model.adapter.call_layer(self.layers[index], hidden, state.layer_kwargs)
@@ -51,7 +60,7 @@ class BF16Backend(_CopiedLayers):
     here: a plain bf16 ``F.linear`` re-packs the weight at every call, a fixed cost that dominates the small
     matrices of the few rows still running deep in the stack (see docs/backends.md). BERT-style layers run as
     :class:`FusedEncoderLayer` (fewer calls per layer, the same computation). ``prepack=False`` keeps plain
-    ``nn.Linear`` modules; ``fuse=False`` keeps the Hugging Face layer modules."""
+    ``nn.Linear`` modules; ``fuse=False`` keeps the Hugging Face layer modules (as for ``int8``)."""
 
     name = "bf16"
     hidden_dtype = torch.bfloat16
@@ -62,8 +71,6 @@ class BF16Backend(_CopiedLayers):
         self.fuse = bool(fuse)
 
     def convert(self, layer):
-        if self.fuse and FusedEncoderLayer.supports(layer):
-            layer = FusedEncoderLayer(layer)
         layer = layer.to(torch.bfloat16).eval()
         if self.prepack and _can_prepack(layer):
             _prepack_linears(layer)
@@ -71,10 +78,8 @@ class BF16Backend(_CopiedLayers):
 
     def describe(self):
         packed = any(isinstance(m, PackedLinear) for layer in self.layers for m in layer.modules())
-        fused = all(isinstance(layer, FusedEncoderLayer) for layer in self.layers)
         return {"backend": self.name, "layers": "bfloat16", "exit_heads": "float32",
-                "linear_weights": "oneDNN prepacked" if packed else "plain",
-                "layer_forward": "fused (one query-key-value product)" if fused else "Hugging Face modules"}
+                "linear_weights": "oneDNN prepacked" if packed else "plain", "layer_forward": self.layer_forward()}
 
 
 class FusedEncoderLayer(nn.Module):
@@ -84,8 +89,8 @@ class FusedEncoderLayer(nn.Module):
     LayerNorms called directly. At batch 1 on a CPU with bf16 matrix units a layer's products take a few
     hundred microseconds, and the Hugging Face module tree adds about a dozen nested module calls, an
     attention-interface lookup and a signature inspection (``apply_chunking_to_forward``) per layer: a fixed
-    cost of the same order, paid again for every layer an input runs. Built by :class:`BF16Backend`; the
-    checkpoint's layers are untouched.
+    cost of the same order, paid again for every layer an input runs. Built by the ``bf16`` and ``int8``
+    backends, before they cast or quantize; the checkpoint's layers are untouched.
     """
 
     def __init__(self, layer: nn.Module):
@@ -206,12 +211,18 @@ def _is_exact_gelu(act) -> bool:
 
 @BACKENDS.register("int8")
 class Int8Backend(_CopiedLayers):
+    """Dynamic int8 copies of the layers (FBGEMM kernels, see the module docstring). BERT-style layers run as
+    :class:`FusedEncoderLayer` before quantization (its stacked query-key-value weight quantized per output
+    channel, as the three were); ``fuse=False`` keeps the Hugging Face modules. Saved folders record which
+    (folders written before the fused layers existed load as modules)."""
+
     name = "int8"
     saves_files = True
 
-    def __init__(self, per_channel: bool = True):
+    def __init__(self, per_channel: bool = True, fuse: bool = True):
         super().__init__()
         self.per_channel = bool(per_channel)
+        self.fuse = bool(fuse)
 
     def build(self) -> None:
         device = next(self.model.parameters()).device
@@ -226,7 +237,7 @@ class Int8Backend(_CopiedLayers):
     def describe(self):
         return {"backend": self.name, "weights": "int8 per-channel" if self.per_channel else "int8 per-tensor",
                 "activations": "int8 dynamic per-tensor", "kernels": f"torch {torch.__version__} "
-                f"{torch.backends.quantized.engine}"}
+                f"{torch.backends.quantized.engine}", "layer_forward": self.layer_forward()}
 
     # --- persistence: the int8 weights themselves, so a reload runs exactly what was calibrated ----------
     def save(self, directory: Path) -> None:
@@ -245,13 +256,14 @@ class Int8Backend(_CopiedLayers):
                     tensors[f"{key}.zero_point"] = torch.tensor([weight.q_zero_point()])
                 if bias is not None:
                     tensors[f"{key}.bias"] = bias.detach().contiguous()
-        save_file(tensors, str(directory / "int8_layers.safetensors"))
-        write_manifest(directory, self, positions=positions, per_channel=self.per_channel)
+        save_file(tensors, str(directory / "int8_layers.safetensors"))  # keys: "<layer>.<linear's module path>"
+        write_manifest(directory, self, positions=positions, per_channel=self.per_channel, fused=self.fuse)
 
     def check_saved(self, directory: Path) -> None:
         super().check_saved(directory)
         manifest = read_manifest(directory, self)
         self.per_channel = manifest["per_channel"]
+        self.fuse = manifest.get("fused", False)  # folders saved before fused layers hold the modules' linears
 
     def load(self, directory: Path) -> None:
         self.build()  # the module structure (quantized from the float weights), then the saved int8 weights
