@@ -155,7 +155,7 @@ def test_bf16_prepack_can_be_turned_off():
     assert packed.backend.describe()["linear_weights"] == "oneDNN prepacked"
     intermediate = packed.backend.layers[0].intermediate  # dense + exact GELU: one fused oneDNN call
     assert intermediate.dense.activation == "gelu" and isinstance(intermediate.intermediate_act_fn, torch.nn.Identity)
-    assert packed.backend.layers[0].output.dense.activation == "none"
+    assert packed.backend.layers[0].output_dense.activation == "none"
     inputs = _inputs("bert")
     # the fused GELU runs on the float32 accumulator, the plain path on the bf16-rounded linear output
     torch.testing.assert_close(packed(**inputs), model(**inputs), rtol=0.05, atol=0.05)
@@ -163,11 +163,11 @@ def test_bf16_prepack_can_be_turned_off():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_encoder_layer_computes_what_the_hugging_face_layer_computes(arch):
-    """BERT-style layers get the fused inference layer, exactly equal in float32 on padded and unpadded rows;
-    other architectures keep their own modules."""
+    """BERT-style layers (BERT, RoBERTa, DistilBERT) get the fused inference layer, exactly equal in float32
+    on padded and unpadded rows; other architectures keep their own modules."""
     model = make_model(arch, "cls", double=False)
     layer = model.adapter.layers[0]
-    if arch not in ("bert", "roberta"):
+    if arch not in ("bert", "roberta", "distilbert"):
         assert not FusedEncoderLayer.supports(layer)
         return
     assert FusedEncoderLayer.supports(layer)

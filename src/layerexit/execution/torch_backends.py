@@ -82,12 +82,36 @@ class BF16Backend(_CopiedLayers):
                 "linear_weights": "oneDNN prepacked" if packed else "plain", "layer_forward": self.layer_forward()}
 
 
+#: where a post-norm encoder layer of each family keeps its parts: query, key, value, attention output
+#: projection, its LayerNorm, intermediate projection, activation, output projection, its LayerNorm
+_ENCODER_LAYOUTS = {
+    "BertLayer": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                  "attention.output.LayerNorm", "intermediate.dense", "intermediate.intermediate_act_fn",
+                  "output.dense", "output.LayerNorm"),
+    "TransformerBlock": ("attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin",  # DistilBERT
+                         "sa_layer_norm", "ffn.lin1", "ffn.activation", "ffn.lin2", "output_layer_norm"),
+}
+_ENCODER_LAYOUTS["RobertaLayer"] = _ENCODER_LAYOUTS["XLMRobertaLayer"] = _ENCODER_LAYOUTS["BertLayer"]
+
+
+class _Intermediate(nn.Module):
+    """The intermediate projection and its activation, under the names the bf16 prepacking fuses (``dense``
+    followed by the exact GELU: one oneDNN call)."""
+
+    def __init__(self, dense: nn.Module, activation: nn.Module):
+        super().__init__()
+        self.dense, self.intermediate_act_fn = dense, activation
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (n, T, H) -> (n, T, I)
+        return self.intermediate_act_fn(self.dense(hidden))
+
+
 class FusedEncoderLayer(nn.Module):
-    """An inference copy of a post-norm BERT-style encoder layer (BERT, RoBERTa, XLM-RoBERTa) that computes
-    what the Hugging Face layer computes with SDPA attention, in fewer calls: query, key and value as one matrix
-    product (their weights stacked), then PyTorch's scaled-dot-product attention and the two residual
-    LayerNorms called directly. At batch 1 on a CPU with bf16 matrix units a layer's products take a few
-    hundred microseconds, and the Hugging Face module tree adds about a dozen nested module calls, an
+    """An inference copy of a post-norm BERT-style encoder layer (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) that
+    computes what the Hugging Face layer computes with SDPA attention, in fewer calls: query, key and value as
+    one matrix product (their weights stacked), then PyTorch's scaled-dot-product attention and the two
+    residual LayerNorms called directly. At batch 1 on a CPU with bf16 matrix units a layer's products take a
+    few hundred microseconds, and the Hugging Face module tree adds about a dozen nested module calls, an
     attention-interface lookup and a signature inspection (``apply_chunking_to_forward``) per layer: a fixed
     cost of the same order, paid again for every layer an input runs. Built by the ``bf16`` and ``int8``
     backends, before they cast or quantize; the checkpoint's layers are untouched.
@@ -95,33 +119,47 @@ class FusedEncoderLayer(nn.Module):
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        attention = layer.attention.self
-        self.num_heads, self.head_size = attention.num_attention_heads, attention.attention_head_size
+        layout = _ENCODER_LAYOUTS[type(layer).__name__]
+        part = dict(zip(("query", "key", "value", "attention_dense", "attention_norm", "intermediate", "activation",
+                         "output", "output_norm"), (layer.get_submodule(path) for path in layout)))
+        attention = layer.get_submodule(layout[0].rsplit(".", 1)[0])  # the self-attention module
+        self.head_size = attention.attention_head_size
+        self.num_heads = part["query"].out_features // self.head_size
         self.scaling = attention.scaling
-        parts = (attention.query, attention.key, attention.value)
-        self.qkv = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                             dtype=parts[0].weight.dtype, device=parts[0].weight.device)
+        stacked = (part["query"], part["key"], part["value"])
+        weight = part["query"].weight
+        self.qkv = nn.Linear(weight.shape[1], sum(p.out_features for p in stacked), dtype=weight.dtype,
+                             device=weight.device)
         with torch.no_grad():
-            self.qkv.weight.copy_(torch.cat([p.weight for p in parts]))  # (3 * heads * head_size, hidden)
-            self.qkv.bias.copy_(torch.cat([p.bias for p in parts]))
-        self.attention_output = layer.attention.output  # dense, LayerNorm (dropout: identity in eval)
-        self.intermediate = layer.intermediate  # dense, activation (fused into the product once prepacked)
-        self.output = layer.output  # dense, LayerNorm
+            self.qkv.weight.copy_(torch.cat([p.weight for p in stacked]))  # (3 * heads * head_size, hidden)
+            self.qkv.bias.copy_(torch.cat([p.bias for p in stacked]))
+        self.attention_dense, self.attention_norm = part["attention_dense"], part["attention_norm"]
+        self.intermediate = _Intermediate(part["intermediate"], part["activation"])
+        self.output_dense, self.output_norm = part["output"], part["output_norm"]
 
     @staticmethod
     def supports(layer: nn.Module) -> bool:
-        """A BERT-style encoder layer whose computation this class reproduces exactly: SDPA attention with
-        biased query/key/value, no cross-attention, no decoder cache, no chunked feed-forward."""
-        if type(layer).__name__ not in ("BertLayer", "RobertaLayer", "XLMRobertaLayer"):
+        """An encoder layer whose computation this class reproduces exactly: one of the known families, SDPA
+        attention with biased query/key/value and the default scale, no cross-attention or decoder cache, no
+        chunked feed-forward."""
+        layout = _ENCODER_LAYOUTS.get(type(layer).__name__)
+        if layout is None:
             return False
-        attention = getattr(getattr(layer, "attention", None), "self", None)
+        try:
+            parts = [layer.get_submodule(path) for path in layout]
+            attention = layer.get_submodule(layout[0].rsplit(".", 1)[0])
+        except AttributeError:
+            return False
         config = getattr(attention, "config", None)
         if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
             return False
-        plain = all(type(getattr(attention, n, None)) is nn.Linear and getattr(attention, n).bias is not None
-                    for n in ("query", "key", "value"))
-        return (plain and not getattr(layer, "is_decoder", True) and not getattr(layer, "add_cross_attention", True)
-                and getattr(layer, "chunk_size_feed_forward", 1) == 0
+        head_size = getattr(attention, "attention_head_size", None)
+        plain = all(type(p) is nn.Linear and p.bias is not None for p in parts[:3])
+        chunked = [m.chunk_size_feed_forward for m in (layer, *layer.children())  # BertLayer, DistilBERT's FFN
+                   if hasattr(m, "chunk_size_feed_forward")]
+        return (plain and head_size is not None and getattr(attention, "scaling", None) == head_size ** -0.5
+                and not getattr(layer, "is_decoder", False) and not getattr(layer, "add_cross_attention", False)
+                and not getattr(config, "is_decoder", False) and all(c == 0 for c in chunked)
                 and getattr(config, "position_embedding_type", "absolute") == "absolute")
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,13 +169,12 @@ class FusedEncoderLayer(nn.Module):
         context = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                              scale=self.scaling)  # (n, heads, T, head_size)
         context = context.transpose(1, 2).reshape(n, length, width)
-        out = self.attention_output
-        hidden = nn.functional.layer_norm(out.dense(context) + hidden, (width,), out.LayerNorm.weight,
-                                          out.LayerNorm.bias, out.LayerNorm.eps)
-        inner = self.intermediate.intermediate_act_fn(self.intermediate.dense(hidden))  # (n, T, 4H)
-        out = self.output
-        return nn.functional.layer_norm(out.dense(inner) + hidden, (width,), out.LayerNorm.weight,
-                                        out.LayerNorm.bias, out.LayerNorm.eps)
+        norm = self.attention_norm
+        hidden = nn.functional.layer_norm(self.attention_dense(context) + hidden, (width,), norm.weight, norm.bias,
+                                          norm.eps)
+        norm = self.output_norm
+        return nn.functional.layer_norm(self.output_dense(self.intermediate(hidden)) + hidden, (width,), norm.weight,
+                                        norm.bias, norm.eps)
 
 
 class PackedLinear(nn.Module):
