@@ -567,6 +567,10 @@ def test_int8_folders_from_before_the_fused_layers_still_load(tmp_path):
         fused = make_model("bert", "cls", double=False)
         assert fused.optimize("int8").describe()["layer_forward"].startswith("fused")
         torch.testing.assert_close(fused(**inputs), model(**inputs), rtol=1e-4, atol=1e-4)  # same int8 products
+    manifest["fused"] = True  # a manifest that does not match the weights: a clear error, not a KeyError
+    (folder / "backend.json").write_text(json.dumps(manifest))
+    with pytest.raises(LayerExitError, match="no int8 weights for '0.qkv'.*rebuild it"):
+        MultiExitModel.from_pretrained(checkpoint).optimize("int8", saved=checkpoint)
 
 
 def test_saved_backend_refuses_other_weights_and_missing_folders(tmp_path):

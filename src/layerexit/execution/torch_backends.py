@@ -309,6 +309,10 @@ class Int8Backend(_CopiedLayers):
         for i, module in enumerate(modules):
             for name, linear in _quantized_linears(module):
                 key = f"{i}.{name}"
+                if f"{key}.weight" not in tensors:
+                    raise LayerExitError(f"optimized={str(directory)!r} is invalid: it has no int8 weights for "
+                                         f"{key!r} (another layer form or layerexit version wrote it); rebuild it "
+                                         "with model.optimize('int8') and model.save_optimized(checkpoint)")
                 scale, zero = tensors[f"{key}.scale"], tensors[f"{key}.zero_point"]
                 if scale.numel() > 1 or self.per_channel:
                     weight = torch._make_per_channel_quantized_tensor(tensors[f"{key}.weight"], scale.double(),
