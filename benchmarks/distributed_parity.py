@@ -6,8 +6,8 @@ on the test split. ``--seeds`` repeats both for several seeds, so the difference
 seed-to-seed spread of one process. Results are written after every run (a partial file survives an
 interruption), by default to ``benchmarks/results/distributed_parity.json``.
 
-    python benchmarks/distributed_parity.py --data ../shared/data/sst2 --limit 2000 --epochs 1
-    python benchmarks/distributed_parity.py --data ../shared/data/sst2 --limit 2000 --epochs 1 --seeds 42,43,44 \
+    python benchmarks/distributed_parity.py --data data/sst2 --limit 2000 --epochs 1
+    python benchmarks/distributed_parity.py --data data/sst2 --limit 2000 --epochs 1 --seeds 42,43,44 \
         --results benchmarks/results/distributed_parity_seeds.json
 """
 

@@ -14,7 +14,7 @@ Bounded: at most ``--max-requests`` per rate, ``--seconds`` of arrivals per rate
 server is stopped at the end. Traffic goes to 127.0.0.1 only.
 
     flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/serve_load.py --model runs/sst2-minilm/best \\
-        --data ../shared/data/sst2 --calibration runs/sst2-minilm/serving-calibration
+        --data data/sst2 --calibration runs/sst2-minilm/serving-calibration
 """
 
 from __future__ import annotations

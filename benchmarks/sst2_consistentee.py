@@ -13,7 +13,7 @@ Choices are made on the dev split (``dev.tsv``, a part of GLUE's training set) a
 validation (``test.tsv``), then again on the packaged movie-review test split without any re-selection.
 Writes ``benchmarks/results/sst2_consistentee.json`` and a report folder with the paper's analyses as plots.
 
-    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_consistentee.py --data ../shared/data/sst2
+    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_consistentee.py --data data/sst2
 """
 
 from __future__ import annotations

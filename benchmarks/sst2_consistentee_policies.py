@@ -18,7 +18,7 @@ phrases the stage-1 model has not seen (``--heldout-start`` on), so that their c
 test time; ``train`` uses stage 1's own training phrases, as the paper does.
 
     python benchmarks/sst2_consistentee_policies.py --model /work/runs/sst2-minilm/best \\
-        --data /work/shared/data/sst2 --variants paper,inputs --policy-seeds 1,2,3
+        --data data/sst2 --variants paper,inputs --policy-seeds 1,2,3
 """
 
 from __future__ import annotations

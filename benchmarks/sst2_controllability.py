@@ -13,7 +13,7 @@ through the real layer-skipping engine with a wall clock.
 Writes ``benchmarks/results/sst2_controllability.json``, plots into ``RUN_DIR/controllability/`` and adds the
 ``controllability`` entry and the ``pcee`` / ``pcee-ws`` curves to ``RUN_DIR/eval/results.json`` when it exists.
 
-    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_controllability.py --data ../shared/data/sst2
+    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_controllability.py --data data/sst2
 """
 
 from __future__ import annotations

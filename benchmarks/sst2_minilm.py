@@ -6,7 +6,7 @@ both oracles, every rule's simulated curve, and each rule's operating point (mos
 accuracy point of the full model) run through the engine and timed against the full model at batch 1 and 32,
 all in this one process. Writes ``benchmarks/results/sst2_minilm.json`` and a report folder.
 
-    .venv/bin/python benchmarks/sst2_minilm.py --data ../shared/data/sst2
+    .venv/bin/python benchmarks/sst2_minilm.py --data data/sst2
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ MiniLM's; (2) measured wall clock: MPNet with PCEE at a few candidate targets an
 process over the same sentences, interleaved round by round (median of rounds); the largest δ whose time stays
 within MiniLM's. The budget rule (multiply-adds, fitted on dev to MiniLM's cost) is reported beside them.
 
-    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_mpnet_vs_minilm.py --data ../shared/data/sst2
+    flock /tmp/layerexit-heavy.lock .venv/bin/python benchmarks/sst2_mpnet_vs_minilm.py --data data/sst2
 """
 
 from __future__ import annotations
