@@ -33,7 +33,9 @@ class _CopiedLayers(LayerBackend):
     """Runs per-layer copies of the backbone's layers (cast or quantized); the backbone itself is untouched,
     so the checkpoint, training and the reference path keep the original weights."""
 
-    fuse = True  # BERT-style layers run as FusedEncoderLayer
+    def __init__(self, fuse: bool = True):
+        super().__init__()
+        self.fuse = bool(fuse)  # BERT-style layers run as FusedEncoderLayer
 
     def build(self) -> None:
         modules, positions = unique_layers(self.model.adapter.layers)
@@ -66,9 +68,8 @@ class BF16Backend(_CopiedLayers):
     hidden_dtype = torch.bfloat16
 
     def __init__(self, prepack: bool = True, fuse: bool = True):
-        super().__init__()
+        super().__init__(fuse)
         self.prepack = bool(prepack)
-        self.fuse = bool(fuse)
 
     def convert(self, layer):
         layer = layer.to(torch.bfloat16).eval()
@@ -257,9 +258,8 @@ class Int8Backend(_CopiedLayers):
     saves_files = True
 
     def __init__(self, per_channel: bool = True, fuse: bool = True):
-        super().__init__()
+        super().__init__(fuse)
         self.per_channel = bool(per_channel)
-        self.fuse = bool(fuse)
 
     def build(self) -> None:
         device = next(self.model.parameters()).device
